@@ -1,0 +1,401 @@
+"""The lecture's analysis of a network: shapes, weights, kernels and connections per layer.
+
+Definitions used in every row (and in ``cnnkit summary --help``):
+
+- **units**: values in the layer's output, maps × height × width.
+- **weights** / **biases**: trainable parameters, counted separately. A connection-table
+  filter bank stores one 2-D kernel per table row.
+- **kernels**: 2-D kernels of the filter bank (the lecture's 4,096 in layer 3).
+- **connections**: (input unit, output unit) pairs the layer joins, per image, through a
+  weight or a window: for a filter bank, kernels × kernel area × output positions; for
+  pooling, output units × window area; for normalization, every pair inside its window
+  (cut at the borders; a contrast normalization counts its two windows); for an
+  element-wise layer, one per unit.
+- **multiply-adds**: products of a trainable weight and an input, per image (filter banks,
+  trainable pooling coefficients, the classifier). Weight-free layers have none.
+
+Everything here is computed from a spec alone; :func:`parameter_counts` reads a built
+model so the two can be compared.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+
+from torch import nn
+
+from cnnkit.models.spec import ArchitectureSpec, NormSpec, PoolSpec
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One layer of the summary: what it does and what it costs per image."""
+
+    name: str
+    operation: str
+    maps: int
+    height: int
+    width: int
+    weights: int = 0
+    biases: int = 0
+    kernels: int = 0
+    connections: int = 0
+    multiply_adds: int = 0
+
+    @property
+    def units(self) -> int:
+        return self.maps * self.height * self.width
+
+    @property
+    def shape(self) -> str:
+        return f"{self.maps}@{self.height}×{self.width}"
+
+
+@dataclass(frozen=True)
+class Summary:
+    """All rows (the first is the input) and their totals."""
+
+    spec: ArchitectureSpec
+    rows: tuple[LayerRow, ...]
+
+    @property
+    def weights(self) -> int:
+        return sum(r.weights for r in self.rows)
+
+    @property
+    def biases(self) -> int:
+        return sum(r.biases for r in self.rows)
+
+    @property
+    def parameters(self) -> int:
+        return self.weights + self.biases
+
+    @property
+    def kernels(self) -> int:
+        return sum(r.kernels for r in self.rows)
+
+    @property
+    def connections(self) -> int:
+        return sum(r.connections for r in self.rows)
+
+    @property
+    def multiply_adds(self) -> int:
+        return sum(r.multiply_adds for r in self.rows)
+
+    def row(self, name: str) -> LayerRow:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(f"no layer named {name!r}; layers: {', '.join(r.name for r in self.rows)}")
+
+
+@dataclass(frozen=True)
+class DenseComparison:
+    """Section 4: a fully connected layer from the input to a hidden layer, counted."""
+
+    input_hw: tuple[int, int]
+    hidden_hw: tuple[int, int]
+
+    @property
+    def input_units(self) -> int:
+        return self.input_hw[0] * self.input_hw[1]
+
+    @property
+    def hidden_units(self) -> int:
+        return self.hidden_hw[0] * self.hidden_hw[1]
+
+    @property
+    def weights(self) -> int:
+        """One weight per (input pixel, hidden unit) pair."""
+        return self.input_units * self.hidden_units
+
+
+def dense_equivalent(input_hw: tuple[int, int], hidden_hw: tuple[int, int]) -> DenseComparison:
+    """Weights of a fully connected layer, e.g. ``((1000, 1000), (100, 100))`` -> 10^10."""
+    for name, hw in (("input_hw", input_hw), ("hidden_hw", hidden_hw)):
+        if len(hw) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in hw):
+            raise ValueError(f"{name} must be two positive integers (height, width), got {hw!r}")
+    return DenseComparison(tuple(input_hw), tuple(hidden_hw))
+
+
+def _window_pairs(size: int, window: int) -> int:
+    """Sum over the ``size`` positions of the window cells that fall inside, along one axis."""
+    before = (window - 1) // 2
+    return sum(
+        sum(1 for p in range(window) if 0 <= j + p - before < size) for j in range(size)
+    )
+
+
+def _norm_connections(norm: NormSpec, maps: int, height: int, width: int) -> int:
+    per_window = maps * maps * _window_pairs(height, norm.window) * _window_pairs(width, norm.window)
+    return per_window * (2 if norm.kind == "contrast" else 1)
+
+
+def _table_size(kind: str, fan_in: int | None, connections, in_maps: int, out_maps: int) -> int:
+    if kind == "full":
+        return in_maps * out_maps
+    if kind == "one-to-one":
+        return out_maps
+    if kind == "random":
+        return fan_in * out_maps
+    return len(connections)
+
+
+def _describe_pool(pool: PoolSpec) -> str:
+    kind = {"max": "max", "avg": "average", "lp": f"L{pool.p:g}"}[pool.kind]
+    text = f"{kind} pooling {pool.window}×{pool.window}"
+    if pool.stride > 1:
+        text += f", subsampling {pool.stride}"
+    if pool.trainable:
+        text += ", trainable"
+    return text
+
+
+def summarize(spec: ArchitectureSpec) -> Summary:
+    """Per-layer rows for ``spec``, in the order and with the names ``build`` uses."""
+    if not isinstance(spec, ArchitectureSpec):
+        raise TypeError(f"spec must be an ArchitectureSpec, got {type(spec).__name__}")
+    maps, height, width = spec.input.maps, spec.input.height, spec.input.width
+    kind = "gray image" if maps == 1 else f"{maps}-map image"
+    rows = [LayerRow("input", kind, maps, height, width)]
+    for number, (stage, shapes) in enumerate(zip(spec.stages, spec.shapes()), start=1):
+        prefix = f"stage{number}"
+        bank = stage.filters
+        k = bank.kernel
+        kernels = _table_size(bank.table, bank.fan_in, bank.connections, maps, bank.maps)
+        out_maps, out_h, out_w = shapes.filters
+        table = {
+            "full": "full",
+            "one-to-one": "one-to-one",
+            "random": f"{bank.fan_in} random of {maps}",
+            "explicit": f"table of {kernels}",
+        }[bank.table]
+        rows.append(
+            LayerRow(
+                f"{prefix}.filters",
+                f"filter bank {k}×{k}, {table}",
+                out_maps,
+                out_h,
+                out_w,
+                weights=kernels * k * k,
+                biases=out_maps if bank.bias else 0,
+                kernels=kernels,
+                connections=kernels * k * k * out_h * out_w,
+                multiply_adds=kernels * k * k * out_h * out_w,
+            )
+        )
+        units = out_maps * out_h * out_w
+        active = [n for n in stage.nonlinearity if n != "none"]
+        for index, name in enumerate(active, start=1):
+            label = f"nonlin{index}" if len(active) > 1 else "nonlin"
+            operation = {"abs": "rectification |x|", "relu": "ReLU", "tanh": "tanh"}[name]
+            rows.append(
+                LayerRow(f"{prefix}.{label}", operation, out_maps, out_h, out_w, connections=units)
+            )
+        if stage.norm is not None:
+            norm = stage.norm
+            rows.append(
+                LayerRow(
+                    f"{prefix}.norm",
+                    f"{norm.kind} normalization {norm.window}×{norm.window}",
+                    out_maps,
+                    out_h,
+                    out_w,
+                    connections=_norm_connections(norm, out_maps, out_h, out_w),
+                )
+            )
+        if stage.pool is not None:
+            pool = stage.pool
+            p_maps, p_h, p_w = shapes.pooled
+            trainable = out_maps if pool.trainable else 0
+            pooled_units = p_maps * p_h * p_w
+            if pool.fused or pool.stride == 1:
+                rows.append(
+                    LayerRow(
+                        f"{prefix}.pool",
+                        _describe_pool(pool),
+                        p_maps,
+                        p_h,
+                        p_w,
+                        weights=trainable,
+                        biases=trainable,
+                        connections=pooled_units * pool.window**2,
+                        multiply_adds=pooled_units if pool.trainable else 0,
+                    )
+                )
+            else:
+                full_h, full_w = out_h - pool.window + 1, out_w - pool.window + 1
+                full_units = out_maps * full_h * full_w
+                rows.append(
+                    LayerRow(
+                        f"{prefix}.pool",
+                        _describe_pool(_without_subsampling(pool)),
+                        out_maps,
+                        full_h,
+                        full_w,
+                        weights=trainable,
+                        biases=trainable,
+                        connections=full_units * pool.window**2,
+                        multiply_adds=full_units if pool.trainable else 0,
+                    )
+                )
+                rows.append(
+                    LayerRow(
+                        f"{prefix}.subsample",
+                        f"subsampling {pool.stride}",
+                        p_maps,
+                        p_h,
+                        p_w,
+                        connections=pooled_units,
+                    )
+                )
+            if pool.activation == "tanh":
+                rows.append(
+                    LayerRow(f"{prefix}.pool_act", "tanh", p_maps, p_h, p_w, connections=pooled_units)
+                )
+        maps, height, width = shapes.output
+    features = maps * height * width
+    head = spec.classifier
+    if head.hidden is not None:
+        rows.append(
+            LayerRow(
+                "classifier.hidden",
+                f"fully connected, {head.hidden_activation}",
+                head.hidden,
+                1,
+                1,
+                weights=features * head.hidden,
+                biases=head.hidden,
+                connections=features * head.hidden,
+                multiply_adds=features * head.hidden,
+            )
+        )
+        features = head.hidden
+    rows.append(
+        LayerRow(
+            "classifier.output",
+            "linear classifier",
+            head.classes,
+            1,
+            1,
+            weights=features * head.classes,
+            biases=head.classes,
+            connections=features * head.classes,
+            multiply_adds=features * head.classes,
+        )
+    )
+    return Summary(spec, tuple(rows))
+
+
+def _without_subsampling(pool: PoolSpec) -> PoolSpec:
+    """The same pooling at stride 1 (the unfused pooling layer alone)."""
+    return replace(pool, stride=1)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{layer name: (weights, biases)}`` read off a built model's parameters.
+
+    Parameters named ``bias`` count as biases, every other one as weights.
+    """
+    counts: dict[str, list[int]] = {}
+    for name, parameter in model.named_parameters():
+        layer, _, leaf = name.rpartition(".")
+        entry = counts.setdefault(layer, [0, 0])
+        entry[1 if leaf == "bias" else 0] += parameter.numel()
+    return {layer: (w, b) for layer, (w, b) in counts.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------
+
+_COLUMNS = (
+    ("Layer", "name", "<"),
+    ("Operation", "operation", "<"),
+    ("Output", "shape", ">"),
+    ("Units", "units", ">"),
+    ("Weights", "weights", ">"),
+    ("Biases", "biases", ">"),
+    ("Kernels", "kernels", ">"),
+    ("Connections", "connections", ">"),
+    ("Mult-adds", "multiply_adds", ">"),
+)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, int):
+        return f"{value:,}" if value else "-"
+    return str(value)
+
+
+def format_table(summary: Summary, dense: DenseComparison | None = None) -> str:
+    """Aligned text: one row per layer, then a totals footer (and Section 4's comparison)."""
+    header = [title for title, _, _ in _COLUMNS]
+    body = [[_cell(getattr(row, attr)) for _, attr, _ in _COLUMNS] for row in summary.rows]
+    totals = ["Total", "", "", "", *(
+        _cell(getattr(summary, attr))
+        for attr in ("weights", "biases", "kernels", "connections", "multiply_adds")
+    )]  # fmt: skip
+    widths = [max(len(r[i]) for r in [header, *body, totals]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        parts = [
+            f"{c:{align}{w}}" for c, w, (_, _, align) in zip(cells, widths, _COLUMNS)
+        ]
+        return "  ".join(parts).rstrip()
+
+    rule = "─" * len(line(header))
+    spec = summary.spec
+    out = [f"{spec.name}: {summary.rows[0].shape} input -> {spec.classifier.classes} classes", rule]
+    out += [line(header), rule, *(line(r) for r in body), rule, line(totals)]
+    out.append(
+        f"Trainable parameters: {summary.parameters:,} "
+        f"({summary.weights:,} weights + {summary.biases:,} biases)"
+    )
+    if dense is not None:
+        out += ["", *_dense_lines(summary, dense)]
+    return "\n".join(out)
+
+
+def _dense_lines(summary: Summary, dense: DenseComparison) -> list[str]:
+    first = summary.rows[1]
+    ratio = dense.weights / first.weights
+    return [
+        f"Fully connected {dense.input_hw[0]}×{dense.input_hw[1]} input -> "
+        f"{dense.hidden_hw[0]}×{dense.hidden_hw[1]} hidden: "
+        f"{dense.input_units:,} × {dense.hidden_units:,} = {dense.weights:,} weights",
+        f"First filter bank ({first.operation}): {first.weights:,} weights, "
+        f"whatever the image size — {ratio:,.0f}× fewer",
+    ]
+
+
+def to_json(summary: Summary, dense: DenseComparison | None = None) -> str:
+    """The summary for scripts: every row with its units and shape, plus totals."""
+    rows = []
+    for row in summary.rows:
+        data = asdict(row)
+        data.update(units=row.units, shape=row.shape)
+        rows.append(data)
+    result = {
+        "name": summary.spec.name,
+        "rows": rows,
+        "totals": {
+            "weights": summary.weights,
+            "biases": summary.biases,
+            "parameters": summary.parameters,
+            "kernels": summary.kernels,
+            "connections": summary.connections,
+            "multiply_adds": summary.multiply_adds,
+        },
+    }
+    if dense is not None:
+        result["dense"] = {
+            "input_hw": list(dense.input_hw),
+            "hidden_hw": list(dense.hidden_hw),
+            "input_units": dense.input_units,
+            "hidden_units": dense.hidden_units,
+            "weights": dense.weights,
+            "first_filter_bank_weights": summary.rows[1].weights,
+        }
+    return json.dumps(result, indent=2)

@@ -1,0 +1,132 @@
+"""``build(spec)``: turn an :class:`ArchitectureSpec` into a ``torch.nn.Module``.
+
+Layers get stable names a reader can use to pull feature maps: ``stage1.filters``,
+``stage1.nonlin`` (``nonlin1``, ``nonlin2`` ... when there are several), ``stage1.norm``,
+``stage1.pool`` (and ``stage1.subsample`` when pooling is not fused), ``stage1.pool_act``,
+then ``classifier``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from cnnkit import tables
+from cnnkit.models.spec import ArchitectureSpec, FilterBankSpec, NormSpec, PoolSpec, StageSpec
+from cnnkit.nn.activation import Rectify, ReLU
+from cnnkit.nn.classifier import Classifier
+from cnnkit.nn.filter_bank import FilterBank
+from cnnkit.nn.normalization import ContrastNorm, DivisiveNorm, SubtractiveNorm
+from cnnkit.nn.pooling import Pool, PoolSubsample, Subsample
+
+
+class Network(nn.Module):
+    """A built multi-stage network; ``spec`` is the architecture it was built from.
+
+    Input ``(N, maps, H, W)`` as the spec's input says; output ``(N, classes)`` logits.
+    """
+
+    def __init__(self, spec: ArchitectureSpec, stages: list[nn.Sequential], classifier: Classifier):
+        super().__init__()
+        self.spec = spec
+        for number, stage in enumerate(stages, start=1):
+            self.add_module(f"stage{number}", stage)
+        self.classifier = classifier
+
+    @property
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, f"stage{n}") for n in range(1, len(self.spec.stages) + 1)]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's maps, ``(N, C, H, W)``, before the classifier."""
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def intermediates(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """Every layer's output by name (``"stage1.filters"``, ..., ``"classifier"``)."""
+        out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for number, stage in enumerate(self.stages, start=1):
+            for name, layer in stage.named_children():
+                x = layer(x)
+                out[f"stage{number}.{name}"] = x
+        out["classifier"] = self.classifier(x)
+        return out
+
+
+def make_table(bank: FilterBankSpec, in_maps: int) -> torch.Tensor:
+    """The (K, 2) connection table a filter-bank spec describes."""
+    if bank.table == "full":
+        return tables.full(in_maps, bank.maps)
+    if bank.table == "one-to-one":
+        return tables.one_to_one(in_maps)
+    if bank.table == "random":
+        return tables.random(in_maps, bank.maps, bank.fan_in, seed=bank.seed)
+    return torch.tensor(bank.connections, dtype=torch.int64)
+
+
+def _nonlinearity(name: str) -> nn.Module:
+    return {"abs": Rectify, "relu": ReLU, "tanh": nn.Tanh, "none": nn.Identity}[name]()
+
+
+def _norm(spec: NormSpec, maps: int) -> nn.Module:
+    kwargs = {"window": spec.window, "sigma": spec.sigma, "border": spec.border}
+    if spec.kind == "subtractive":
+        return SubtractiveNorm(maps, **kwargs)
+    layer = ContrastNorm if spec.kind == "contrast" else DivisiveNorm
+    return layer(maps, threshold=spec.threshold, **kwargs)
+
+
+def _pool_layers(spec: PoolSpec, maps: int) -> list[tuple[str, nn.Module]]:
+    options = {"maps": maps, "trainable": spec.trainable}
+    if spec.fused or spec.stride == 1:
+        layers = [("pool", PoolSubsample(spec.kind, spec.window, spec.stride, spec.p, **options))]
+    else:
+        layers = [
+            ("pool", Pool(spec.kind, spec.window, spec.p, **options)),
+            ("subsample", Subsample(spec.stride)),
+        ]
+    if spec.activation == "tanh":
+        layers.append(("pool_act", nn.Tanh()))
+    return layers
+
+
+def build_stage(stage: StageSpec, in_maps: int) -> nn.Sequential:
+    """One stage as a named ``nn.Sequential``: filters, nonlin, norm, pool."""
+    bank = stage.filters
+    table = make_table(bank, in_maps)
+    layers: list[tuple[str, nn.Module]] = [
+        ("filters", FilterBank(table, bank.kernel, bias=bank.bias)),
+    ]
+    active = [name for name in stage.nonlinearity if name != "none"]
+    for index, name in enumerate(active, start=1):
+        layers.append((f"nonlin{index}" if len(active) > 1 else "nonlin", _nonlinearity(name)))
+    if stage.norm is not None:
+        layers.append(("norm", _norm(stage.norm, bank.maps)))
+    if stage.pool is not None:
+        layers += _pool_layers(stage.pool, bank.maps)
+    return nn.Sequential(OrderedDict(layers))
+
+
+def build(spec: ArchitectureSpec) -> Network:
+    """Build the network ``spec`` describes, with freshly initialised weights.
+
+    Weights are drawn from torch's global generator: seed it (``torch.manual_seed``)
+    for reproducible weights. Connection tables are seeded by the spec itself.
+    """
+    if not isinstance(spec, ArchitectureSpec):
+        raise TypeError(f"spec must be an ArchitectureSpec, got {type(spec).__name__}")
+    stages = []
+    maps = spec.input.maps
+    for stage in spec.stages:
+        stages.append(build_stage(stage, maps))
+        maps = stage.filters.maps
+    out_maps, out_h, out_w = spec.output_shape
+    head = spec.classifier
+    classifier = Classifier(out_maps * out_h * out_w, head.classes, head.hidden, head.hidden_activation)
+    return Network(spec, stages, classifier)

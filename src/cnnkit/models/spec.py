@@ -1,0 +1,364 @@
+"""Architecture specs: typed, validated descriptions of a multi-stage network.
+
+A network is an input, a list of stages, and a classifier. Each stage is
+
+    filter bank -> non-linearities -> normalization -> pooling (with subsampling)
+
+with every part but the filter bank optional. Layer kinds are stored by name, so a spec
+saves to TOML or JSON and loads back unchanged; nothing in a spec is a tensor.
+
+Every dataclass checks its own fields in ``__post_init__``; :class:`ArchitectureSpec`
+also walks the shapes stage by stage, so an impossible network is refused before any
+tensor is built, with a message naming the stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+NONLINEARITIES = ("abs", "relu", "tanh", "none")
+TABLE_KINDS = ("full", "one-to-one", "random", "explicit")
+NORM_KINDS = ("contrast", "subtractive", "divisive")
+BORDERS = ("renormalize", "zero", "reflect")
+POOL_KINDS = ("max", "avg", "lp")
+POOL_ACTIVATIONS = ("none", "tanh")
+WEIGHT_SHARING = ("shared", "averaged")
+
+
+def _where(path: str) -> str:
+    return f"{path}: " if path else ""
+
+
+def _int(path: str, name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{_where(path)}{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{_where(path)}{name} must be >= {minimum}, got {value}")
+
+
+def _number(path: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{_where(path)}{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{_where(path)}{name} must be a finite number > 0, got {value}")
+
+
+def _choice(path: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{_where(path)}unknown {name} {value!r}; expected one of {allowed}")
+
+
+# --------------------------------------------------------------------------------------
+# The parts
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The image the network reads: ``maps`` planes of ``height`` x ``width`` pixels."""
+
+    height: int
+    width: int
+    maps: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width", "maps"):
+            _int("input", name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class FilterBankSpec:
+    """A bank of 2-D kernels joined to the previous maps by a connection table.
+
+    ``table`` is ``"full"`` (every input to every output), ``"one-to-one"`` (map i to
+    map i; needs as many outputs as inputs), ``"random"`` (each output draws ``fan_in``
+    distinct inputs, seeded by ``seed``) or ``"explicit"`` (``connections`` lists the
+    (input map, output map) pairs).
+    """
+
+    maps: int
+    kernel: int
+    table: str = "full"
+    fan_in: int | None = None
+    seed: int = 0
+    connections: tuple[tuple[int, int], ...] | None = None
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        where = "filters"
+        _int(where, "maps", self.maps)
+        _int(where, "kernel", self.kernel)
+        _choice(where, "table kind", self.table, TABLE_KINDS)
+        _int(where, "seed", self.seed, minimum=0)
+        if self.table == "random":
+            if self.fan_in is None:
+                raise ValueError(f"{where}: a random table needs fan_in")
+            _int(where, "fan_in", self.fan_in)
+        elif self.fan_in is not None:
+            raise ValueError(f"{where}: fan_in applies only to a random table, not {self.table!r}")
+        if self.table == "explicit":
+            if not self.connections:
+                raise ValueError(f"{where}: an explicit table needs a non-empty connections list")
+            pairs = tuple(tuple(pair) for pair in self.connections)
+            for row, pair in enumerate(pairs):
+                if len(pair) != 2 or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair
+                ):
+                    raise ValueError(
+                        f"{where}: connections[{row}] must be a pair of non-negative "
+                        f"integers (input map, output map), got {list(pair)!r}"
+                    )
+            object.__setattr__(self, "connections", pairs)
+        elif self.connections is not None:
+            raise ValueError(f"{where}: connections apply only to an explicit table")
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """Local contrast normalization over a Gaussian ``window`` (see :mod:`cnnkit.ops`).
+
+    ``kind`` is ``"contrast"`` (subtractive then divisive), ``"subtractive"`` or
+    ``"divisive"``; ``threshold`` is the c of ``max(c, sigma)``: ``"mean"`` or a number.
+    """
+
+    kind: str = "contrast"
+    window: int = 9
+    sigma: float | None = None
+    border: str = "renormalize"
+    threshold: float | str = "mean"
+
+    def __post_init__(self) -> None:
+        where = "norm"
+        _choice(where, "normalization kind", self.kind, NORM_KINDS)
+        _int(where, "window", self.window)
+        if self.sigma is not None:
+            _number(where, "sigma", self.sigma)
+        _choice(where, "border", self.border, BORDERS)
+        if self.threshold != "mean":
+            _number(where, "threshold", self.threshold)
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Pooling over ``window`` x ``window`` blocks, then subsampling at ``stride``.
+
+    ``stride`` 1 keeps every pooled value. ``fused`` computes the pooled values only at
+    the kept points (same numbers, less work). ``trainable`` adds a coefficient and a
+    bias per map, followed by ``activation`` (LeNet-5's S-layers).
+    """
+
+    kind: str = "max"
+    window: int = 2
+    stride: int = 1
+    p: float = 2.0
+    fused: bool = True
+    trainable: bool = False
+    activation: str = "none"
+
+    def __post_init__(self) -> None:
+        where = "pool"
+        _choice(where, "pooling kind", self.kind, POOL_KINDS)
+        _int(where, "window", self.window)
+        _int(where, "stride", self.stride)
+        _number(where, "p", self.p)
+        _choice(where, "activation", self.activation, POOL_ACTIVATIONS)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: a filter bank, then non-linearities in order, normalization, pooling."""
+
+    filters: FilterBankSpec
+    nonlinearity: tuple[str, ...] = ("abs",)
+    norm: NormSpec | None = None
+    pool: PoolSpec | None = None
+
+    def __post_init__(self) -> None:
+        where = "stage"
+        if isinstance(self.nonlinearity, str):
+            object.__setattr__(self, "nonlinearity", (self.nonlinearity,))
+        object.__setattr__(self, "nonlinearity", tuple(self.nonlinearity))
+        for name in self.nonlinearity:
+            _choice(where, "non-linearity", name, NONLINEARITIES)
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """Flatten the last maps, an optional hidden layer, then a linear layer to ``classes``."""
+
+    classes: int
+    hidden: int | None = None
+    hidden_activation: str = "tanh"
+
+    def __post_init__(self) -> None:
+        _int("classifier", "classes", self.classes, minimum=2)
+        if self.hidden is not None:
+            _int("classifier", "hidden", self.hidden)
+        _choice("classifier", "hidden activation", self.hidden_activation, NONLINEARITIES)
+
+
+# --------------------------------------------------------------------------------------
+# The whole network
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageShapes:
+    """Map counts and sizes through one stage: (maps, height, width) after each step."""
+
+    filters: tuple[int, int, int]
+    pooled: tuple[int, int, int] | None
+    output: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """A validated multi-stage network: input -> stages -> classifier.
+
+    ``weight_sharing`` is ``"shared"`` (one kernel per table row, gradients summed over
+    positions) or ``"averaged"`` (a kernel stored at every position, tied by averaging
+    after each step, as in the lecture's Section 3).
+    """
+
+    name: str
+    input: InputSpec
+    stages: tuple[StageSpec, ...]
+    classifier: ClassifierSpec
+    weight_sharing: str = "shared"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if not self.stages:
+            raise ValueError("stages: a network needs at least one stage")
+        _choice("", "weight_sharing", self.weight_sharing, WEIGHT_SHARING)
+        self.shapes()  # walks the network and raises on the first impossible stage
+
+    def shapes(self) -> list[StageShapes]:
+        """The (maps, height, width) after each stage's filter bank, pooling and output."""
+        maps, height, width = self.input.maps, self.input.height, self.input.width
+        previous = "the input is"
+        result = []
+        for number, stage in enumerate(self.stages, start=1):
+            where = f"stage {number}"
+            bank = stage.filters
+            k = bank.kernel
+            if k > height or k > width:
+                raise ValueError(
+                    f"{where}: a {k}×{k} filter bank needs at least {k}×{k} input, "
+                    f"but {previous} {height}×{width}"
+                )
+            _check_table(where, bank, maps)
+            height, width, maps = height - k + 1, width - k + 1, bank.maps
+            filtered = (maps, height, width)
+            pooled = None
+            if stage.pool is not None:
+                window, stride = stage.pool.window, stage.pool.stride
+                if window > height or window > width:
+                    raise ValueError(
+                        f"{where}: a {window}×{window} pooling window does not fit the "
+                        f"{height}×{width} maps of its filter bank"
+                    )
+                height = (height - window) // stride + 1
+                width = (width - window) // stride + 1
+                pooled = (maps, height, width)
+            result.append(StageShapes(filters=filtered, pooled=pooled, output=(maps, height, width)))
+            previous = f"stage {number} leaves"
+        return result
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """(maps, height, width) of the last stage, which the classifier flattens."""
+        return self.shapes()[-1].output
+
+    def with_classes(self, classes: int) -> ArchitectureSpec:
+        """The same network with a classifier for ``classes`` classes."""
+        return dataclasses.replace(
+            self, classifier=dataclasses.replace(self.classifier, classes=classes)
+        )
+
+    # Serialization lives in cnnkit.models.serialize; these are the convenient doors.
+    def to_dict(self) -> dict[str, Any]:
+        from cnnkit.models.serialize import spec_to_dict
+
+        return spec_to_dict(self)
+
+    def to_toml(self) -> str:
+        from cnnkit.models.serialize import spec_to_toml
+
+        return spec_to_toml(self)
+
+    def to_json(self) -> str:
+        from cnnkit.models.serialize import spec_to_json
+
+        return spec_to_json(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ArchitectureSpec:
+        from cnnkit.models.serialize import spec_from_dict
+
+        return spec_from_dict(data)
+
+    @classmethod
+    def from_toml(cls, text: str) -> ArchitectureSpec:
+        from cnnkit.models.serialize import spec_from_toml
+
+        return spec_from_toml(text)
+
+    @classmethod
+    def from_json(cls, text: str) -> ArchitectureSpec:
+        from cnnkit.models.serialize import spec_from_json
+
+        return spec_from_json(text)
+
+    @classmethod
+    def load(cls, path: str) -> ArchitectureSpec:
+        """Read a spec from a ``.toml`` or ``.json`` file."""
+        from cnnkit.models.serialize import load_spec
+
+        return load_spec(path)
+
+    def save(self, path: str) -> None:
+        """Write the spec to ``path`` (TOML or JSON by its suffix), atomically."""
+        from cnnkit.models.serialize import save_spec
+
+        save_spec(self, path)
+
+
+def _check_table(where: str, bank: FilterBankSpec, in_maps: int) -> None:
+    """Refuse a table that cannot join ``in_maps`` inputs to ``bank.maps`` outputs."""
+    if bank.table == "one-to-one" and bank.maps != in_maps:
+        raise ValueError(
+            f"{where}: a one-to-one table needs as many output maps as input maps "
+            f"({in_maps}), got maps = {bank.maps}"
+        )
+    if bank.table == "random" and bank.fan_in is not None and bank.fan_in > in_maps:
+        raise ValueError(
+            f"{where}: a random table cannot draw fan_in = {bank.fan_in} distinct inputs "
+            f"from {in_maps} maps"
+        )
+    if bank.table == "explicit":
+        seen = set()
+        for row, (i, o) in enumerate(bank.connections or ()):
+            if i >= in_maps:
+                raise ValueError(
+                    f"{where}: table row {row} names input map {i}, but only {in_maps} "
+                    f"maps (0..{in_maps - 1}) come in"
+                )
+            if o >= bank.maps:
+                raise ValueError(
+                    f"{where}: table row {row} names output map {o}, but the bank has "
+                    f"{bank.maps} maps (0..{bank.maps - 1})"
+                )
+            if (i, o) in seen:
+                raise ValueError(f"{where}: table row {row} repeats the pair ({i}, {o})")
+            seen.add((i, o))
+        fed = {o for _, o in seen}
+        missing = [o for o in range(bank.maps) if o not in fed]
+        if missing:
+            raise ValueError(f"{where}: output map {missing[0]} has no input in the table")
