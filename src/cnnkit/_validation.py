@@ -75,9 +75,7 @@ def check_maps(name: str, x: torch.Tensor, *, maps: int | None = None) -> bool:
     """
     check_floating(name, x)
     if x.dim() not in (3, 4):
-        raise ValueError(
-            f"{name} must have shape (C, H, W) or (N, C, H, W), got {tuple(x.shape)}"
-        )
+        raise ValueError(f"{name} must have shape (C, H, W) or (N, C, H, W), got {tuple(x.shape)}")
     if x.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
     channels = x.shape[-3]

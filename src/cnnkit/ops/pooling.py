@@ -84,7 +84,7 @@ def pool2d(
     elif kind == "avg":
         out = F.avg_pool2d(x, (k_h, k_w), (s_h, s_w))
     else:
-        out = F.lp_pool2d(x, p, (k_h, k_w), (s_h, s_w))
+        out = _LpPool.apply(x, p, (k_h, k_w), (s_h, s_w))
     return _affine(out, weight, bias)
 
 
@@ -125,7 +125,7 @@ def pool_subsample2d(
     ``n = H - k_h + 1`` pooled rows, ``floor((H - k_h) / s) + 1 = ceil(n / s)``.
 
     The values are bit-identical to pool-then-subsample for ``"max"``, ``"avg"`` and
-    ``"lp"`` with ``p`` of 1 or 2; for other ``p`` the final root ``s^(1/p)`` comes from
+    ``"lp"`` with ``p`` of 0.5, 1 or 2; for other ``p`` the final root ``s^(1/p)`` comes from
     ``torch.pow``, whose vectorised and scalar code paths may round differently, so the two
     can differ in the last bit. For ``"max"`` the gradient also goes to the same element.
 
@@ -135,6 +135,41 @@ def pool_subsample2d(
         ``(N, C, H_out, W_out)`` (or unbatched) with ``H_out = floor((H - k_h) / s_h) + 1``.
     """
     return pool2d(x, kind, window, stride, p, weight=weight, bias=bias)
+
+
+class _LpPool(torch.autograd.Function):
+    """``F.lp_pool2d``'s forward, with a backward that allocates two map-sized tensors, not five.
+
+    ``y = S^(1/p)`` with ``S = sum_window x^p``, so ``dy/dx_j = y^(1-p) x_j^(p-1)``; the sum
+    over the windows that hold ``x_j`` is ``avg_pool2d``'s backward applied to
+    ``area * g * y^(1-p)``. Where ``S = 0`` the gradient is set to 0, as PyTorch does.
+    The backward is built from differentiable ops, so second derivatives work too.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x: torch.Tensor, p: float, window: tuple[int, int], stride: tuple[int, int]
+    ) -> torch.Tensor:
+        area = window[0] * window[1]
+        y = F.avg_pool2d(x.pow(p), window, stride).mul_(area).pow_(1.0 / p)
+        ctx.save_for_backward(x, y)
+        ctx.p, ctx.window, ctx.stride = p, window, stride
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, y = ctx.saved_tensors
+        p, window, stride = ctx.p, ctx.window, ctx.stride
+        area = window[0] * window[1]
+        per_window = torch.where(y == 0, 0.0, grad * y.pow(1.0 - p)) * area  # like y's shape
+        grad_x = torch.ops.aten.avg_pool2d_backward(
+            per_window, x, window, stride, (0, 0), False, True, None
+        )  # like x's shape: sum over windows of per_window / area
+        if p != 1.0:
+            factor = x if p == 2.0 else x.pow(p - 1.0)
+            # In place unless a graph of this backward is being recorded (create_graph=True).
+            grad_x = grad_x * factor if torch.is_grad_enabled() else grad_x.mul_(factor)
+        return grad_x, None, None, None
 
 
 def _affine(
@@ -155,7 +190,6 @@ def _per_map(name: str, value: torch.Tensor, channels: int) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor of shape ({channels},), got {value!r}")
     if value.shape != (channels,):
         raise ValueError(
-            f"{name} must have shape ({channels},), one value per map, "
-            f"got {tuple(value.shape)}"
+            f"{name} must have shape ({channels},), one value per map, got {tuple(value.shape)}"
         )
     return value.reshape(channels, 1, 1)  # (C, 1, 1), broadcasts over (..., C, H, W)

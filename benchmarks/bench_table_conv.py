@@ -1,0 +1,130 @@
+"""Forward+backward time of the connection-table filter bank, method against method.
+
+Run from the repository root::
+
+    python -m benchmarks.bench_table_conv            # the lecture's shapes, batch 64
+    python -m benchmarks.bench_table_conv --quick    # fewer repeats
+    python -m benchmarks.bench_table_conv --threads 1
+
+Each case times every variant in turn, round after round (interleaved, so a neighbour's
+load hits all of them alike), and reports the median and the ratio to the dense
+convolution with scattered weights (> 1 means faster than dense). Besides the library's
+methods, two rejected designs are timed for the record: a gather of each row's input map
+followed by a grouped convolution (``groups=C_out``), and one batched matrix product per
+input map over its unfolded patches (im2col), scattered into the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from cnnkit import tables
+from cnnkit.ops.table_conv import table_conv2d
+
+
+def gather_grouped(x, table, weight, bias, c_out):
+    """Rejected: gather the K input maps each row reads, then one grouped convolution."""
+    order = torch.argsort(table[:, 1], stable=True)
+    fan = table.shape[0] // c_out  # needs a uniform fan-in
+    xs = x.index_select(1, table[order, 0])  # (N, K, H, W)
+    w = weight[order].view(c_out, fan, *weight.shape[1:])  # (C_out, fan, kh, kw)
+    return F.conv2d(xs, w, bias, groups=c_out)
+
+
+def per_input_bmm(x, table, weight, bias, c_out):
+    """Rejected: per input map, its unfolded patches times its kernels, summed into outputs."""
+    n, c_in, h, w = x.shape
+    k, kh, kw = weight.shape
+    h_out, w_out = h - kh + 1, w - kw + 1
+    order = torch.argsort(table[:, 0] * c_out + table[:, 1])
+    uses = k // c_in  # needs every input used equally often
+    cols = F.unfold(x, (kh, kw)).view(n, c_in, kh * kw, h_out * w_out)
+    cols = cols.permute(1, 0, 3, 2).reshape(c_in, n * h_out * w_out, kh * kw)
+    kernels = weight[order].view(c_in, uses, kh * kw).transpose(1, 2)  # (C_in, kh kw, uses)
+    parts = torch.bmm(cols, kernels).view(c_in, n * h_out * w_out, uses)
+    parts = parts.permute(1, 0, 2).reshape(n * h_out * w_out, k)  # (N L, K) rows in order
+    y = parts.new_zeros(n * h_out * w_out, c_out).index_add(1, table[order, 1], parts)
+    y = y.view(n, h_out, w_out, c_out).permute(0, 3, 1, 2)
+    return y + bias.view(-1, 1, 1)
+
+
+def case(name, n, table, size, kernel, stride=1, fourier=True):
+    c_in, c_out = tables.n_inputs(table), tables.n_outputs(table)
+    x = torch.randn(n, c_in, size, size, requires_grad=True)
+    weight = (torch.randn(len(table), kernel, kernel) * 0.05).requires_grad_()
+    bias = torch.zeros(c_out, requires_grad=True)
+    return name, x, table, weight, bias, stride, fourier
+
+
+def variants(x, table, weight, bias, stride, fourier, extra) -> dict[str, Callable]:
+    c_out = bias.shape[0]
+    methods = ("dense", "fourier", "auto") if fourier else ("dense", "auto")
+    out = {
+        m: (lambda m=m: table_conv2d(x, table, weight, bias, stride, method=m)) for m in methods
+    }
+    if tables.describe(table) == "one-to-one":
+        out["depthwise"] = lambda: table_conv2d(x, table, weight, bias, stride, method="depthwise")
+    if tables.describe(table) == "full":
+        w = weight.view(c_out, -1, *weight.shape[1:])  # full() rows are output-major
+        out["F.conv2d"] = lambda: F.conv2d(x, w, bias, stride)
+    if extra:
+        out["gather+grouped"] = lambda: gather_grouped(x, table, weight, bias, c_out)
+        out["per-input bmm"] = lambda: per_input_bmm(x, table, weight, bias, c_out)
+    return out
+
+
+def run(fns: dict[str, Callable], repeats: int) -> dict[str, float]:
+    grads = {}
+    for name, fn in fns.items():  # warm up, and fix one upstream gradient per variant
+        y = fn()
+        grads[name] = torch.randn_like(y)
+        y.backward(grads[name])
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn().backward(grads[name])
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 repeats instead of 9")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--slow", action="store_true", help="also time the rejected designs")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    repeats = 3 if args.quick else 9
+    layer3 = tables.random(64, 256, 16)
+    cases = [
+        case("layer 3: 64->256 fan-in 16, 14x14 -> 6x6, 9x9, batch 64", 64, layer3, 14, 9),
+        case("layer 3, batch 1", 1, layer3, 14, 9),
+        case("layer 3, batch 8", 8, layer3, 14, 9),
+        case("layer 1: full 1->64, 83x83 -> 75x75, 9x9, batch 64", 64, tables.full(1, 64), 83, 9, fourier=False),
+        case("full 64->256, 14x14 -> 6x6, 9x9, batch 64", 64, tables.full(64, 256), 14, 9),
+        case("LeNet-5 C3: 6->16, 14x14 -> 10x10, 5x5, batch 64", 64, tables.lenet5_c3(), 14, 5),
+        case("one-to-one 64, 14x14 -> 6x6, 9x9, batch 64", 64, tables.one_to_one(64), 14, 9),
+        case("64->256 fan-in 16, 32x32 -> 24x24, 9x9, batch 16", 16, layer3, 32, 9),
+        case("64->256 fan-in 16, 14x14 -> 6x6, 5x5 stride 2, batch 64", 64, layer3, 14, 5, 2),
+    ]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {repeats} repeats")
+    for index, (name, x, table, weight, bias, stride, fourier) in enumerate(cases):
+        extra = args.slow and index == 0
+        medians = run(variants(x, table, weight, bias, stride, fourier, extra), repeats)
+        print(f"\n{name}")
+        for variant, seconds in medians.items():
+            ratio = medians["dense"] / seconds
+            print(f"  {variant:16s} {1000 * seconds:9.2f} ms   {ratio:5.2f}x dense")
+
+
+if __name__ == "__main__":
+    main()

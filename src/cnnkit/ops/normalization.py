@@ -1,0 +1,422 @@
+"""Local contrast normalization: subtractive, divisive, and the two in sequence.
+
+The lecture's two steps on an image of ``C`` maps ``x_i`` (``i`` the map, ``(j, k)`` the
+pixel), with a window ``w[i, p, q]`` over maps and offsets (``p, q`` centred at 0):
+
+- subtractive: ``v_ijk = x_ijk - sum_{i,p,q} w_ipq x_{i, j+p, k+q}``;
+- divisive: ``y_ijk = v_ijk / max(c, sigma_jk)`` with
+  ``sigma_jk = (sum_{i,p,q} w_ipq v^2_{i, j+p, k+q})^(1/2)``.
+
+Both sums run over every map, so the local mean and ``sigma`` are single ``(H, W)`` images
+shared by all maps. Shapes: ``x`` is ``(N, C, H, W)`` or ``(C, H, W)``, the window is
+``(C, k_h, k_w)`` with odd ``k_h`` and ``k_w``, and the output has the shape of ``x``:
+the map size never changes.
+
+Borders (where ``j + p`` or ``k + q`` leaves the image):
+
+- ``"renormalize"`` (default): the sum covers only the pixels that exist and is divided by
+  the window mass that falls inside the image, ``m_jk = sum_{i, (j+p, k+q) inside} w_ipq``,
+  so it is a weighted mean of what is there. A constant image stays constant and borders
+  are not darkened. The variance under the square root is corrected the same way.
+- ``"zero"``: pixels outside the image count as 0 (plain zero padding).
+- ``"reflect"``: indices are mirrored into the image without repeating the edge
+  (``-1 -> 1``, ``H -> H - 2``); needs a window no larger than the map.
+
+The threshold ``c`` is ``max(threshold, floor)`` for a number, or, for ``"mean"``,
+``max(mean_jk sigma_jk, floor)`` taken per image (Jarrett et al. 2009). The floor keeps
+a flat image, whose ``sigma`` is 0, from dividing by zero.
+
+Speed: :func:`gaussian_window` makes ``w_ipq = g_p g_q / C``, the same for every map and
+separable. For such windows (any ``w_ipq = a_i u_p v_q``) the sums are computed as the
+map-weighted mean of the input, ``(N, H, W)``, smoothed by two banded ``H x H`` and
+``W x W`` matrix products that already hold the border rule -- instead of a ``C``-channel
+convolution. Other windows, or a window that requires grad, go through ``conv2d``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cnnkit._validation import (
+    check_choice,
+    check_floating,
+    check_maps,
+    check_positive_float,
+    check_positive_int,
+)
+
+__all__ = [
+    "BORDERS",
+    "contrast_norm",
+    "divisive_norm",
+    "gaussian_window",
+    "subtractive_norm",
+]
+
+BORDERS = ("renormalize", "zero", "reflect")
+
+
+def gaussian_window(
+    size: int,
+    sigma: float,
+    maps: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """A Gaussian window over ``maps`` maps, for the normalizations, summing to 1.
+
+    ``w[i, p, q] = exp(-(p^2 + q^2) / (2 sigma^2)) / Z`` for ``p, q`` in
+    ``-(size-1)/2 .. (size-1)/2`` and every map ``i``, with ``Z`` such that the sum over
+    ``i, p, q`` is 1 (the lecture's ``sum w_pq = 1``). Each map gets ``1 / maps`` of the
+    mass.
+
+    Args:
+        size: side of the window in pixels; odd, so that the window has a centre pixel.
+        sigma: standard deviation in pixels.
+        maps: number of maps ``C``.
+        dtype: a floating-point dtype.
+        device: where to put the window.
+
+    Returns:
+        ``(maps, size, size)`` tensor.
+    """
+    check_positive_int("size", size)
+    if size % 2 == 0:
+        raise ValueError(f"size must be odd so that the window has a centre pixel, got {size}")
+    sigma = check_positive_float("sigma", sigma)
+    check_positive_int("maps", maps)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(offsets**2) / (2 * sigma**2))
+    g = g / g.sum()
+    window = (g[:, None] * g[None, :] / maps).expand(maps, size, size)  # (C, k, k)
+    return window.to(dtype=dtype, device=device).contiguous()
+
+
+def subtractive_norm(
+    x: torch.Tensor, window: torch.Tensor, border: str = "renormalize"
+) -> torch.Tensor:
+    """Subtract the windowed mean over all maps: ``v_ijk = x_ijk - sum_{i,p,q} w_ipq x_{i,j+p,k+q}``.
+
+    Args:
+        x: ``(N, C, H, W)`` or ``(C, H, W)``, floating point.
+        window: ``(C, k_h, k_w)`` weights, odd sides; see :func:`gaussian_window`.
+        border: ``"renormalize"``, ``"zero"`` or ``"reflect"`` (module docstring).
+
+    Returns:
+        ``v``, the shape of ``x``. Under ``"renormalize"`` (and ``"reflect"`` with a window
+        summing to 1) a constant image gives 0.
+    """
+    smoother, x4, unbatched = _prepare(x, window, border)
+    v = _subtract(x4, smoother)
+    return v.squeeze(0) if unbatched else v
+
+
+def divisive_norm(
+    x: torch.Tensor,
+    window: torch.Tensor,
+    threshold: float | str = "mean",
+    border: str = "renormalize",
+    floor: float = 1e-4,
+) -> torch.Tensor:
+    """Divide by the local spread: ``y_ijk = x_ijk / max(c, sigma_jk)``.
+
+    ``sigma_jk = (sum_{i,p,q} w_ipq x^2_{i,j+p,k+q})^(1/2)`` (divided by the inside mass
+    before the root under ``"renormalize"``). ``c = max(threshold, floor)``, or
+    ``max(mean over (j, k) of sigma_jk, floor)`` per image for ``threshold="mean"``.
+    The lecture applies it to ``v``, the output of :func:`subtractive_norm`.
+
+    Args:
+        x: ``(N, C, H, W)`` or ``(C, H, W)``, floating point.
+        window: ``(C, k_h, k_w)`` weights, odd sides.
+        threshold: ``"mean"`` or a number ``>= 0``.
+        border: ``"renormalize"``, ``"zero"`` or ``"reflect"``.
+        floor: the least ``c`` can be, ``> 0``.
+
+    Returns:
+        ``y``, the shape of ``x``; finite for finite input whose squares do not overflow,
+        with finite gradients (a flat image gives 0 and gradient ``1 / c``).
+    """
+    threshold, floor = _check_divisive_options(threshold, floor)
+    smoother, x4, unbatched = _prepare(x, window, border)
+    y = _divide(x4, smoother, threshold, floor)
+    return y.squeeze(0) if unbatched else y
+
+
+def contrast_norm(
+    x: torch.Tensor,
+    window: torch.Tensor,
+    threshold: float | str = "mean",
+    border: str = "renormalize",
+    floor: float = 1e-4,
+) -> torch.Tensor:
+    """Local contrast normalization: ``divisive_norm(subtractive_norm(x))`` with one window.
+
+    Arguments as in :func:`divisive_norm`; ``(N, C, H, W)`` or ``(C, H, W)`` in, the same
+    shape out.
+    """
+    threshold, floor = _check_divisive_options(threshold, floor)
+    smoother, x4, unbatched = _prepare(x, window, border)
+    y = _divide(_subtract(x4, smoother), smoother, threshold, floor)
+    return y.squeeze(0) if unbatched else y
+
+
+# ---------------------------------------------------------------------------------------
+# The two steps, given a smoother that computes the windowed sum over all maps
+# ---------------------------------------------------------------------------------------
+
+
+def _subtract(x: torch.Tensor, smoother: _Smoother) -> torch.Tensor:
+    # x + (-mean), not x - mean: the backward of a broadcast subtraction negates the whole
+    # (N, C, H, W) gradient before summing it; this way only the (N, 1, H, W) sum is negated.
+    return x + smoother(x, centre=True).neg()
+
+
+def _divide(
+    v: torch.Tensor, smoother: _Smoother, threshold: float | str, floor: float
+) -> torch.Tensor:
+    variance = smoother.squares(v)  # (N, 1, H, W)
+    # Clamping before the root keeps the value (to ~1e-19 in float32) and gives a zero,
+    # not an infinite, derivative where the variance is 0, so a flat image has no NaN.
+    sigma = variance.clamp_min(torch.finfo(variance.dtype).tiny).sqrt()
+    if threshold == "mean":
+        c = sigma.mean(dim=(-2, -1), keepdim=True).clamp_min(floor)  # (N, 1, 1, 1)
+        denominator = torch.maximum(sigma, c)
+    else:
+        denominator = sigma.clamp_min(max(threshold, floor))
+    return v * denominator.reciprocal()
+
+
+# ---------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------
+
+
+def _check_threshold(threshold: object) -> float | str:
+    if isinstance(threshold, str):
+        if threshold != "mean":
+            raise ValueError(f"threshold must be 'mean' or a number >= 0, got {threshold!r}")
+        return threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be 'mean' or a number >= 0, got {threshold!r}")
+    if not math.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be 'mean' or a finite number >= 0, got {threshold}")
+    return float(threshold)
+
+
+def _check_divisive_options(threshold: object, floor: object) -> tuple[float | str, float]:
+    return _check_threshold(threshold), check_positive_float("floor", floor)
+
+
+def _check_window(window: object) -> torch.Tensor:
+    check_floating("window", window)
+    if window.dim() != 3:
+        raise ValueError(
+            f"window must have shape (maps, size_h, size_w), got {tuple(window.shape)}"
+        )
+    maps, size_h, size_w = window.shape
+    if maps == 0 or size_h % 2 == 0 or size_w % 2 == 0:
+        raise ValueError(
+            "window must have at least one map and odd sides so that it has a centre "
+            f"pixel, got shape {tuple(window.shape)}"
+        )
+    return window
+
+
+def _prepare(
+    x: torch.Tensor, window: torch.Tensor, border: str
+) -> tuple[_Smoother, torch.Tensor, bool]:
+    """Check the arguments; return the smoother, ``x`` as ``(N, C, H, W)``, and unbatched."""
+    check_choice("border", border, BORDERS)
+    _check_window(window)
+    unbatched = check_maps("x", x, maps=window.shape[0])
+    x4 = x.unsqueeze(0) if unbatched else x  # (N, C, H, W)
+    height, width = x4.shape[-2:]
+    size_h, size_w = window.shape[-2:]
+    if border == "reflect" and (size_h > height or size_w > width):
+        raise ValueError(
+            f"border='reflect' needs a window no larger than the map, got a {size_h}x{size_w}"
+            f" window on {height}x{width} maps; use border='renormalize' or 'zero'"
+        )
+    window = window.to(dtype=x4.dtype, device=x4.device)
+    factors = None if window.requires_grad else _factorize(window)
+    if factors is None:
+        return _ConvSmoother(window, border, height, width), x4, unbatched
+    return _SeparableSmoother.build(*factors, border, height, width, x4), x4, unbatched
+
+
+# ---------------------------------------------------------------------------------------
+# Windowed sums: banded matrix products for separable windows, conv2d for the rest
+# ---------------------------------------------------------------------------------------
+
+
+class _Smoother:
+    """``z -> sum_{i,p,q} w_ipq z_{i,j+p,k+q}`` (over the inside mass for renormalize).
+
+    Maps ``(N, C, H, W)`` to ``(N, 1, H, W)``. ``centre=True`` may smooth the map-reduced
+    image minus its mean and add the smoothed mean back: the same in exact arithmetic, and
+    in floating point it cancels less and keeps a constant image exactly constant under
+    renormalize whenever its map sum is exact (integer pixel values, for instance).
+    """
+
+    def __call__(self, z: torch.Tensor, centre: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def squares(self, z: torch.Tensor) -> torch.Tensor:
+        """The smoothed ``z^2``: ``sum_{i,p,q} w_ipq z^2_{i,j+p,k+q}``, ``(N, 1, H, W)``."""
+        return self(z * z, centre=False)
+
+
+def _factorize(window: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """``(a, u, v, total)`` with ``w_ipq = a_i u_p v_q / total^2``, in float64; None if not.
+
+    ``a``, ``u``, ``v`` are the window's sums over the other two axes and ``total`` its sum;
+    the window is accepted when that rank-one product matches it to a few units of its
+    dtype's rounding (plus the float64 rounding of those sums), relative to its largest
+    entry.
+    """
+    w = window.detach().to(torch.float64)
+    total = w.sum()
+    largest = w.abs().max()
+    if total.abs() <= largest * 1e-6:  # (near) zero total: no well-conditioned factors
+        return None
+    a, u, v = w.sum(dim=(1, 2)), w.sum(dim=(0, 2)), w.sum(dim=(0, 1))
+    outer = a[:, None, None] * u[None, :, None] * v[None, None, :]  # (C, k_h, k_w)
+    relative = 16 * torch.finfo(window.dtype).eps + torch.finfo(w.dtype).eps * sum(w.shape)
+    tolerance = relative * largest * total**2
+    if (outer - w * total**2).abs().max() > tolerance:
+        return None
+    return a, u, v, total
+
+
+def _band(weights: torch.Tensor, n: int, border: str) -> torch.Tensor:
+    """The ``(n, n)`` matrix ``B`` with ``(B z)_j = sum_p weights_p z_{j+p}`` under the border.
+
+    ``p`` runs over the centred offsets of ``weights`` (odd length). Out-of-image terms are
+    dropped ("zero", "renormalize") or mirrored back in ("reflect"); "renormalize" then
+    divides each row by its sum, the 1-D inside mass.
+    """
+    size = weights.numel()
+    rows = torch.arange(n, device=weights.device)[:, None]  # (n, 1)
+    offsets = torch.arange(size, device=weights.device)[None, :] - (size - 1) // 2  # (1, k)
+    columns = rows + offsets  # (n, k)
+    values = weights.expand(n, size)  # (n, k)
+    if border == "reflect":
+        columns = torch.where(columns < 0, -columns, columns)
+        columns = torch.where(columns >= n, 2 * (n - 1) - columns, columns)
+    else:
+        inside = (columns >= 0) & (columns < n)
+        values = torch.where(inside, values, 0.0)
+        columns = columns.clamp(0, n - 1)
+    band = torch.zeros(n, n, dtype=weights.dtype, device=weights.device)
+    band.scatter_add_(1, columns, values)
+    if border == "renormalize":
+        mass = band.sum(dim=1, keepdim=True)  # (n, 1)
+        band = band / torch.where(mass == 0, 1.0, mass)
+    return band
+
+
+@dataclass
+class _SeparableSmoother(_Smoother):
+    """For ``w_ipq = a_i u_p v_q / total^2``: ``B_h (sum_i a_i z_i) B_w^T / total``.
+
+    ``rows`` (``B_h``) and ``columns_t`` (``B_w^T``) are :func:`_band` matrices that hold the
+    border rule and the scale of ``u / total`` and ``v / total``, or, for "renormalize",
+    rows normalized to sum to 1. When every map has the same weight the maps are summed
+    and the result divided by ``C`` (``alpha is None``); otherwise ``alpha = a / total``.
+    ``mass`` is the smoothing of a reduced image of ones: 1, a number, or ``(H, W)``.
+    """
+
+    alpha: torch.Tensor | None  # (C,)
+    rows: torch.Tensor  # (H, H)
+    columns_t: torch.Tensor  # (W, W), transposed
+    mass: torch.Tensor | float  # (H, W) or a number
+
+    @classmethod
+    def build(cls, a, u, v, total, border: str, height: int, width: int, like: torch.Tensor):
+        if border == "renormalize":
+            rows, columns = _band(u, height, border), _band(v, width, border)
+            mass: torch.Tensor | float = 1.0
+        else:
+            rows, columns = _band(u, height, border), _band(v / total, width, border)
+            if border == "reflect":  # the whole window stays inside: rows sum to sum(u) * 1
+                mass = float(total)
+            else:
+                mass = torch.outer(rows.sum(dim=1), columns.sum(dim=1)).to(like)  # (H, W)
+        uniform = a.max() - a.min() <= 16 * torch.finfo(like.dtype).eps * a.abs().max()
+        alpha = None if uniform else (a / total).to(like)
+        return cls(alpha, rows.to(like), columns.T.to(like), mass)
+
+    def __call__(self, z: torch.Tensor, centre: bool) -> torch.Tensor:
+        if self.alpha is None:
+            # A sum, whose backward is a broadcast view; the 1/C comes last, on (N, H, W).
+            reduced = z.sum(dim=1)  # (N, H, W)
+        else:
+            reduced = torch.einsum("nchw,c->nhw", z, self.alpha)  # (N, H, W)
+        return self._smooth(reduced, centre, z.shape[1])
+
+    def squares(self, z: torch.Tensor) -> torch.Tensor:
+        reduced = _SumOfSquares.apply(z, self.alpha)  # (N, H, W)
+        return self._smooth(reduced, False, z.shape[1])
+
+    def _smooth(self, reduced: torch.Tensor, centre: bool, maps: int) -> torch.Tensor:
+        if centre:
+            shift = reduced.detach().mean(dim=(-2, -1), keepdim=True)  # (N, 1, 1)
+            smoothed = self.rows @ (reduced - shift) @ self.columns_t + shift * self.mass
+        else:
+            smoothed = self.rows @ reduced @ self.columns_t
+        if self.alpha is None:
+            smoothed = smoothed / maps
+        return smoothed.unsqueeze(1)  # (N, 1, H, W)
+
+
+class _SumOfSquares(torch.autograd.Function):
+    """``sum_i alpha_i z_i^2`` over dim 1 (``alpha=None``: all ones), ``(N, H, W)``.
+
+    Autograd's ``(z * z).sum(1)`` spends three passes over ``(N, C, H, W)`` on the backward
+    (``g z`` twice, then their sum); this one spends one. The backward is made of
+    differentiable ops, so second derivatives still work.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        ctx.alpha = alpha
+        if alpha is None:
+            return (z * z).sum(dim=1)
+        return torch.einsum("nchw,nchw,c->nhw", z, z, alpha)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (z,) = ctx.saved_tensors
+        scale = 2 * grad.unsqueeze(1)  # (N, 1, H, W)
+        if ctx.alpha is not None:
+            scale = scale * ctx.alpha[:, None, None]  # (N, C, H, W)
+        return z * scale, None
+
+
+class _ConvSmoother(_Smoother):
+    """Any window, as one ``C -> 1`` convolution (differentiable in the window too)."""
+
+    def __init__(self, window: torch.Tensor, border: str, height: int, width: int) -> None:
+        self.weight = window.unsqueeze(0)  # (1, C, k_h, k_w)
+        self.border = border
+        size_h, size_w = window.shape[-2:]
+        self.padding = (size_w // 2, size_w // 2, size_h // 2, size_h // 2)
+        self.mass = None
+        if border == "renormalize":
+            ones = torch.ones(1, 1, height, width, dtype=window.dtype, device=window.device)
+            kernel = window.sum(dim=0)[None, None]  # (1, 1, k_h, k_w)
+            mass = F.conv2d(F.pad(ones, self.padding), kernel)  # (1, 1, H, W)
+            self.mass = torch.where(mass == 0, 1.0, mass)
+
+    def __call__(self, z: torch.Tensor, centre: bool) -> torch.Tensor:
+        mode = "reflect" if self.border == "reflect" else "constant"
+        total = F.conv2d(F.pad(z, self.padding, mode=mode), self.weight)  # (N, 1, H, W)
+        return total if self.mass is None else total / self.mass

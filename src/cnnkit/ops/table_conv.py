@@ -1,0 +1,263 @@
+"""A filter bank wired by a connection table: each output map sums the 2-D correlations
+of the input maps its table rows name.
+
+Shapes and math
+---------------
+``x`` is ``(N, C_in, H, W)`` or unbatched ``(C_in, H, W)``; ``table`` is a ``(K, 2)``
+connection table (:mod:`cnnkit.tables`) of (input map, output map) rows; ``weight`` is
+``(K, kh, kw)``, one 2-D kernel per row; ``bias`` is ``(C_out,)`` or ``None``, with
+``C_out = n_outputs(table)``. The output is ``(N, C_out, H_out, W_out)`` with
+
+    H_out = (H - kh) // stride_h + 1,    W_out = (W - kw) // stride_w + 1
+
+(valid positions only, no padding), and output map ``o`` is
+
+    y[n, o, a, b] = bias[o] + sum over rows r with table[r, 1] == o of
+                    sum_{p < kh, q < kw} x[n, table[r, 0], a*stride_h + p, b*stride_w + q]
+                                         * weight[r, p, q]
+
+the lecture's 2-D convolution with kernel indices counted from the corner and the kernel
+not flipped (a correlation, as in every deep-learning library). With the table
+``random(64, 256, 16)`` and 9x9 kernels this is the lecture's layer 3: 64 maps of 14x14
+in, 256 maps of 6x6 out, 4096 kernels.
+
+How it is computed
+------------------
+Three exact methods; ``method="auto"`` picks one from the shapes:
+
+- ``"dense"``: scatter the K kernels into a zero ``(C_out, C_in, kh, kw)`` weight (a
+  differentiable ``index_put``, so the gradient flows back to the K kernels) and make
+  one ``F.conv2d`` call. It multiplies by the zeros too, but runs at the full speed of
+  the library's convolution; a full table has no zeros at all.
+- ``"depthwise"``: when every output map has exactly one input map (``one_to_one`` and
+  its relatives), gather those inputs and make one ``F.conv2d(groups=C_out)`` call.
+- ``"fourier"``: the correlation theorem on the ``H x W`` grid (after trimming ``x`` to
+  the rows and columns the output reads): with ``^`` the 2-D discrete Fourier transform,
+  ``y_o^ = sum_r x_{in(r)}^ * conj(w_r^)`` at every frequency. The valid outputs never
+  wrap around the grid, so they are exact. Per frequency the sum over rows is one real
+  matrix product with the kernels' spectra scattered into a ``(2 C_in, C_out)`` matrix,
+  and the inverse transform onto the ``H_out x W_out`` kept positions is one more. On
+  small maps with large kernels -- the lecture's layer 3, where a 9x9 kernel covers
+  most of a 14x14 map -- it needs far fewer multiply-adds than any direct method.
+
+The measurements behind the choice are in ``docs/performance-table-conv.md``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from cnnkit import tables
+from cnnkit._validation import check_choice, check_floating, check_maps, pair
+
+__all__ = ["METHODS", "table_conv2d"]
+
+METHODS = ("auto", "dense", "depthwise", "fourier")
+
+# "auto" takes "fourier" when the dense convolution needs this many times more
+# multiply-adds; the dense convolution sustains about this much higher throughput per
+# multiply-add (measured, see docs/performance-table-conv.md).
+_FOURIER_MARGIN = 2.0
+
+
+def table_conv2d(
+    x: torch.Tensor,
+    table: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    *,
+    method: str = "auto",
+) -> torch.Tensor:
+    """Apply a connection-table filter bank: one 2-D kernel per table row, summed per output.
+
+    Args:
+        x: ``(N, C_in, H, W)`` or ``(C_in, H, W)``; every input map the table names must
+            exist (``C_in > max input map``).
+        table: ``(K, 2)`` integer rows of (input map, output map), valid for
+            :func:`cnnkit.tables.check`.
+        weight: ``(K, kh, kw)``, kernel ``r`` belonging to table row ``r``.
+        bias: ``(C_out,)`` with ``C_out = n_outputs(table)``, or ``None``.
+        stride: an int or ``(stride_h, stride_w)``.
+        method: ``"auto"`` (default), ``"dense"``, ``"depthwise"`` or ``"fourier"``; all
+            compute the same values (see the module notes).
+
+    Returns:
+        ``(N, C_out, (H - kh) // stride_h + 1, (W - kw) // stride_w + 1)``, or the same
+        without ``N`` for unbatched ``x``. Output map ``o`` is ``bias[o]`` plus, for every
+        row ``r`` with ``table[r, 1] == o``, the valid correlation of input map
+        ``table[r, 0]`` with ``weight[r]``.
+    """
+    unbatched = check_maps("x", x)
+    c_in, height, width = x.shape[-3:]
+    tables.check(table, n_in=c_in)
+    check_floating("weight", weight)
+    rows = table.shape[0]
+    if weight.dim() != 3 or weight.shape[0] != rows:
+        raise ValueError(
+            f"weight must have shape (K, kh, kw) with K = {rows} (one kernel per table row), "
+            f"got shape {tuple(weight.shape)}"
+        )
+    kh, kw = weight.shape[1:]
+    if kh > height or kw > width:
+        raise ValueError(
+            f"weight kernels of {kh}x{kw} do not fit in x maps of {height}x{width}: "
+            "a valid correlation needs the kernel inside the map"
+        )
+    c_out = int(table[:, 1].max()) + 1  # n_outputs(table), without checking it twice
+    if bias is not None:
+        check_floating("bias", bias)
+        if bias.shape != (c_out,):
+            raise ValueError(
+                f"bias must have shape ({c_out},), one value per output map of the table, "
+                f"got shape {tuple(bias.shape)}"
+            )
+    stride = pair("stride", stride)
+    check_choice("method", method, METHODS)
+
+    table = table.to(device=x.device, dtype=torch.int64)
+    batch = x.unsqueeze(0) if unbatched else x  # (N, C_in, H, W)
+    if method == "auto":
+        method = _choose(batch.shape, weight.shape, c_out, stride, x.dtype)
+    if method == "depthwise":
+        y = _depthwise(batch, table, weight, bias, stride, c_out)
+    elif method == "fourier":
+        y = _fourier(batch, table, weight, bias, stride, c_out)
+    else:
+        y = _dense(batch, table, weight, bias, stride, c_out)
+    return y.squeeze(0) if unbatched else y
+
+
+def _choose(
+    x_shape: torch.Size,
+    weight_shape: torch.Size,
+    c_out: int,
+    stride: tuple[int, int],
+    dtype: torch.dtype,
+) -> str:
+    """Pick the method with the fewest multiply-adds, weighted by their measured speed."""
+    n, c_in, height, width = x_shape
+    rows, kh, kw = weight_shape
+    if rows == c_out:  # a valid table then gives every output exactly one input
+        return "depthwise"
+    if dtype not in (torch.float32, torch.float64):  # no half-precision FFT on every device
+        return "dense"
+    h_out, w_out = (height - kh) // stride[0] + 1, (width - kw) // stride[1] + 1
+    dense = n * c_out * c_in * h_out * w_out * kh * kw
+    h, w = (h_out - 1) * stride[0] + kh, (w_out - 1) * stride[1] + kw
+    spectrum = 2 * h * (w // 2 + 1)  # real numbers per map in the half spectrum
+    fourier = spectrum * (
+        2 * n * c_in * c_out  # the per-frequency products
+        + n * c_out * h_out * w_out  # the inverse transform onto the kept positions
+        + rows * kh * kw  # the kernels' spectra
+        + c_in * c_out  # scattering them into the dense spectrum
+    )
+    return "fourier" if _FOURIER_MARGIN * fourier < dense else "dense"
+
+
+def _dense(
+    x: torch.Tensor,
+    table: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    c_out: int,
+) -> torch.Tensor:
+    kh, kw = weight.shape[1:]
+    dense = weight.new_zeros(c_out, x.shape[1], kh, kw)  # (C_out, C_in, kh, kw)
+    dense = dense.index_put((table[:, 1], table[:, 0]), weight)  # rows are distinct
+    return F.conv2d(x, dense, bias, stride)
+
+
+def _depthwise(
+    x: torch.Tensor,
+    table: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    c_out: int,
+) -> torch.Tensor:
+    if table.shape[0] != c_out:
+        raise ValueError(
+            f'method="depthwise" needs exactly one input map per output map, but the table '
+            f"has {table.shape[0]} rows for {c_out} output maps"
+        )
+    order = torch.argsort(table[:, 1])  # row of output 0, output 1, ...
+    x = x.index_select(1, table[order, 0])  # (N, C_out, H, W)
+    return F.conv2d(x, weight[order].unsqueeze(1), bias, stride, groups=c_out)
+
+
+def _fourier(
+    x: torch.Tensor,
+    table: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    c_out: int,
+) -> torch.Tensor:
+    n, c_in = x.shape[:2]
+    rows, kh, kw = weight.shape
+    h_out = (x.shape[2] - kh) // stride[0] + 1
+    w_out = (x.shape[3] - kw) // stride[1] + 1
+    h, w = (h_out - 1) * stride[0] + kh, (w_out - 1) * stride[1] + kw
+    freqs = h * (w // 2 + 1)
+    x = x[:, :, :h, :w]  # the rows and columns the output reads
+
+    x_hat = torch.view_as_real(torch.fft.rfft2(x))  # (N, C_in, h, w//2+1, 2)
+    x_hat = x_hat.permute(2, 3, 4, 0, 1).reshape(freqs, 2, n, c_in)  # (F, re/im, N, C_in)
+    re, im = x_hat[:, 0], x_hat[:, 1]  # (F, N, C_in) each
+    # Rows [re | im] give Re(x^ conj(w^)) = re*Re(w^) + im*Im(w^); rows [im | -re] the
+    # imaginary part im*Re(w^) - re*Im(w^).
+    x_hat = torch.cat([torch.cat([re, im], 2), torch.cat([im, -re], 2)], 1)  # (F, 2N, 2C_in)
+
+    w_hat = torch.view_as_real(torch.fft.rfft2(weight, s=(h, w)))  # (K, h, w//2+1, 2)
+    w_hat = w_hat.reshape(rows, 2 * freqs).T  # (2F, K): rows (frequency, re/im)
+    at = table[:, 0] * c_out + table[:, 1]  # (K,) place of (input, output) in C_in x C_out
+    w_hat = w_hat.new_zeros(2 * freqs, c_in * c_out).index_add(1, at, w_hat)
+    w_hat = w_hat.view(freqs, 2 * c_in, c_out)  # (F, [re; im] C_in, C_out)
+
+    y_hat = torch.bmm(x_hat, w_hat)  # (F, 2N, C_out) = (F, re/im, N, C_out)
+    basis = _inverse_basis(h, w, h_out, w_out, stride, x.dtype, x.device)  # (H_out W_out, 2F)
+    y = basis @ y_hat.view(2 * freqs, n * c_out)  # (H_out W_out, N C_out)
+    y = y.view(h_out, w_out, n, c_out).permute(2, 3, 0, 1)  # (N, C_out, H_out, W_out)
+    if bias is not None:
+        y = y + bias.view(c_out, 1, 1)
+    return y.contiguous()
+
+
+def _inverse_basis(
+    h: int,
+    w: int,
+    h_out: int,
+    w_out: int,
+    stride: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """The inverse real 2-D DFT from a half spectrum onto the kept output positions.
+
+    Returns ``(h_out * w_out, 2 * h * (w // 2 + 1))``: column ``2 f + c`` multiplies the
+    real (``c = 0``) or imaginary (``c = 1``) part at frequency ``f = (u, v)``, and
+
+        y(a, b) = 1/(h w) sum_{u < h, v <= w/2} m_v (Re Y(u, v) cos t - Im Y(u, v) sin t),
+        t = 2 pi (u a stride_h / h + v b stride_w / w),
+
+    where ``m_v = 2`` counts the mirrored column ``w - v``, and ``m_v = 1`` for ``v = 0``
+    and ``v = w/2``, which have no mirror.
+    """
+    f64 = torch.float64
+    u = torch.arange(h, dtype=f64).view(1, 1, h, 1)
+    v = torch.arange(w // 2 + 1, dtype=f64).view(1, 1, 1, -1)
+    a = torch.arange(h_out, dtype=f64).view(-1, 1, 1, 1) * stride[0]
+    b = torch.arange(w_out, dtype=f64).view(1, -1, 1, 1) * stride[1]
+    angle = 2 * math.pi * (u * a / h + v * b / w)  # (h_out, w_out, h, w//2+1)
+    mirrored = torch.full((w // 2 + 1,), 2.0, dtype=f64)
+    mirrored[0] = 1.0
+    if w % 2 == 0:
+        mirrored[-1] = 1.0
+    scale = mirrored / (h * w)
+    basis = torch.stack([angle.cos() * scale, -angle.sin() * scale], dim=-1)
+    return basis.reshape(h_out * w_out, -1).to(device=device, dtype=dtype)

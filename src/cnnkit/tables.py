@@ -1,0 +1,229 @@
+"""Connection tables: which input maps feed which output maps of a filter bank.
+
+A table is plain data, a ``(K, 2)`` ``int64`` tensor with one row per 2-D kernel: column 0
+is the input map, column 1 the output map. Output map ``o`` of a filter bank is the sum,
+over the rows ``r`` with ``table[r, 1] == o``, of input map ``table[r, 0]`` correlated with
+kernel ``r`` (see :func:`cnnkit.ops.table_conv.table_conv2d`). The map counts are read from
+the table itself: ``n_inputs(table) = max input + 1``, ``n_outputs(table) = max output + 1``.
+
+The builders return rows sorted by output map, then input map:
+
+- :func:`full` -- every input to every output (an ordinary convolution layer);
+- :func:`one_to_one` -- input ``i`` to output ``i`` only;
+- :func:`random` -- each output draws ``fan_in`` distinct inputs, with every input used
+  equally often (the lecture's layer 3: 256 maps, each from 16 of 64 maps, 4096 kernels);
+- :func:`lenet5_c3` -- the hand-made table of LeNet-5's layer C3.
+
+:func:`check` validates a table and names the offending row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cnnkit._validation import check_nonnegative_int, check_positive_int
+
+__all__ = [
+    "check",
+    "describe",
+    "fan_in",
+    "full",
+    "lenet5_c3",
+    "n_inputs",
+    "n_outputs",
+    "one_to_one",
+    "random",
+]
+
+
+def _from_rows(rows: list[tuple[int, int]]) -> torch.Tensor:
+    """Build a table from ``(input, output)`` pairs, sorted by output map then input map."""
+    rows = sorted(rows, key=lambda row: (row[1], row[0]))
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)  # (K, 2)
+
+
+def full(n_in: int, n_out: int) -> torch.Tensor:
+    """Connect every input map to every output map: ``n_in * n_out`` rows.
+
+    A filter bank with this table is an ordinary ``n_in -> n_out`` convolution layer.
+    """
+    check_positive_int("n_in", n_in)
+    check_positive_int("n_out", n_out)
+    inputs = torch.arange(n_in).repeat(n_out)  # (n_out * n_in,)
+    outputs = torch.arange(n_out).repeat_interleave(n_in)  # (n_out * n_in,)
+    return torch.stack([inputs, outputs], dim=1)  # (K, 2)
+
+
+def one_to_one(n: int) -> torch.Tensor:
+    """Connect input map ``i`` to output map ``i`` only, for ``i = 0 .. n-1``: ``n`` rows."""
+    check_positive_int("n", n)
+    index = torch.arange(n)
+    return torch.stack([index, index], dim=1)  # (n, 2)
+
+
+def random(n_in: int, n_out: int, fan_in: int, seed: int = 0) -> torch.Tensor:
+    """Give each output map ``fan_in`` distinct input maps, every input used equally often.
+
+    Returns ``n_out * fan_in`` rows. Every input map is used ``n_out * fan_in / n_in``
+    times when that divides exactly, otherwise the floor or the ceiling of it; so
+    ``random(64, 256, 16)`` uses each of the 64 maps exactly 64 times.
+
+    Outputs are filled in order; each takes the ``fan_in`` inputs used least so far, ties
+    broken by uniform random keys. Taking the least used keeps every count within one of
+    every other at all times, which is what makes the table balanced. The keys come from
+    NumPy's PCG64 generator seeded with ``seed``, so a seed gives the same table on every
+    run and machine.
+    """
+    check_positive_int("n_in", n_in)
+    check_positive_int("n_out", n_out)
+    check_positive_int("fan_in", fan_in)
+    check_nonnegative_int("seed", seed)
+    if fan_in > n_in:
+        raise ValueError(
+            f"fan_in must be at most n_in ({n_in}): an output map cannot take the same "
+            f"input map twice, got fan_in={fan_in}"
+        )
+    rng = np.random.Generator(np.random.PCG64(seed))
+    uses = np.zeros(n_in, dtype=np.int64)
+    rows = []
+    for output in range(n_out):
+        keys = rng.random(n_in)
+        chosen = np.lexsort((keys, uses))[:fan_in]  # least used first, then by key
+        uses[chosen] += 1
+        rows.extend((int(i), output) for i in chosen)
+    return _from_rows(rows)
+
+
+# LeCun, Bottou, Bengio and Haffner (1998), "Gradient-based learning applied to document
+# recognition", Table I: the S2 maps (0-5) that feed each of the 16 C3 maps.
+_LENET5_C3 = (
+    (0, 1, 2),
+    (1, 2, 3),
+    (2, 3, 4),
+    (3, 4, 5),
+    (4, 5, 0),
+    (5, 0, 1),
+    (0, 1, 2, 3),
+    (1, 2, 3, 4),
+    (2, 3, 4, 5),
+    (3, 4, 5, 0),
+    (4, 5, 0, 1),
+    (5, 0, 1, 2),
+    (0, 1, 3, 4),
+    (1, 2, 4, 5),
+    (0, 2, 3, 5),
+    (0, 1, 2, 3, 4, 5),
+)
+
+
+def lenet5_c3() -> torch.Tensor:
+    """LeNet-5's C3 table: 6 input maps to 16 output maps through 60 kernels.
+
+    Maps 0-5 take 3 contiguous inputs (cyclically), maps 6-11 take 4 contiguous inputs,
+    maps 12-14 take 4 non-contiguous inputs and map 15 takes all 6 (LeCun et al. 1998,
+    Table I).
+    """
+    return _from_rows([(i, o) for o, inputs in enumerate(_LENET5_C3) for i in inputs])
+
+
+def check(
+    table: torch.Tensor,
+    n_in: int | None = None,
+    n_out: int | None = None,
+    *,
+    name: str = "table",
+) -> torch.Tensor:
+    """Validate a connection table and return it unchanged.
+
+    A valid table is a ``(K, 2)`` integer tensor with ``K >= 1``, no negative entry, no
+    repeated row, input maps below ``n_in`` and output maps below ``n_out`` (when given),
+    and at least one row for every output map ``0 .. n_out - 1`` (``n_out`` defaulting
+    to ``n_outputs(table)``). Errors name the offending row, e.g.
+    ``table row 5 names input map 70, but only 64 input maps exist (0..63)``.
+    """
+    if not isinstance(table, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape (K, 2), got {type(table).__name__}"
+        )
+    if table.dtype == torch.bool or table.is_floating_point() or table.is_complex():
+        raise TypeError(f"{name} must have an integer dtype, got {table.dtype}")
+    if table.dim() != 2 or table.shape[1] != 2 or table.shape[0] == 0:
+        raise ValueError(
+            f"{name} must have shape (K, 2) with K >= 1 rows of (input map, output map), "
+            f"got shape {tuple(table.shape)}"
+        )
+    if n_in is not None:
+        check_positive_int("n_in", n_in)
+    if n_out is not None:
+        check_positive_int("n_out", n_out)
+    rows = table.detach().to("cpu", torch.int64)  # (K, 2)
+
+    negative = (rows < 0).any(dim=1).nonzero()
+    if len(negative):
+        r = int(negative[0])
+        raise ValueError(
+            f"{name} row {r} has a negative map index: {tuple(rows[r].tolist())} "
+            "(map indices start at 0)"
+        )
+    for column, role, limit in ((0, "input", n_in), (1, "output", n_out)):
+        if limit is None:
+            continue
+        beyond = (rows[:, column] >= limit).nonzero()
+        if len(beyond):
+            r = int(beyond[0])
+            raise ValueError(
+                f"{name} row {r} names {role} map {int(rows[r, column])}, but only {limit} "
+                f"{role} maps exist (0..{limit - 1})"
+            )
+
+    keys = rows[:, 0] * (int(rows[:, 1].max()) + 1) + rows[:, 1]  # (K,) one key per pair
+    order = torch.argsort(keys, stable=True)
+    repeated = (keys[order][1:] == keys[order][:-1]).nonzero()
+    if len(repeated):
+        first, second = sorted(int(r) for r in order[int(repeated[0]) : int(repeated[0]) + 2])
+        i, o = rows[first].tolist()
+        raise ValueError(
+            f"{name} rows {first} and {second} both connect input map {i} to output map {o}"
+        )
+
+    outputs = n_out if n_out is not None else int(rows[:, 1].max()) + 1
+    empty = (torch.bincount(rows[:, 1], minlength=outputs) == 0).nonzero()
+    if len(empty):
+        raise ValueError(
+            f"{name} gives output map {int(empty[0])} no input map (every output map "
+            f"0..{outputs - 1} needs at least one row)"
+        )
+    return table
+
+
+def n_inputs(table: torch.Tensor) -> int:
+    """The number of input maps a table reads: its largest input map + 1."""
+    check(table)
+    return int(table[:, 0].max()) + 1
+
+
+def n_outputs(table: torch.Tensor) -> int:
+    """The number of output maps a table writes: its largest output map + 1."""
+    check(table)
+    return int(table[:, 1].max()) + 1
+
+
+def fan_in(table: torch.Tensor) -> torch.Tensor:
+    """How many input maps feed each output map: an ``int64`` tensor of ``n_outputs`` counts."""
+    check(table)
+    return torch.bincount(table[:, 1].to(torch.int64), minlength=n_outputs(table))
+
+
+def describe(table: torch.Tensor) -> str:
+    """A short name for a table's shape: ``"full"``, ``"one-to-one"``, ``"fan-in 16"``
+    (every output has 16 inputs) or ``"fan-in 3-6"`` (the smallest and largest)."""
+    check(table)
+    ins, outs = n_inputs(table), n_outputs(table)
+    if len(table) == ins * outs:  # rows are distinct, so every pair is present
+        return "full"
+    if ins == outs == len(table) and bool((table[:, 0] == table[:, 1]).all()):
+        return "one-to-one"
+    counts = fan_in(table)
+    low, high = int(counts.min()), int(counts.max())
+    return f"fan-in {low}" if low == high else f"fan-in {low}-{high}"

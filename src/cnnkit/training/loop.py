@@ -1,0 +1,665 @@
+"""The training loop: ``fit`` a model to data, ``resume`` a run, ``evaluate`` a model.
+
+A run is: set up (model, optimizer, run folder) -> for each epoch, ``train_step`` over the
+batches, then evaluate on validation and test -> save checkpoints and one metrics row.
+
+Reproducibility. Everything random in training is a function of the run's ``seed`` and a
+position, never of a generator that carries state from step to step:
+
+- the order of the training images in epoch ``e`` is ``torch.randperm`` drawn from a
+  generator seeded with a hash of ``(seed, "order", e)``;
+- the shift of image ``i`` in epoch ``e`` (``augment="shift"``) is drawn for all images
+  at once from a generator seeded with a hash of ``(seed, "shift", e)``, then indexed by
+  ``i``;
+- before step ``s``, torch's global generator is seeded with a hash of ``(seed, "step",
+  s)``, for any layer that draws random numbers (dropout).
+
+So a checkpoint needs no generator state: the epoch and the number of batches done in it
+say where to continue, and a run killed at any point (even by SIGKILL) and resumed ends,
+on CPU, with weights bitwise equal to those of a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnkit.data.images import InputTransform
+from cnnkit.data.splits import DataSplits, ImageSet
+from cnnkit.models.spec import ArchitectureSpec
+from cnnkit.training.checkpoint import (
+    Checkpoint,
+    load_model_state,
+    load_optimizer_state,
+    optimizer_tensors,
+    read_checkpoint,
+    read_sidecar,
+    save_checkpoint,
+)
+from cnnkit.training.config import TrainConfig, lr_at, make_optimizer, warmup_steps
+from cnnkit.training.progress import Progress
+from cnnkit.training.run_folder import (
+    CONFIG_FORMAT,
+    RunFolder,
+    clean_leftovers,
+    open_run,
+    prepare_new_run,
+    read_config,
+    read_metrics,
+    versions,
+    write_classes,
+    write_json,
+    write_metrics,
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the epoch and step."""
+
+
+# --------------------------------------------------------------------------------------
+# Data order and augmentation: functions of (seed, epoch, sample index) only
+# --------------------------------------------------------------------------------------
+
+
+def derived_seed(seed: int, *parts: object) -> int:
+    """A 63-bit generator seed from ``seed`` and a tag such as ``("order", epoch)``."""
+    text = "/".join(str(p) for p in ("cnnkit", seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def _generator(seed: int, *parts: object) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(derived_seed(seed, *parts))
+    return generator
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order ``(n,)`` in which epoch ``epoch`` (0-based) visits the training images."""
+    return torch.randperm(n, generator=_generator(seed, "order", epoch))
+
+
+def epoch_shifts(n: int, max_shift: int, seed: int, epoch: int) -> torch.Tensor:
+    """Shifts ``(n, 2)`` (rows, columns) in ``[-max_shift, max_shift]`` for epoch ``epoch``."""
+    generator = _generator(seed, "shift", epoch)
+    return torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator)
+
+
+def max_shift_for(input_hw: tuple[int, int]) -> int:
+    """Largest shift used by ``augment="shift"``: 1/14 of the shorter side, rounded
+    (2 pixels for a 28×28 or 32×32 input, 6 for 83×83)."""
+    return round(min(input_hw) / 14)
+
+
+def shift_images(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Move each image ``(N, C, H, W)`` by its ``(dy, dx)`` in ``shifts`` ``(N, 2)``.
+
+    ``out[n, c, y, x] = images[n, c, clamp(y - dy), clamp(x - dx)]``: the content moves by
+    ``(dy, dx)`` and the border rows and columns are repeated into the space it leaves.
+    """
+    n, _, h, w = images.shape
+    shifts = shifts.to(images.device)
+    rows = (torch.arange(h, device=images.device) - shifts[:, :1]).clamp(0, h - 1)  # (N, H)
+    cols = (torch.arange(w, device=images.device) - shifts[:, 1:]).clamp(0, w - 1)  # (N, W)
+    batch = torch.arange(n, device=images.device)[:, None, None]  # (N, 1, 1)
+    moved = images.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+    return moved.permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+
+
+# --------------------------------------------------------------------------------------
+# One step, and evaluation
+# --------------------------------------------------------------------------------------
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    lr: float,
+) -> tuple[float, int]:
+    """One gradient step on a batch; returns ``(mean loss, number correct)``.
+
+    The loss is the mean cross-entropy of the logits. If it is NaN or infinite the step
+    is not taken and :class:`NonFiniteLossError` is raised (the caller adds where).
+    """
+    model.train()
+    logits = model(images)
+    loss = F.cross_entropy(logits, labels)
+    value = loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"the loss is {value}")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    _after_step(model)
+    correct = int((logits.detach().argmax(dim=1) == labels).sum())
+    return value, correct
+
+
+def _after_step(model: nn.Module) -> None:
+    """Re-impose tied weights after the optimizer moved them, if the model has ties."""
+    project = getattr(model, "project_ties", None)
+    if callable(project):
+        with torch.no_grad():
+            project()
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Loss, accuracy and confusion matrix of a model on a set of images.
+
+    ``confusion[t][p]`` counts images of true class ``t`` predicted as class ``p``.
+    """
+
+    loss: float
+    confusion: list[list[int]]
+    class_names: list[str]
+
+    @property
+    def images(self) -> int:
+        return sum(map(sum, self.confusion))
+
+    @property
+    def correct(self) -> int:
+        return sum(self.confusion[c][c] for c in range(len(self.confusion)))
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of images classified correctly, in [0, 1]."""
+        return self.correct / self.images if self.images else float("nan")
+
+    @property
+    def per_class(self) -> dict[str, float | None]:
+        """Accuracy of each class (recall); ``None`` for a class with no images."""
+        out: dict[str, float | None] = {}
+        for c, name in enumerate(self.class_names):
+            total = sum(self.confusion[c])
+            out[name] = self.confusion[c][c] / total if total else None
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "correct": self.correct,
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "per_class": self.per_class,
+            "class_names": list(self.class_names),
+            "confusion": self.confusion,
+        }
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    data: ImageSet,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> Evaluation:
+    """Mean cross-entropy, accuracy and confusion matrix of ``model`` on ``data``.
+
+    The model is put in eval mode. ``device`` defaults to where the model's parameters are.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    model.eval()
+    classes = len(data.class_names)
+    confusion = torch.zeros(classes * classes, dtype=torch.int64)
+    loss_sum = 0.0
+    for start in range(0, len(data), batch_size):
+        images = data.images[start : start + batch_size].to(device)
+        labels = data.labels[start : start + batch_size].to(device)
+        logits = model(images).float()
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        predicted = logits.argmax(dim=1)
+        confusion += torch.bincount(labels * classes + predicted, minlength=classes**2).cpu()
+    matrix = confusion.reshape(classes, classes).tolist()  # (true, predicted)
+    loss = loss_sum / len(data) if len(data) else float("nan")
+    return Evaluation(loss=loss, confusion=matrix, class_names=list(data.class_names))
+
+
+# --------------------------------------------------------------------------------------
+# Set-up helpers
+# --------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but this torch build sees no CUDA device")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be one of 'auto', 'cpu', 'cuda', got {name!r}")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def _threads(threads: int | None) -> Iterator[None]:
+    """Use ``threads`` intra-op threads inside the block (unchanged when ``None``)."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _model_and_spec(
+    model_or_spec: nn.Module | ArchitectureSpec, data: DataSplits, seed: int
+) -> tuple[nn.Module, ArchitectureSpec | None]:
+    """Build a spec (classifier resized to the data's classes, weights seeded by ``seed``),
+    or take a module as it is."""
+    if isinstance(model_or_spec, ArchitectureSpec):
+        spec = model_or_spec
+        if spec.classifier.classes != data.num_classes:
+            spec = spec.with_classes(data.num_classes)
+        torch.manual_seed(seed)
+        return _build(spec), spec
+    if isinstance(model_or_spec, nn.Module):
+        spec = getattr(model_or_spec, "spec", None)
+        return model_or_spec, spec if isinstance(spec, ArchitectureSpec) else None
+    raise TypeError(
+        "model_or_spec must be an ArchitectureSpec or a torch.nn.Module, "
+        f"got {type(model_or_spec).__name__}"
+    )
+
+
+def _build(spec: ArchitectureSpec) -> nn.Module:
+    from cnnkit.models import build  # TEMP until models import cleanly
+
+    return build(spec)
+
+
+def _check_fits(spec: ArchitectureSpec | None, data: DataSplits) -> None:
+    if spec is None:
+        return
+    maps, height, width = spec.input.maps, spec.input.height, spec.input.width
+    if tuple(data.train.images.shape[1:]) != (maps, height, width):
+        raise ValueError(
+            f"the network {spec.name!r} reads {maps}×{height}×{width} inputs, but the data's "
+            f"images are {'×'.join(map(str, data.train.images.shape[1:]))}; load the data "
+            f"with input_hw=({height}, {width})"
+        )
+    if spec.classifier.classes != data.num_classes:
+        raise ValueError(
+            f"the network {spec.name!r} has {spec.classifier.classes} outputs, but the data "
+            f"has {data.num_classes} classes"
+        )
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------
+# fit and resume
+# --------------------------------------------------------------------------------------
+
+
+def fit(
+    model_or_spec: nn.Module | ArchitectureSpec,
+    data: DataSplits,
+    config: TrainConfig | None = None,
+    *,
+    out: str | Path | None = None,
+    progress: str = "none",
+    invocation: Mapping[str, Any] | None = None,
+) -> Path:
+    """Train a network on ``data`` and return its run folder.
+
+    ``model_or_spec`` is an :class:`~cnnkit.models.ArchitectureSpec` (built with weights
+    drawn after ``torch.manual_seed(config.seed)``; its classifier is resized to the
+    data's classes) or a module taking ``(N, maps, H, W)`` to ``(N, classes)`` logits (a
+    module without a ``spec`` attribute gets no ``spec.toml``; pass it again to
+    :func:`resume` and :func:`~cnnkit.training.load_run`). ``out`` is the run folder
+    (created; must not hold a run), by default the next numbered folder under ``runs/``.
+    ``progress`` is ``"none"``, ``"lines"`` (one line per epoch), ``"bar"`` (tqdm) or
+    ``"auto"`` (bar on a terminal). ``invocation`` is stored in ``config.json`` as is
+    (the command line's options).
+
+    Raises :class:`NonFiniteLossError` if the loss becomes NaN or infinite; the
+    checkpoints saved before stay on disk.
+    """
+    config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(data, DataSplits):
+        raise TypeError(f"data must be a cnnkit.data DataSplits, got {type(data).__name__}")
+    device = resolve_device(config.device)
+    model, spec = _model_and_spec(model_or_spec, data, config.seed)
+    _check_fits(spec, data)
+    run = prepare_new_run(out)
+    clean_leftovers(run)
+    if spec is not None:
+        spec.save(str(run.spec))
+    write_classes(run, data.class_names)
+    transform = InputTransform(data.input_hw)
+    write_json(
+        run.config,
+        {
+            "format": CONFIG_FORMAT,
+            "created": _utc_now(),
+            "model": {
+                "name": spec.name if spec is not None else type(model).__name__,
+                "spec": run.spec.name if spec is not None else None,
+                "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            },
+            "data": {**data.to_config(), "transform": transform.to_dict()},
+            "training": config.to_dict(),
+            "invocation": dict(invocation or {}),
+            "versions": versions(),
+        },
+    )
+    write_metrics(run, [])
+    with _threads(config.threads):
+        return _train(run, model, data, config, device, None, Progress(progress))
+
+
+def resume(
+    run_dir: str | Path,
+    *,
+    data: DataSplits | None = None,
+    model: nn.Module | None = None,
+    progress: str = "none",
+    device: str | None = None,
+    threads: int | None = None,
+) -> Path:
+    """Continue the run in ``run_dir`` from its ``last`` checkpoint; return the folder.
+
+    The options come from the run's ``config.json``; ``device`` and ``threads`` may
+    override its choices (results are bitwise reproducible only on the same device and
+    thread count). The data is loaded again from its recorded source and must have the
+    recorded digest (or be passed as ``data``). The checkpoint is verified before use: a
+    damaged one is an error, never skipped. With no checkpoint yet, the run restarts
+    from step 0; a finished run is left as it is. ``metrics.csv`` is cut back to the
+    checkpoint's epoch.
+    """
+    run = open_run(run_dir)
+    clean_leftovers(run)
+    recorded = read_config(run)
+    options = dict(recorded["training"])
+    if device is not None:
+        options["device"] = device
+    if threads is not None:
+        options["threads"] = threads
+    config = TrainConfig.from_dict(options)
+    last = run.checkpoint("last")
+    checkpoint = read_checkpoint(last) if last.exists() else None
+    report = Progress(progress)
+    done = _Position.from_meta(checkpoint.meta, checkpoint.path).epoch if checkpoint else 0
+    write_metrics(run, [row for row in read_metrics(run) if row["epoch"] <= done])
+    if done == config.epochs:
+        report.note(
+            f"run {run.path} already finished ({config.epochs} of {config.epochs} epochs); "
+            "nothing to do"
+        )
+        return run.path
+    torch_device = resolve_device(config.device)
+    data = _reload_data(recorded["data"], data)
+    if model is None:
+        if not run.spec.is_file():
+            raise ValueError(
+                f"run {str(run.path)!r} has no spec.toml (it trained a custom module); "
+                "pass that module as model="
+            )
+        spec = ArchitectureSpec.load(str(run.spec))
+        _check_fits(spec, data)
+        torch.manual_seed(config.seed)
+        model = _build(spec)
+    with _threads(config.threads):
+        return _train(run, model, data, config, torch_device, checkpoint, report)
+
+
+def _reload_data(recorded: Mapping[str, Any], data: DataSplits | None) -> DataSplits:
+    from cnnkit.data import load
+
+    if data is None:
+        if recorded.get("kind") == "custom":
+            raise ValueError(
+                "this run was trained on data given in memory; pass the same data as data="
+            )
+        data = load(
+            recorded["source"],
+            tuple(recorded["input_hw"]),
+            val_fraction=recorded["val_fraction"],
+            seed=recorded["seed"],
+        )
+    if data.digest != recorded.get("digest"):
+        raise ValueError(
+            f"the data at {recorded.get('source')!r} has changed since the run started "
+            f"(digest {str(recorded.get('digest'))[:12]}…, now {data.digest[:12]}…); "
+            "resuming would not continue the same run"
+        )
+    return data
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Position:
+    """Where training stands: what a checkpoint must record to continue exactly."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches completed in epoch ``epoch`` (0-based)
+    step: int = 0  # optimizer steps completed in the whole run
+    loss_sum: float = 0.0  # this epoch so far: sum of batch-mean loss x batch size
+    correct: int = 0
+    seen: int = 0
+    train_seconds: float = 0.0
+    best: dict[str, Any] = field(default_factory=dict)  # epoch, val_accuracy, val_loss
+
+    def to_meta(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch,
+            "step": self.step,
+            "epoch_so_far": {
+                "loss_sum": self.loss_sum,
+                "correct": self.correct,
+                "seen": self.seen,
+                "train_seconds": self.train_seconds,
+            },
+            "best": self.best,
+        }
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], path: Path) -> _Position:
+        try:
+            so_far = meta["epoch_so_far"]
+            return cls(
+                epoch=int(meta["epoch"]),
+                batch=int(meta["batch_in_epoch"]),
+                step=int(meta["step"]),
+                loss_sum=float(so_far["loss_sum"]),
+                correct=int(so_far["correct"]),
+                seen=int(so_far["seen"]),
+                train_seconds=float(so_far["train_seconds"]),
+                best=dict(meta.get("best") or {}),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"checkpoint {str(path)!r} lacks the position needed to resume "
+                "(it is a weights-only checkpoint?)"
+            ) from None
+
+
+def _train(
+    run: RunFolder,
+    model: nn.Module,
+    data: DataSplits,
+    config: TrainConfig,
+    device: torch.device,
+    checkpoint: Checkpoint | None,
+    report: Progress,
+) -> Path:
+    wall_start = time.monotonic()
+    model.to(device)
+    optimizer = make_optimizer(model, config)
+    at = _Position()
+    if checkpoint is not None:
+        load_model_state(model, checkpoint)
+        load_optimizer_state(optimizer, checkpoint)
+        at = _Position.from_meta(checkpoint.meta, checkpoint.path)
+    rows = read_metrics(run)
+    n = len(data.train)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = warmup_steps(total_steps, config.warmup)
+    max_shift = max_shift_for(data.input_hw) if config.augment == "shift" else 0
+    if checkpoint is not None:
+        report.note(
+            f"resuming {run.path} at epoch {at.epoch + 1}, batch {at.batch} (step {at.step})"
+        )
+    else:
+        report.note(
+            f"training {run.path}: {n} images, {steps_per_epoch} steps per epoch, on {device}"
+        )
+    last_save = time.monotonic()
+    lr = lr_at(
+        at.step, lr=config.lr, total_steps=total_steps, warmup=warmup, schedule=config.schedule
+    )
+
+    def save_last() -> None:
+        meta = {**at.to_meta(), "lr": lr, "saved": _utc_now(), "kind": "last"}
+        save_checkpoint(
+            run.checkpoint("last"), model.state_dict(), meta, optimizer_tensors(optimizer)
+        )
+
+    for epoch in range(at.epoch, config.epochs):
+        order = epoch_order(n, config.seed, epoch)
+        shifts = epoch_shifts(n, max_shift, config.seed, epoch) if max_shift else None
+        report.start_epoch(epoch + 1, config.epochs, steps_per_epoch, at.batch)
+        for batch in range(at.batch, steps_per_epoch):
+            tick = time.monotonic()
+            index = order[batch * config.batch_size : (batch + 1) * config.batch_size]
+            images = data.train.images[index]
+            if shifts is not None:
+                images = shift_images(images, shifts[index])
+            lr = lr_at(
+                at.step,
+                lr=config.lr,
+                total_steps=total_steps,
+                warmup=warmup,
+                schedule=config.schedule,
+            )
+            torch.manual_seed(derived_seed(config.seed, "step", at.step))
+            try:
+                loss, correct = train_step(
+                    model, optimizer, images.to(device), data.train.labels[index].to(device), lr
+                )
+            except NonFiniteLossError as error:
+                report.close()
+                raise NonFiniteLossError(
+                    _blow_up_message(error, run, epoch, batch, at, lr)
+                ) from None
+            at.batch, at.step = batch + 1, at.step + 1
+            at.loss_sum += loss * len(index)
+            at.correct += correct
+            at.seen += len(index)
+            at.train_seconds += time.monotonic() - tick
+            report.step(
+                len(index), at.loss_sum / at.seen, at.correct / at.seen, at.seen / at.train_seconds
+            )
+            due_steps = (
+                config.checkpoint_every_steps and at.step % config.checkpoint_every_steps == 0
+            )
+            if at.batch < steps_per_epoch and (
+                due_steps or time.monotonic() - last_save >= config.checkpoint_every_s
+            ):
+                save_last()
+                last_save = time.monotonic()
+        row = _end_epoch(run, model, data, config, device, at, lr, rows)
+        report.end_epoch(row, config.epochs)
+        at.epoch, at.batch = epoch + 1, 0
+        at.loss_sum, at.correct, at.seen, at.train_seconds = 0.0, 0, 0, 0.0
+        save_last()
+        last_save = time.monotonic()
+    report.finish(run.path, rows, at.best, time.monotonic() - wall_start)
+    return run.path
+
+
+def _end_epoch(
+    run: RunFolder,
+    model: nn.Module,
+    data: DataSplits,
+    config: TrainConfig,
+    device: torch.device,
+    at: _Position,
+    lr: float,
+    rows: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Evaluate, append the metrics row, and save ``best`` if validation improved."""
+    eval_start = time.monotonic()
+    val = evaluate(model, data.val, batch_size=config.eval_batch_size, device=device)
+    test = None
+    if data.test is not None:
+        test = evaluate(model, data.test, batch_size=config.eval_batch_size, device=device)
+    epoch = at.epoch + 1
+    row = {
+        "epoch": epoch,
+        "train_loss": at.loss_sum / at.seen,
+        "train_accuracy": at.correct / at.seen,
+        "val_loss": val.loss,
+        "val_accuracy": val.accuracy,
+        "test_loss": None if test is None else test.loss,
+        "test_accuracy": None if test is None else test.accuracy,
+        "lr": lr,
+        "images_per_s": at.seen / at.train_seconds if at.train_seconds > 0 else 0.0,
+        "seconds": at.train_seconds + time.monotonic() - eval_start,
+    }
+    rows.append(row)
+    write_metrics(run, rows)
+    best = at.best
+    better = not best or (val.accuracy, -val.loss) > (best["val_accuracy"], -best["val_loss"])
+    if better:
+        at.best = {"epoch": epoch, "val_accuracy": val.accuracy, "val_loss": val.loss}
+        meta = {
+            "epoch": epoch,
+            "step": at.step,
+            "kind": "best",
+            "saved": _utc_now(),
+            "scalars": {k: v for k, v in row.items() if k != "epoch"},
+        }
+        save_checkpoint(run.checkpoint("best"), model.state_dict(), meta)
+    return row
+
+
+def _blow_up_message(
+    error: Exception, run: RunFolder, epoch: int, batch: int, at: _Position, lr: float
+) -> str:
+    last = run.checkpoint("last")
+    try:
+        saved = read_sidecar(last)
+        kept = (
+            f"the last good checkpoint {last} (after {saved.get('epoch')} epochs and "
+            f"{saved.get('batch_in_epoch')} batches) is kept"
+        )
+    except (OSError, ValueError):
+        kept = "no checkpoint had been saved yet"
+    return (
+        f"training stopped: {error} at epoch {epoch + 1}, step {at.step + 1} (batch "
+        f"{batch + 1}); the learning rate ({lr:.4g} at that step) is probably too high: "
+        f"try a lower --lr; {kept}"
+    )

@@ -1,0 +1,127 @@
+"""Building networks: the lecture's numbers pinned on the built lecun83, LeNet-5's counts,
+analysis counts equal to the model's parameters, forward shapes equal to the analysis."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+from cnnkit import analysis
+from cnnkit.models import build, from_name, list_presets
+from cnnkit.models.presets import LENET5_C3_TABLE
+from tests.models.test_spec import random_specs
+
+
+@pytest.fixture(scope="module")
+def lecun83():
+    torch.manual_seed(0)
+    return build(from_name("lecun83"))
+
+
+def test_lecun83_every_number_of_the_lecture(lecun83):
+    x = torch.randn(2, 1, 83, 83)
+    assert x[0].numel() == 6889
+    acts = lecun83.intermediates(x)
+    assert acts["stage1.filters"].shape == (2, 64, 75, 75)
+    assert acts["stage1.pool"].shape == (2, 64, 14, 14)
+    assert acts["stage2.filters"].shape == (2, 256, 6, 6)
+    assert acts["stage2.pool"].shape == (2, 256, 1, 1)
+    assert acts["classifier"].shape == (2, 101)
+    first, third = lecun83.stage1.filters, lecun83.stage2.filters
+    assert first.weight.numel() == 64 * 9 * 9 == 5184
+    assert first.bias.numel() == 64
+    assert third.weight.shape[0] == 256 * 16 == 4096
+    assert third.weight.numel() == 331_776
+    assert third.bias.numel() == 256
+    table = third.table
+    assert torch.equal(torch.bincount(table[:, 1], minlength=256), torch.full((256,), 16))
+    assert sum(p.numel() for p in lecun83.parameters()) == 363_237
+
+
+def test_lecun83_pooling_then_subsampling_shapes():
+    spec = from_name("lecun83")
+    unfused = spec.stages[0].pool.__class__(kind="max", window=10, stride=5, fused=False)
+    import dataclasses
+
+    stage = dataclasses.replace(spec.stages[0], pool=unfused)
+    model = build(dataclasses.replace(spec, stages=(stage, spec.stages[1])))
+    acts = model.intermediates(torch.randn(1, 1, 83, 83))
+    assert acts["stage1.pool"].shape == (1, 64, 66, 66)
+    assert acts["stage1.subsample"].shape == (1, 64, 14, 14)
+
+
+def test_layer_names_are_stable(lecun83):
+    names = [name for name, _ in lecun83.named_children()]
+    assert names == ["stage1", "stage2", "classifier"]
+    assert [n for n, _ in lecun83.stage1.named_children()] == ["filters", "nonlin", "norm", "pool"]
+
+
+def test_print_reads_like_the_layer_table(lecun83):
+    text = str(lecun83)
+    assert "(filters)" in text and "(norm)" in text and "(pool)" in text
+
+
+def test_lenet5_counts_layer_by_layer():
+    model = build(from_name("lenet5"))
+    counts = {name: w + b for name, (w, b) in analysis.parameter_counts(model).items()}
+    assert counts == {
+        "stage1.filters": 156,
+        "stage1.pool": 12,
+        "stage2.filters": 1516,
+        "stage2.pool": 32,
+        "stage3.filters": 48_120,
+        "classifier.hidden": 10_164,
+        "classifier.output": 850,
+    }
+    assert sum(counts.values()) == 60_850
+    assert model(torch.randn(3, 1, 32, 32)).shape == (3, 10)
+
+
+def test_lenet5_c3_table_is_the_published_one():
+    # LeCun et al. 1998, Table I: rows are S2 maps, an X where a C3 map reads it.
+    published = [
+        "X   XXX  XXXX XX",
+        "XX   XXX  XXXX X",
+        "XXX   XXX  X XXX",
+        " XXX  XXXX  X XX",
+        "  XXX  XXXX XX X",
+        "   XXX  XXXX XXX",
+    ]
+    expected = {(i, o) for i, row in enumerate(published) for o, c in enumerate(row) if c == "X"}
+    assert set(LENET5_C3_TABLE) == expected
+    assert len(LENET5_C3_TABLE) == 60
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_analysis_matches_built_model(name):
+    spec = from_name(name)
+    model = build(spec)
+    summary = analysis.summarize(spec)
+    built = analysis.parameter_counts(model)
+    from_spec = {r.name: (r.weights, r.biases) for r in summary.rows if r.weights or r.biases}
+    assert built == from_spec
+    x = torch.randn(2, spec.input.maps, spec.input.height, spec.input.width)
+    acts = model.intermediates(x)
+    for row in summary.rows[1:]:
+        key = "classifier" if row.name.startswith("classifier.") else row.name
+        if key == "classifier" and row.name != "classifier.output":
+            continue
+        assert acts[key].shape[1:].numel() == row.units, row.name
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_specs())
+def test_random_specs_build_as_analysed(spec):
+    model = build(spec)
+    summary = analysis.summarize(spec)
+    from_spec = {r.name: (r.weights, r.biases) for r in summary.rows if r.weights or r.biases}
+    assert analysis.parameter_counts(model) == from_spec
+    acts = model.intermediates(torch.randn(2, 1, spec.input.height, spec.input.width))
+    for row in summary.rows[1:]:
+        if row.name in acts:
+            assert tuple(acts[row.name].shape[1:]) == (row.maps, row.height, row.width), row.name
+    assert acts["classifier"].shape == (2, spec.classifier.classes)
+
+
+def test_build_refuses_non_spec():
+    with pytest.raises(TypeError, match="spec must be an ArchitectureSpec, got dict"):
+        build({"name": "lecun83"})

@@ -1,0 +1,268 @@
+"""LocallyConnected2d: a separate kernel and bias at every output position."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnkit import reference
+from cnnkit.nn.locally_connected import (
+    LocallyConnected2d,
+    locally_connected2d,
+    untie_filter_banks,
+)
+
+TABLE = torch.tensor([[0, 1], [2, 0], [1, 1], [0, 0], [2, 2], [1, 2]])  # 3 -> 3 maps, 6 rows
+
+
+def loop_reference(x, weight, bias, table, stride=(1, 1)):
+    """Every position, every row, written out: the definition of the layer."""
+    out_h, out_w, _, kh, kw = weight.shape
+    n_out = bias.shape[0]
+    out = torch.zeros(x.shape[0], n_out, out_h, out_w, dtype=x.dtype)
+    for p in range(out_h):
+        for q in range(out_w):
+            out[:, :, p, q] += bias[:, p, q]
+            for r, (i, o) in enumerate(table.tolist()):
+                patch = x[
+                    :, i, p * stride[0] : p * stride[0] + kh, q * stride[1] : q * stride[1] + kw
+                ]
+                out[:, o, p, q] += (patch * weight[p, q, r]).sum((1, 2))
+    return out
+
+
+def full_table(n_in, n_out):
+    return torch.tensor([[i, o] for i in range(n_in) for o in range(n_out)])
+
+
+def random_table(n_in, n_out, fan_in, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = [[int(i), o] for o in range(n_out) for i in torch.randperm(n_in, generator=gen)[:fan_in]]
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize(
+    ("in_maps", "out_maps", "kernel", "hw", "table", "stride", "out_hw"),
+    [
+        (1, 4, 5, (28, 28), None, 1, (24, 24)),
+        (3, 2, (3, 2), (7, 6), None, 1, (5, 5)),
+        (3, 3, 3, (8, 9), TABLE, 1, (6, 7)),
+        (3, 3, 3, (8, 9), TABLE, (2, 3), (3, 3)),
+    ],
+)
+def test_output_shape(in_maps, out_maps, kernel, hw, table, stride, out_hw):
+    layer = LocallyConnected2d(in_maps, out_maps, kernel, hw, table=table, stride=stride)
+    x = torch.randn(2, in_maps, *hw)
+    assert layer(x).shape == (2, out_maps, *out_hw)
+    assert layer(x[0]).shape == (out_maps, *out_hw)
+    rows = in_maps * out_maps if table is None else len(table)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    assert layer.weight.shape == (*out_hw, rows, kh, kw)
+    assert layer.bias.shape == (out_maps, *out_hw)
+
+
+@pytest.mark.parametrize("stride", [(1, 1), (2, 1)])
+@pytest.mark.parametrize("table", [None, TABLE], ids=["full", "table"])
+def test_matches_loop_reference(table, stride):
+    torch.manual_seed(0)
+    layer = LocallyConnected2d(3, 3, (3, 2), (7, 6), table=table, stride=stride).double()
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    expected = loop_reference(x, layer.weight, layer.bias, layer.table, stride)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+
+
+def test_hand_worked_case():
+    # One 3x3 input, 2x2 kernels, 2x2 positions, each position with its own kernel.
+    layer = LocallyConnected2d(1, 1, 2, (3, 3)).double()
+    x = torch.arange(1.0, 10.0, dtype=torch.float64).view(1, 1, 3, 3)  # [[1,2,3],[4,5,6],[7,8,9]]
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[0, 0, 0] = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # picks x[0,0] = 1
+        layer.weight[0, 1, 0] = torch.tensor([[0.0, 0.0], [0.0, 1.0]])  # picks x[1,2] = 6
+        layer.weight[1, 0, 0] = torch.tensor([[1.0, 1.0], [1.0, 1.0]])  # 4+5+7+8 = 24
+        layer.weight[1, 1, 0] = torch.tensor([[0.0, -1.0], [2.0, 0.0]])  # -6 + 2*8 = 10
+        layer.bias.copy_(torch.tensor([[[0.5, 0.0], [0.0, -1.0]]]))
+    expected = torch.tensor([[[[1.5, 6.0], [24.0, 9.0]]]], dtype=torch.float64)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_tied_full_table_equals_conv2d_forward_and_backward():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(2, 3, (3, 4)).double()
+    layer = LocallyConnected2d.from_filter_bank(conv, (8, 9))
+    x = torch.randn(4, 2, 8, 9, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x), rtol=0, atol=1e-12)
+    grad_out = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    layer(x).backward(grad_out)
+    conv(x).backward(grad_out)
+    # The shared weight's gradient is the sum of the per-position gradients.
+    summed = layer.weight.grad.sum((0, 1)).view(2, 3, 3, 4).transpose(0, 1)  # (out, in, kh, kw)
+    torch.testing.assert_close(summed, conv.weight.grad, rtol=0, atol=1e-10)
+    torch.testing.assert_close(layer.bias.grad.sum((1, 2)), conv.bias.grad, rtol=0, atol=1e-10)
+
+
+def test_tied_table_equals_reference_table_correlation():
+    torch.manual_seed(2)
+    kernels = torch.randn(len(TABLE), 3, 3, dtype=torch.float64)
+    bias = torch.randn(3, dtype=torch.float64)
+    layer = LocallyConnected2d.from_convolution(kernels, bias, (6, 7), table=TABLE, in_maps=3)
+    x = torch.randn(3, 6, 7, dtype=torch.float64)
+    expected = reference.table_correlate_2d(x.numpy(), TABLE.numpy(), kernels.numpy(), bias.numpy())
+    np.testing.assert_allclose(layer(x).detach().numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_lecture_stage_three_sized_table_equals_dense_convolution():
+    # 64 -> 256 maps, each output reading 16 random inputs, 9x9 kernels on 14x14: 6x6 positions.
+    table = random_table(64, 256, 16)
+    kernels = torch.randn(len(table), 9, 9)
+    layer = LocallyConnected2d.from_convolution(kernels, torch.randn(256), (14, 14), table=table)
+    assert layer.weight.shape == (6, 6, 4096, 9, 9)
+    dense = torch.zeros(256, 64, 9, 9)
+    dense[table[:, 1], table[:, 0]] = kernels
+    x = torch.randn(2, 64, 14, 14)
+    expected = F.conv2d(x, dense, layer.bias[:, 0, 0])
+    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("maps", "table"), [(2, None), (3, TABLE)], ids=["full", "table"])
+def test_gradcheck(maps, table):
+    torch.manual_seed(3)
+    layer = LocallyConnected2d(maps, maps, 2, (3, 5), table=table, stride=(1, 2)).double()
+    x = torch.randn(2, maps, 3, 5, dtype=torch.float64, requires_grad=True)
+    weight = layer.weight.detach().clone().requires_grad_()
+    bias = layer.bias.detach().clone().requires_grad_()
+
+    def f(x, weight, bias):
+        return locally_connected2d(x, weight, bias, table, stride=(1, 2))
+
+    assert torch.autograd.gradcheck(f, (x, weight, bias))
+
+
+@pytest.mark.parametrize("table", [None, TABLE], ids=["full", "table"])
+def test_module_equals_function(table):
+    layer = LocallyConnected2d(3, 3, 3, (6, 5), table=table)
+    x = torch.randn(2, 3, 6, 5)
+    torch.testing.assert_close(layer(x), locally_connected2d(x, layer.weight, layer.bias, table))
+    no_bias = LocallyConnected2d(3, 3, 3, (6, 5), table=table, bias=False)
+    torch.testing.assert_close(no_bias(x), locally_connected2d(x, no_bias.weight, None, table))
+
+
+def test_non_contiguous_input():
+    layer = LocallyConnected2d(3, 3, 3, (6, 5), table=TABLE)
+    x = torch.randn(2, 5, 6, 3).permute(0, 3, 2, 1)  # (N, C, H, W), not contiguous
+    assert not x.is_contiguous()
+    torch.testing.assert_close(layer(x), layer(x.contiguous()))
+
+
+def test_float32_default_and_dtype_argument():
+    assert LocallyConnected2d(1, 2, 3, 5).weight.dtype == torch.float32
+    assert LocallyConnected2d(1, 2, 3, 5, dtype=torch.float64).bias.dtype == torch.float64
+
+
+def test_init_bound_follows_the_table_fan_in():
+    torch.manual_seed(4)
+    table = torch.tensor([[0, 0], [1, 0], [2, 0], [0, 1]])  # map 0 reads 3 inputs, map 1 one
+    layer = LocallyConnected2d(3, 2, 3, (9, 9), table=table)
+    bound_0, bound_1 = 1 / (3 * 9) ** 0.5, 1 / 9**0.5
+    rows_0 = layer.weight[:, :, :3]
+    assert rows_0.abs().max() <= bound_0
+    assert rows_0.abs().max() > 0.9 * bound_0
+    assert layer.weight[:, :, 3].abs().max() > bound_0  # wider for the one-input map
+    assert layer.weight[:, :, 3].abs().max() <= bound_1
+    assert layer.bias[1].abs().max() <= bound_1
+    assert layer.bias[0].abs().max() <= bound_0
+
+
+def test_meta_device_counts_the_lecture_first_stage_without_allocating():
+    layer = LocallyConnected2d(1, 64, 9, (83, 83), device="meta")
+    assert layer.weight.is_meta
+    assert layer.weight.shape == (75, 75, 64, 9, 9)
+    assert layer.weight.numel() == 64 * 75 * 75 * 81 == 29_160_000
+    assert layer.bias.numel() == 64 * 75 * 75
+
+
+def test_extra_repr_shows_only_non_defaults():
+    assert repr(LocallyConnected2d(1, 4, 5, 28)) == (
+        "LocallyConnected2d(1, 4, kernel_size=(5, 5), input_hw=(28, 28))"
+    )
+    text = repr(LocallyConnected2d(3, 3, 3, (8, 9), table=TABLE, bias=False, stride=2))
+    assert "stride=(2, 2)" in text and "table=6 rows" in text and "bias=False" in text
+
+
+def test_state_dict_holds_table_weight_and_bias_only():
+    assert set(LocallyConnected2d(3, 3, 3, 6, table=TABLE).state_dict()) == {
+        "table",
+        "weight",
+        "bias",
+    }
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="table names input map 3, but in_maps is 3"):
+        LocallyConnected2d(3, 3, 3, 6, table=torch.tensor([[3, 0]]))
+    with pytest.raises(ValueError, match="table names output map 5, but out_maps is 3"):
+        LocallyConnected2d(3, 3, 3, 6, table=torch.tensor([[0, 5]]))
+    with pytest.raises(ValueError, match="table names input map -1"):
+        LocallyConnected2d(3, 3, 3, 6, table=torch.tensor([[-1, 0]]))
+    with pytest.raises(ValueError, match=r"table must have shape \(K, 2\)"):
+        LocallyConnected2d(3, 3, 3, 6, table=torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="table must have an integer dtype, got torch.float32"):
+        LocallyConnected2d(3, 3, 3, 6, table=torch.tensor([[0.0, 1.0]]))
+    with pytest.raises(ValueError, match=r"kernel_size \(7, 7\) does not fit in input_hw \(6, 6\)"):
+        LocallyConnected2d(1, 1, 7, 6)
+    with pytest.raises(ValueError, match="in_maps must be a positive integer, got 0"):
+        LocallyConnected2d(0, 1, 3, 6)
+    with pytest.raises(TypeError, match="bias must be True or False, got 1"):
+        LocallyConnected2d(1, 1, 3, 6, bias=1)
+    layer = LocallyConnected2d(2, 1, 3, (6, 5))
+    with pytest.raises(ValueError, match=r"x must have spatial size input_hw=\(6, 5\)"):
+        layer(torch.randn(1, 2, 6, 6))
+    with pytest.raises(ValueError, match="x must have 2 maps"):
+        layer(torch.randn(1, 3, 6, 5))
+    with pytest.raises(ValueError, match="weight has 4x3 positions, but a 3x3 kernel"):
+        locally_connected2d(torch.randn(1, 2, 7, 5), layer.weight)
+    with pytest.raises(ValueError, match="weight has K=6 kernels per position but table has 2"):
+        locally_connected2d(torch.randn(1, 3, 8, 8), torch.randn(6, 6, 6, 3, 3), None, TABLE[:2])
+
+
+def test_from_filter_bank_conv2d_with_stride_and_bad_padding():
+    torch.manual_seed(5)
+    conv = nn.Conv2d(2, 3, 3, stride=2).double()
+    layer = LocallyConnected2d.from_filter_bank(conv, (9, 8))
+    x = torch.randn(2, 2, 9, 8, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x), rtol=0, atol=1e-12)
+    assert layer.weight.dtype == torch.float64
+    with pytest.raises(ValueError, match="padding=0, got groups=1, dilation=.*padding=.1, 1."):
+        LocallyConnected2d.from_filter_bank(nn.Conv2d(2, 3, 3, padding=1), (9, 8))
+    with pytest.raises(TypeError, match="bank must be an nn.Conv2d or a connection-table"):
+        LocallyConnected2d.from_filter_bank(nn.Linear(2, 3), (9, 8))
+
+
+def test_untie_filter_banks_keeps_the_function_and_returns_the_layers():
+    torch.manual_seed(6)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Sequential(nn.Conv2d(2, 3, 2)), nn.Flatten()
+    ).double()
+    x = torch.randn(2, 1, 8, 7, dtype=torch.float64)
+    before = model(x)
+    layers = untie_filter_banks(model, x[:1])
+    assert [type(m) for m in (model[0], model[2][0])] == [LocallyConnected2d] * 2
+    assert layers == [model[0], model[2][0]]
+    assert layers[1].input_hw == (6, 5)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-12)
+
+
+def test_untie_filter_banks_rejects_an_unreached_bank():
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Conv2d(1, 1, 3), nn.Conv2d(1, 1, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.raises(ValueError, match="filter bank 'unused' was not reached"):
+        untie_filter_banks(Skips(), torch.randn(1, 1, 5, 5))

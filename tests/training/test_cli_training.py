@@ -1,0 +1,156 @@
+"""``cnnkit train``, ``evaluate`` and ``predict``: output, and one-line errors for every
+mistake a user can make."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnkit.cli import main
+
+from .conftest import TINY_SPEC
+
+
+@pytest.fixture
+def run_dir(trained: Path) -> Path:
+    return trained
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("cnnkit: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "x"], "argument --epochs: expected an integer >= 1, got 'x'"),
+        (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
+        (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+        (["--lr", "0"], "argument --lr: must be a number > 0, got '0'"),
+        (["--lr", "nan"], "argument --lr: must be a finite number, got 'nan'"),
+        (["--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
+        (["--val-fraction", "1"], "argument --val-fraction: must be a number in (0, 1), got '1'"),
+        (["--weight-decay", "-1"], "argument --weight-decay: must be a number >= 0, got '-1'"),
+        (["--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
+        (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice: 'rmsprop'"),
+    ],
+)
+def test_bad_train_options_are_one_line_naming_the_flag(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["train", *argv])
+    assert caught.value.code == 2
+    assert message in one_line_error(capsys)
+
+
+def test_unknown_preset_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--preset", "lecun99"]) == 2
+    assert "unknown preset 'lecun99'; expected one of" in one_line_error(capsys)
+
+
+def test_resume_refuses_other_options(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--resume", str(run_dir), "--epochs", "5"]) == 2
+    assert "--epochs cannot be given with it" in one_line_error(capsys)
+
+
+def test_missing_run_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for verb in (["evaluate"], ["predict"], ["train", "--resume"]):
+        extra = ["x.png"] if verb == ["predict"] else []
+        assert main([*verb, str(tmp_path / "nowhere"), *extra]) == 2
+        error = one_line_error(capsys)
+        assert "run folder" in error and "nowhere' does not exist" in error
+
+
+def test_evaluate_json_agrees_with_the_metrics(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["evaluate", str(run_dir), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    best = json.loads((run_dir / "best.json").read_text())
+    assert report["accuracy"] == best["scalars"]["test_accuracy"]
+    assert report["split"] == "test" and report["images"] == 40
+    assert len(report["confusion"]) == 4 and set(report["per_class"]) == {
+        "horizontal",
+        "vertical",
+        "diagonal",
+        "antidiagonal",
+    }
+    assert main(["evaluate", str(run_dir), "--checkpoint", "last"]) == 0
+    text = capsys.readouterr().out
+    assert "checkpoint last (epoch 3)" in text and "per-class accuracy:" in text
+
+
+def damaged_copy(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+@pytest.mark.parametrize("keep", [0, 5, 100, -10])
+def test_truncated_checkpoint_is_one_line(
+    run_dir: Path, tmp_path: Path, keep: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = damaged_copy(run_dir, tmp_path)
+    best = copy / "best.safetensors"
+    best.write_bytes(best.read_bytes()[:keep])
+    assert main(["evaluate", str(copy)]) == 2
+    assert "best.safetensors' is" in one_line_error(capsys)
+
+
+def test_checkpoint_of_another_architecture_is_one_line(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = damaged_copy(run_dir, tmp_path)
+    (copy / "spec.toml").write_text(TINY_SPEC.replace("maps = 4", "maps = 6"))
+    assert main(["evaluate", str(copy)]) == 2
+    assert "is for another architecture: 'stage1" in one_line_error(capsys)
+
+
+def test_predict_reports_unreadable_images_and_goes_on(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = np.zeros((12, 12), dtype=np.uint8)
+    image[5, :] = 255
+    Image.fromarray(image).save(tmp_path / "line.png")
+    (tmp_path / "notes.txt").write_text("hello")
+    argv = ["predict", str(run_dir), str(tmp_path / "notes.txt"), str(tmp_path / "line.png")]
+    assert main([*argv, "--top-k", "2"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{tmp_path / 'notes.txt'}: error: ")
+    assert lines[1].startswith(f"{tmp_path / 'line.png'}: horizontal ")
+    assert len(lines[1].split(", ")) == 2
+    assert main([*argv[:2], str(tmp_path / "line.png"), "--format", "json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["top"][0]["class"] == "horizontal" and len(result["top"]) == 3
+
+
+def test_train_blow_up_is_one_line_and_non_zero(
+    tiny_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "--spec", str(tiny_files["spec"]), "--data", str(tiny_files["data"])]
+    argv += ["--lr", "1e30", "--epochs", "2", "--out", str(tmp_path / "run"), "--progress", "none"]
+    assert main(argv) == 1
+    error = one_line_error(capsys)
+    assert "training stopped: the loss is" in error and "try a lower --lr" in error
+
+
+def test_train_prints_epoch_lines_and_a_summary(
+    tiny_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "--spec", str(tiny_files["spec"]), "--data", str(tiny_files["data"])]
+    argv += ["--epochs", "1", "--out", str(tmp_path / "run"), "--threads", "1"]
+    assert main(argv) == 0  # stderr is not a terminal here: plain lines
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("epoch 1/1  train loss ")
+    assert out[-1].startswith("done: test accuracy ") and "wall time" in out[-1]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["invocation"]["spec"] == str(tiny_files["spec"])
