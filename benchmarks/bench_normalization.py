@@ -14,7 +14,8 @@ interleaved, one repeat of each in turn, and medians are reported.
 
 Run from the repository root::
 
-    python -m benchmarks.bench_normalization [--batch 64] [--repeats 5] [--threads 1] [--tune-runtime]
+    python -m benchmarks.bench_normalization [--batch 64] [--repeats 5] [--threads 1]
+        [--tune-runtime]
 """
 
 from __future__ import annotations
@@ -79,14 +80,14 @@ def bench(batch: int, repeats: int) -> None:
         print(f"{label:20} max |zero - literal| = {diff.max().item():.2e}")
         ops = {
             "subtractive": {
-                "literal conv2d": lambda t: literal_subtractive(t, window),
-                "cnnkit border=zero": lambda t: subtractive_norm(t, window, "zero"),
-                "cnnkit renormalize": lambda t: subtractive_norm(t, window),
+                "literal conv2d": lambda t, w=window: literal_subtractive(t, w),
+                "cnnkit border=zero": lambda t, w=window: subtractive_norm(t, w, "zero"),
+                "cnnkit renormalize": lambda t, w=window: subtractive_norm(t, w),
             },
             "contrast": {
-                "literal conv2d": lambda t: literal_contrast(t, window),
-                "cnnkit border=zero": lambda t: contrast_norm(t, window, border="zero"),
-                "cnnkit renormalize": lambda t: contrast_norm(t, window),
+                "literal conv2d": lambda t, w=window: literal_contrast(t, w),
+                "cnnkit border=zero": lambda t, w=window: contrast_norm(t, w, border="zero"),
+                "cnnkit renormalize": lambda t, w=window: contrast_norm(t, w),
             },
         }
         for op, variants in ops.items():
@@ -105,12 +106,12 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     if args.tune_runtime:
         from cnnkit.runtime import tune_runtime
 
-        print(tune_runtime())
+        print(tune_runtime(args.threads))
+    elif args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
     print(f"batch {args.batch}, {WINDOW}x{WINDOW} window, median of {args.repeats} repeats")

@@ -11,7 +11,7 @@ so that load from other processes affects them alike.
 
 Run from the repository root::
 
-    python -m benchmarks.bench_pooling [--batch 64] [--repeats 5]
+    python -m benchmarks.bench_pooling [--batch 64] [--repeats 5] [--threads N]
 """
 
 from __future__ import annotations
@@ -97,7 +97,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
     print(f"batch {args.batch}, median of {args.repeats} interleaved repeats")

@@ -65,9 +65,7 @@ def case(name, n, table, size, kernel, stride=1, fourier=True):
 def variants(x, table, weight, bias, stride, fourier, extra) -> dict[str, Callable]:
     c_out = bias.shape[0]
     methods = ("dense", "fourier", "auto") if fourier else ("dense", "auto")
-    out = {
-        m: (lambda m=m: table_conv2d(x, table, weight, bias, stride, method=m)) for m in methods
-    }
+    out = {m: (lambda m=m: table_conv2d(x, table, weight, bias, stride, method=m)) for m in methods}
     if tables.describe(table) == "one-to-one":
         out["depthwise"] = lambda: table_conv2d(x, table, weight, bias, stride, method="depthwise")
     if tables.describe(table) == "full":
@@ -109,7 +107,14 @@ def main() -> None:
         case("layer 3: 64->256 fan-in 16, 14x14 -> 6x6, 9x9, batch 64", 64, layer3, 14, 9),
         case("layer 3, batch 1", 1, layer3, 14, 9),
         case("layer 3, batch 8", 8, layer3, 14, 9),
-        case("layer 1: full 1->64, 83x83 -> 75x75, 9x9, batch 64", 64, tables.full(1, 64), 83, 9, fourier=False),
+        case(
+            "layer 1: full 1->64, 83x83 -> 75x75, 9x9, batch 64",
+            64,
+            tables.full(1, 64),
+            83,
+            9,
+            fourier=False,
+        ),
         case("full 64->256, 14x14 -> 6x6, 9x9, batch 64", 64, tables.full(64, 256), 14, 9),
         case("LeNet-5 C3: 6->16, 14x14 -> 10x10, 5x5, batch 64", 64, tables.lenet5_c3(), 14, 5),
         case("one-to-one 64, 14x14 -> 6x6, 9x9, batch 64", 64, tables.one_to_one(64), 14, 9),

@@ -282,6 +282,15 @@ STEPS, BATCH = 20, 32
 POSITIONS = 24 * 24  # N: a 5x5 kernel on 28x28 digits is used at 24x24 positions
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Many tiny ops: extra threads only add overhead here, a lot of it on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def digits():
     with resources.as_file(resources.files("cnnkit.data") / "digits.npz") as path:

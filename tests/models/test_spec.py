@@ -27,7 +27,7 @@ def tiny(**stage2) -> ArchitectureSpec:
         input=InputSpec(height=12, width=12),
         stages=(
             StageSpec(FilterBankSpec(maps=4, kernel=5), pool=PoolSpec("max", 2, 2)),
-            StageSpec(FilterBankSpec(maps=6, kernel=3, **stage2)),
+            StageSpec(FilterBankSpec(**{"maps": 6, "kernel": 3, **stage2})),
         ),
         classifier=ClassifierSpec(classes=3),
     )
@@ -73,7 +73,7 @@ def test_input_too_small_names_the_stage():
         ValueError,
         match=r"stage 2: a 9×9 filter bank needs at least 9×9 input, but stage 1 leaves 4×4",
     ):
-        dataclasses.replace(spec, input=InputSpec(height=40, width=40))
+        dataclasses.replace(spec, input=InputSpec(height=35, width=35))
 
 
 def test_input_smaller_than_first_kernel():

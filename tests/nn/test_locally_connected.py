@@ -8,12 +8,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkit import reference
+from cnnkit import reference, tables
+from cnnkit.nn.filter_bank import FilterBank
 from cnnkit.nn.locally_connected import (
     LocallyConnected2d,
     locally_connected2d,
     untie_filter_banks,
 )
+from cnnkit.ops.table_conv import table_conv2d
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny shapes: extra threads only add overhead, a lot of it on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 TABLE = torch.tensor([[0, 1], [2, 0], [1, 1], [0, 0], [2, 2], [1, 2]])  # 3 -> 3 maps, 6 rows
 
@@ -32,16 +44,6 @@ def loop_reference(x, weight, bias, table, stride=(1, 1)):
                 ]
                 out[:, o, p, q] += (patch * weight[p, q, r]).sum((1, 2))
     return out
-
-
-def full_table(n_in, n_out):
-    return torch.tensor([[i, o] for i in range(n_in) for o in range(n_out)])
-
-
-def random_table(n_in, n_out, fan_in, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    rows = [[int(i), o] for o in range(n_out) for i in torch.randperm(n_in, generator=gen)[:fan_in]]
-    return torch.tensor(rows)
 
 
 @pytest.mark.parametrize(
@@ -99,7 +101,7 @@ def test_tied_full_table_equals_conv2d_forward_and_backward():
     layer(x).backward(grad_out)
     conv(x).backward(grad_out)
     # The shared weight's gradient is the sum of the per-position gradients.
-    summed = layer.weight.grad.sum((0, 1)).view(2, 3, 3, 4).transpose(0, 1)  # (out, in, kh, kw)
+    summed = layer.weight.grad.sum((0, 1)).view(3, 2, 3, 4)  # (out, in, kh, kw): tables.full
     torch.testing.assert_close(summed, conv.weight.grad, rtol=0, atol=1e-10)
     torch.testing.assert_close(layer.bias.grad.sum((1, 2)), conv.bias.grad, rtol=0, atol=1e-10)
 
@@ -114,9 +116,40 @@ def test_tied_table_equals_reference_table_correlation():
     np.testing.assert_allclose(layer(x).detach().numpy(), expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "table",
+    [TABLE, tables.random(4, 5, 2, seed=3), tables.full(3, 2)],
+    ids=["small", "random", "full"],
+)
+def test_tied_table_equals_table_conv2d_forward_and_backward(table):
+    torch.manual_seed(7)
+    n_in = int(table[:, 0].max()) + 1
+    kernels = torch.randn(len(table), 3, 2, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(int(table[:, 1].max()) + 1, dtype=torch.float64, requires_grad=True)
+    layer = LocallyConnected2d.from_convolution(kernels, bias, (7, 6), table=table, in_maps=n_in)
+    x = torch.randn(2, n_in, 7, 6, dtype=torch.float64)
+    expected = table_conv2d(x, table, kernels, bias, method="dense")
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+    grad_out = torch.randn_like(expected)
+    layer(x).backward(grad_out)
+    expected.backward(grad_out)
+    torch.testing.assert_close(layer.weight.grad.sum((0, 1)), kernels.grad, rtol=0, atol=1e-10)
+    torch.testing.assert_close(layer.bias.grad.sum((1, 2)), bias.grad, rtol=0, atol=1e-10)
+
+
+def test_default_table_is_tables_full():
+    conv_weight = torch.randn(3, 2, 3, 3)
+    by_conv = LocallyConnected2d.from_convolution(conv_weight, None, 5)
+    by_table = LocallyConnected2d.from_convolution(
+        conv_weight.reshape(6, 3, 3), None, 5, table=tables.full(2, 3)
+    )
+    assert torch.equal(by_conv.table, tables.full(2, 3))
+    torch.testing.assert_close(by_conv.weight, by_table.weight, rtol=0, atol=0)
+
+
 def test_lecture_stage_three_sized_table_equals_dense_convolution():
     # 64 -> 256 maps, each output reading 16 random inputs, 9x9 kernels on 14x14: 6x6 positions.
-    table = random_table(64, 256, 16)
+    table = tables.random(64, 256, 16)
     kernels = torch.randn(len(table), 9, 9)
     layer = LocallyConnected2d.from_convolution(kernels, torch.randn(256), (14, 14), table=table)
     assert layer.weight.shape == (6, 6, 4096, 9, 9)
@@ -186,10 +219,13 @@ def test_meta_device_counts_the_lecture_first_stage_without_allocating():
 
 def test_extra_repr_shows_only_non_defaults():
     assert repr(LocallyConnected2d(1, 4, 5, 28)) == (
-        "LocallyConnected2d(1, 4, kernel_size=(5, 5), input_hw=(28, 28))"
+        "LocallyConnected2d(1->4, kernel 5x5, input 28x28, 24x24 positions)"
     )
-    text = repr(LocallyConnected2d(3, 3, 3, (8, 9), table=TABLE, bias=False, stride=2))
-    assert "stride=(2, 2)" in text and "table=6 rows" in text and "bias=False" in text
+    text = repr(LocallyConnected2d(3, 3, 3, (8, 9), table=TABLE, bias=False, stride=(2, 1)))
+    assert text == (
+        "LocallyConnected2d(3->3, kernel 3x3, input 8x9, 3x7 positions, stride 2x1, "
+        "bias=False, table fan-in 2 (6 kernels))"
+    )
 
 
 def test_state_dict_holds_table_weight_and_bias_only():
@@ -201,12 +237,12 @@ def test_state_dict_holds_table_weight_and_bias_only():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="table names input map 3, but in_maps is 3"):
-        LocallyConnected2d(3, 3, 3, 6, table=torch.tensor([[3, 0]]))
-    with pytest.raises(ValueError, match="table names output map 5, but out_maps is 3"):
+    with pytest.raises(ValueError, match=r"table row 1 names input map 3, but only 3 input maps"):
+        LocallyConnected2d(3, 1, 3, 6, table=torch.tensor([[0, 0], [3, 0]]))
+    with pytest.raises(ValueError, match="table row 0 names output map 5, but only 3 output maps"):
         LocallyConnected2d(3, 3, 3, 6, table=torch.tensor([[0, 5]]))
-    with pytest.raises(ValueError, match="table names input map -1"):
-        LocallyConnected2d(3, 3, 3, 6, table=torch.tensor([[-1, 0]]))
+    with pytest.raises(ValueError, match="table gives output map 1 no input map"):
+        LocallyConnected2d(3, 2, 3, 6, table=torch.tensor([[0, 0]]))
     with pytest.raises(ValueError, match=r"table must have shape \(K, 2\)"):
         LocallyConnected2d(3, 3, 3, 6, table=torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="table must have an integer dtype, got torch.float32"):
@@ -237,7 +273,7 @@ def test_from_filter_bank_conv2d_with_stride_and_bad_padding():
     assert layer.weight.dtype == torch.float64
     with pytest.raises(ValueError, match="padding=0, got groups=1, dilation=.*padding=.1, 1."):
         LocallyConnected2d.from_filter_bank(nn.Conv2d(2, 3, 3, padding=1), (9, 8))
-    with pytest.raises(TypeError, match="bank must be an nn.Conv2d or a connection-table"):
+    with pytest.raises(TypeError, match="bank must be a FilterBank or an nn.Conv2d, got Linear"):
         LocallyConnected2d.from_filter_bank(nn.Linear(2, 3), (9, 8))
 
 
@@ -253,6 +289,34 @@ def test_untie_filter_banks_keeps_the_function_and_returns_the_layers():
     assert layers == [model[0], model[2][0]]
     assert layers[1].input_hw == (6, 5)
     torch.testing.assert_close(model(x), before, rtol=0, atol=1e-12)
+
+
+def test_from_filter_bank_copies_a_table_bank():
+    torch.manual_seed(8)
+    bank = FilterBank(tables.random(4, 6, 2, seed=1), (3, 2), stride=(1, 2), in_maps=5).double()
+    layer = LocallyConnected2d.from_filter_bank(bank, (7, 8))
+    assert (layer.in_maps, layer.out_maps, layer.stride) == (5, 6, (1, 2))
+    assert torch.equal(layer.table, bank.table)
+    x = torch.randn(2, 5, 7, 8, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), bank(x), rtol=0, atol=1e-12)
+
+
+def test_untie_filter_banks_replaces_filter_banks():
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        FilterBank(tables.full(1, 4), 5),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        FilterBank(tables.random(4, 6, 2), 3),
+    ).double()
+    x = torch.randn(3, 1, 16, 16, dtype=torch.float64)
+    before = model(x)
+    layers = untie_filter_banks(model, x[:1])
+    assert [layer.input_hw for layer in layers] == [(16, 16), (6, 6)]
+    assert isinstance(model[3], LocallyConnected2d) and model[3].rows == 12
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-12)
+    with pytest.raises(TypeError, match="model must contain filter banks, not be one"):
+        untie_filter_banks(FilterBank(tables.full(1, 1), 3), x)
 
 
 def test_untie_filter_banks_rejects_an_unreached_bank():

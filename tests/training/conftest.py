@@ -87,7 +87,7 @@ def train_tiny(tiny_files: dict[str, Path], config: object, out: Path) -> Path:
     return fit(spec, load(tiny_files["data"], (12, 12)), config, out=out)
 
 
-TINY_CONFIG = {"epochs": 3, "batch_size": 16, "lr": 0.1, "threads": 1, "device": "cpu"}
+TINY_CONFIG = {"epochs": 4, "batch_size": 8, "lr": 0.1, "threads": 1, "device": "cpu"}
 
 
 @pytest.fixture(scope="session")

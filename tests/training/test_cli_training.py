@@ -86,7 +86,7 @@ def test_evaluate_json_agrees_with_the_metrics(
     }
     assert main(["evaluate", str(run_dir), "--checkpoint", "last"]) == 0
     text = capsys.readouterr().out
-    assert "checkpoint last (epoch 3)" in text and "per-class accuracy:" in text
+    assert "checkpoint last (epoch 4)" in text and "per-class accuracy:" in text
 
 
 def damaged_copy(run_dir: Path, tmp_path: Path) -> Path:

@@ -25,7 +25,7 @@ from cnnkit.models.spec import ArchitectureSpec
 
 DPI = 100
 """Dots per inch of every figure: a figure of ``w x h`` inches saves as ``100 w x 100 h`` px."""
-TITLE_BAND = 0.6  # inches above each panel for its two title lines
+TITLE_BAND = 0.75  # inches above each panel for its title lines
 HEADER = 0.5  # inches at the top of a figure for its header line
 _GAP_SIGNED = "#505050"  # gap colour between tiles on the blue-white-red scale
 _GAP_GRAY = "#9ecae1"  # gap colour on the gray scale
@@ -82,19 +82,29 @@ def untile(mosaic: np.ndarray, count: int, height: int, width: int) -> np.ndarra
     return out
 
 
-def show(ax: Any, maps: np.ndarray, *, fixed: tuple[float, float] | None = None) -> None:
-    """Draw the mosaic of ``maps`` on ``ax`` with the step's colour scale (module docstring).
+def show(
+    ax: Any,
+    maps: np.ndarray,
+    *,
+    signed: bool | None = None,
+    limits: tuple[float, float] | None = None,
+) -> None:
+    """Draw the mosaic of ``maps`` on ``ax`` with one colour scale (module docstring).
 
-    ``fixed`` forces ``(vmin, vmax)`` on the scale of the sign of the values.
+    ``signed`` picks the blue-white-red scale (True) or gray (False); by default, signed
+    when a value is < 0. ``limits`` fixes ``(vmin, vmax)``; by default ``(-m, m)`` with
+    ``m`` the largest ``|value|`` (signed) or ``(0, max)`` (gray).
     """
     low, high = float(maps.min()), float(maps.max())
-    if low < 0:
+    if signed is None:
+        signed = low < 0
+    if signed:
         cmap, gap = colormaps["RdBu_r"], _GAP_SIGNED
         limit = max(-low, high) or 1.0
-        vmin, vmax = fixed if fixed is not None else (-limit, limit)
+        vmin, vmax = limits if limits is not None else (-limit, limit)
     else:
         cmap, gap = colormaps["gray"], _GAP_GRAY
-        vmin, vmax = fixed if fixed is not None else (0.0, high or 1.0)
+        vmin, vmax = limits if limits is not None else (0.0, high or 1.0)
     mosaic = tile_maps(maps)
     # Upscaled mosaics keep their pixels sharp; shrunk ones are antialiased.
     width_px = ax.get_position().width * ax.figure.get_figwidth() * DPI
@@ -111,16 +121,18 @@ def show(ax: Any, maps: np.ndarray, *, fixed: tuple[float, float] | None = None)
 
 
 def shape_text(shape: Sequence[int]) -> str:
+    """``(64, 75, 75)`` -> ``"64@75×75"``."""
     maps, height, width = shape
     return f"{maps}@{height}×{width}"
 
 
 def range_text(values: np.ndarray) -> str:
+    """``"values −1.3 … 4.59"``: the least and greatest value, 3 significant digits."""
     return f"values {float(values.min()):.3g} … {float(values.max()):.3g}".replace("-", "−")
 
 
-
 def check_network(model: Any) -> ArchitectureSpec:
+    """Return ``model.spec`` if ``model`` is a network built from a spec, else raise."""
     spec = getattr(model, "spec", None)
     if not isinstance(model, nn.Module) or not isinstance(spec, ArchitectureSpec):
         raise TypeError(
@@ -130,10 +142,26 @@ def check_network(model: Any) -> ArchitectureSpec:
     return spec
 
 
+def check_stage(spec: ArchitectureSpec, stage: int) -> int:
+    """Return ``stage`` if it numbers one of ``spec``'s stages (1-based), else raise."""
+    count = len(spec.stages)
+    if isinstance(stage, bool) or not isinstance(stage, int):
+        raise TypeError(f"stage must be an integer, got {stage!r}")
+    if not 1 <= stage <= count:
+        raise ValueError(
+            f"stage must be between 1 and {count} (the network has {count} stages), got {stage}"
+        )
+    return stage
+
 
 def size_text(pair: tuple[int, int]) -> str:
+    """``(10, 10)`` -> ``"10×10"``."""
     return f"{pair[0]}×{pair[1]}"
 
+
+def stride_text(pair: tuple[int, int]) -> str:
+    """``(5, 5)`` -> ``"5"``; ``(2, 3)`` -> ``"2×3"``."""
+    return str(pair[0]) if pair[0] == pair[1] else size_text(pair)
 
 
 def cell_top(fig: Figure, row: int, panel: float) -> float:
@@ -141,30 +169,27 @@ def cell_top(fig: Figure, row: int, panel: float) -> float:
     return fig.get_figheight() - HEADER - row * (panel + TITLE_BAND)
 
 
-def panel_axes(fig: Figure, row: int, column: float, panel: float, left: float = 0.0) -> Any:
-    """A square axes filling grid cell ``(row, column)`` below its title band.
-
-    ``left`` shifts the grid right by that many inches.
-    """
+def panel_axes(fig: Figure, row: int, column: int, panel: float) -> Any:
+    """A square axes filling grid cell ``(row, column)`` below its title band."""
     width, height = fig.get_size_inches()
     pad = 0.06 * panel
     side = panel - 2 * pad
-    x = left + column * panel + pad
+    x = column * panel + pad
     y = cell_top(fig, row, panel) - TITLE_BAND - panel + pad
     return fig.add_axes((x / width, y / height, side / width, side / height))
 
 
-def band(
-    fig: Figure, row: int, column: float, panel: float, title: str, detail: str, left: float = 0.0
-) -> None:
-    """The two title lines of cell ``(row, column)``: bold title, then a smaller detail."""
+def band(fig: Figure, row: int, column: int, panel: float, title: str, *lines: str) -> None:
+    """The title band of cell ``(row, column)``: a bold title, then up to two smaller lines."""
     width, height = fig.get_size_inches()
-    x = (left + (column + 0.5) * panel) / width
+    x = (column + 0.5) * panel / width
     top = cell_top(fig, row, panel)
     fig.text(x, (top - 0.08) / height, title, ha="center", va="top", fontsize=9.5, weight="bold")
-    fig.text(x, (top - 0.32) / height, detail, ha="center", va="top", fontsize=8, color="#333")
+    for i, line in enumerate(lines):
+        y = (top - 0.3 - 0.17 * i) / height
+        fig.text(x, y, line, ha="center", va="top", fontsize=8, color="#333")
 
 
 def header(fig: Figure, text: str) -> None:
+    """The figure's header line, top left."""
     fig.text(0.1 / fig.get_figwidth(), 1 - 0.12 / fig.get_figheight(), text, va="top", fontsize=11)
-

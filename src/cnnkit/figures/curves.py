@@ -57,10 +57,8 @@ def curves_figure(
             )
             if np.isnan(values).all():
                 continue
-            ax.plot(
-                epochs, values * scale, style, marker=marker if len(rows) <= 30 else None,
-                markersize=4, label=split,
-            )  # fmt: skip
+            marker = marker if len(rows) <= 30 else None
+            ax.plot(epochs, values * scale, style, marker=marker, markersize=4, label=split)
         if best is not None:
             ax.axvline(best, color="#777", linestyle=":", linewidth=1, label=f"best (epoch {best})")
         ax.set_xlabel("epoch")
@@ -72,4 +70,3 @@ def curves_figure(
             ax.set_xticks(epochs)
     header(fig, " · ".join(part for part in (source, note, f"{len(rows)} epochs") if part))
     return fig
-

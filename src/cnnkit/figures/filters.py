@@ -27,6 +27,7 @@ from cnnkit.figures._common import (
     TITLE_BAND,
     band,
     check_network,
+    check_stage,
     header,
     panel_axes,
     show,
@@ -38,7 +39,7 @@ SOBEL_GX = np.array([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
 
 # The outer ring of a 3×3 kernel, clockwise from the top-left corner.
 _RING = ((0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0))
-_ANGLE_NAMES = {0: "Gx", 90: "−Gy", 180: "−Gx", 270: "Gy"}
+_ANGLE_NAMES = {0: "Gx", 90: "-Gy", 180: "-Gx", 270: "Gy"}
 SOBEL_METHOD = (
     "cosine similarity with the 3×3 Sobel filter resized to the kernel's size by bilinear "
     "interpolation (corners aligned)"
@@ -48,8 +49,8 @@ SOBEL_METHOD = (
 def sobel_templates() -> list[tuple[str, int, np.ndarray]]:
     """Gx turned counter-clockwise (row 0 at the top) by 0°, 45°, ..., 315°.
 
-    Returns ``(name, angle, 3×3 array)``; names are ``"Gx"``, ``"Gx+45°"``, ``"−Gy"``
-    (90°), ``"Gx+135°"``, ``"−Gx"``, ``"Gx+225°"``, ``"Gy"`` (270°, ``Gx.T``),
+    Returns ``(name, angle, 3×3 array)``; names are ``"Gx"``, ``"Gx+45°"``, ``"-Gy"``
+    (90°), ``"Gx+135°"``, ``"-Gx"``, ``"Gx+225°"``, ``"Gy"`` (270°, ``Gx.T``),
     ``"Gx+315°"``. A turn by 45° moves the outer ring of the 3×3 kernel one place.
     """
     templates = []
@@ -151,6 +152,7 @@ def sobel_scores(weight: Any, table: Any = None, *, top: int = 1) -> list[SobelM
         cosine = np.divide(
             flat @ s, norms * np.linalg.norm(s), out=np.zeros(count), where=norms > 0
         )
+        cosine = np.clip(cosine, -1.0, 1.0)  # rounding can step just outside
         order = np.argsort(-cosine, kind="stable")
         for rank, k in enumerate(order[:top], start=1):
             row = (None, None) if pairs is None else (int(pairs[k, 0]), int(pairs[k, 1]))
@@ -185,19 +187,16 @@ def stage_kernels(model: Network, stage: int = 1) -> tuple[np.ndarray, np.ndarra
     A bank storing a kernel per position (``(H_out, W_out, K, k_h, k_w)``, tied by
     averaging) gives the mean over positions, which is the tied kernel.
     """
-    spec = check_network(model)
-    check_positive_int("stage", stage)
-    if stage > len(spec.stages):
-        raise ValueError(
-            f"stage must be between 1 and {len(spec.stages)} (the network has "
-            f"{len(spec.stages)} stages), got {stage}"
-        )
+    check_stage(check_network(model), stage)
     bank = getattr(model, f"stage{stage}").filters
     weight = bank.weight.detach().cpu().double()
     if weight.dim() == 5:
         weight = weight.mean(dim=(0, 1))  # (K, k_h, k_w)
     table = getattr(bank, "table", None)
     return weight.numpy(), None if table is None else table.detach().cpu().numpy()
+
+
+_ROW = "{:<9}{:>6}{:>6}{:>8}  {:<11}{:>10}"
 
 
 @dataclass(frozen=True)
@@ -226,12 +225,13 @@ class SobelReport:
         lines = [
             f"stage {self.stage}: {self.kernels} kernels {kh}×{kw}; {self.method}",
             "",
-            f"{'template':<9}{'angle':>6}{'rank':>6}{'kernel':>8}  {'input→map':<11}{'similarity':>10}",
+            _ROW.format("template", "angle", "rank", "kernel", "input→map", "similarity"),
         ]
         for m in self.matches:
             pair = "" if m.input_map is None else f"{m.input_map}→{m.output_map}"
+            angle = f"{m.angle}°"
             lines.append(
-                f"{m.template:<9}{m.angle:>5}°{m.rank:>6}{m.kernel:>8}  {pair:<11}{m.similarity:>10.3f}"
+                _ROW.format(m.template, angle, m.rank, m.kernel, pair, f"{m.similarity:.3f}")
             )
         lines += [
             "",
@@ -250,13 +250,31 @@ def sobel_report(model: Network, stage: int = 1, *, top: int = 1) -> SobelReport
 
 
 KERNEL_PANEL = 5.5  # inches: the kernel grid of the filters figure
-MATCH_CELL = 1.3  # inches: one template or kernel in the filters figure
+MATCH_CELL = 1.3  # inches: one template or kernel (with its two title lines) on the right
+MATCH_SIDE = 0.85  # inches: the side of its image
 
 
 def _unit_kernels(weight: np.ndarray) -> np.ndarray:
     """Each kernel divided by its largest absolute value (a zero kernel stays zero)."""
     scale = np.abs(weight).max(axis=(1, 2), keepdims=True)  # (K, 1, 1)
     return np.divide(weight, scale, out=np.zeros_like(weight), where=scale > 0)
+
+
+def _small_panel(
+    fig: Figure, column: int, row: int, label: str, kernel: np.ndarray, title: str, detail: str
+) -> None:
+    """One kernel in cell ``(row, column)`` of the 4-column grid right of the kernel grid."""
+    width, height = fig.get_size_inches()
+    left = KERNEL_PANEL + column * MATCH_CELL + (MATCH_CELL - MATCH_SIDE) / 2
+    top = height - HEADER - 0.1 - row * MATCH_CELL
+    ax = fig.add_axes(
+        (left / width, (top - 0.4 - MATCH_SIDE) / height, MATCH_SIDE / width, MATCH_SIDE / height)
+    )
+    ax.set_label(label)
+    show(ax, kernel[None], signed=True, limits=(-1.0, 1.0))
+    middle = (left + MATCH_SIDE / 2) / width
+    fig.text(middle, top / height, title, ha="center", va="top", fontsize=8.5, weight="bold")
+    fig.text(middle, (top - 0.18) / height, detail, ha="center", va="top", fontsize=8)
 
 
 def filters_figure(
@@ -271,60 +289,57 @@ def filters_figure(
     :func:`sobel_report` when not given) with its similarity. Axes labels:
     ``"kernels"``, ``"template Gx"``, ``"match Gx"``, ...
 
-    Size: 10.7 by 6.1 inches at :data:`DPI` (1070×610 px).
+    Size: 10.7 by 6.75 inches at :data:`DPI` (1070×675 px).
     """
     weight, _ = stage_kernels(model, stage)
+    count, kh, kw = weight.shape
     if report is None:
         report = sobel_report(model, stage)
-    count, kh, kw = weight.shape
+    elif (report.stage, report.kernels, report.kernel_size) != (stage, count, (kh, kw)):
+        raise ValueError(
+            f"report is of stage {report.stage} ({report.kernels} kernels "
+            f"{report.kernel_size[0]}×{report.kernel_size[1]}), not of stage {stage} "
+            f"({count} kernels {kh}×{kw})"
+        )
     unit = _unit_kernels(weight)
-    width = KERNEL_PANEL + 4 * MATCH_CELL + 0.0
-    fig = Figure(figsize=(width, HEADER + TITLE_BAND + KERNEL_PANEL), dpi=DPI)
+    fig = Figure(
+        figsize=(KERNEL_PANEL + 4 * MATCH_CELL, HEADER + TITLE_BAND + KERNEL_PANEL), dpi=DPI
+    )
     ax = panel_axes(fig, 0, 0, KERNEL_PANEL)
     ax.set_label("kernels")
-    show(ax, unit, fixed=(-1.0, 1.0))
-    band(
-        fig, 0, 0, KERNEL_PANEL, f"stage {stage} · {count} kernels {kh}×{kw}",
-        "each scaled to its largest |value|; table-row order",
-    )  # fmt: skip
-    best = [m for m in report.matches if m.rank == 1]
+    show(ax, unit, signed=True, limits=(-1.0, 1.0))
+    title = f"stage {stage} · {count} kernels {kh}×{kw}"
+    band(fig, 0, 0, KERNEL_PANEL, title, "each scaled to its largest |value|, table-row order")
     templates = {name: resize_kernel(t, (kh, kw)) for name, _, t in sobel_templates()}
-    cell_fig_top = fig.get_figheight() - HEADER
-    height_in = fig.get_figheight()
-    for i, match in enumerate(best):
-        row, pair = divmod(i, 2)
-        for j, (label, kernel, title, detail) in enumerate(
-            (
-                (f"template {match.template}", templates[match.template],
-                 match.template, f"{match.angle}°"),
-                (f"match {match.template}", unit[match.kernel],
-                 f"kernel {match.kernel}", f"cos {match.similarity:.3f}"),
-            )
-        ):  # fmt: skip
-            column = 2 * pair + j
-            x = KERNEL_PANEL + column * MATCH_CELL
-            top = cell_fig_top - 0.15 - row * (MATCH_CELL + 0.1)
-            side = MATCH_CELL - 0.45
-            cax = fig.add_axes(
-                ((x + 0.2) / width, (top - 0.4 - side) / height_in, side / width, side / height_in)
-            )
-            cax.set_label(label)
-            show(cax, np.asarray(kernel / np.abs(kernel).max())[None], fixed=(-1.0, 1.0))
-            for text, offset, size, weight_ in (
-                (title, 0.05, 8.5, "bold"),
-                (detail, 0.22, 8, "normal"),
-            ):
-                fig.text(
-                    (x + 0.2 + side / 2) / width, (top - offset) / height_in, text,
-                    ha="center", va="top", fontsize=size, weight=weight_,
-                )  # fmt: skip
+    best = [m for m in report.matches if m.rank == 1]
+    for i, m in enumerate(best):
+        row, column = divmod(2 * i, 4)
+        template = templates[m.template] / np.abs(templates[m.template]).max()
+        _small_panel(
+            fig, column, row, f"template {m.template}", template, m.template, f"{m.angle}°"
+        )
+        where = "" if m.input_map is None else f" ({m.input_map}→{m.output_map})"
+        detail = f"cos {m.similarity:.3f}"
+        _small_panel(
+            fig,
+            column + 1,
+            row,
+            f"match {m.template}",
+            unit[m.kernel],
+            f"kernel {m.kernel}{where}",
+            detail,
+        )
+    width, height = fig.get_size_inches()
     fig.text(
-        (KERNEL_PANEL + 2 * MATCH_CELL) / width, 0.1 / height_in,
-        f"cosine similarity after resizing the 3×3 Sobel filter to {kh}×{kw} (bilinear);\n"
-        f"chance: the best of {count} random kernels scores about {report.chance:.2f}",
-        ha="center", va="bottom", fontsize=8, color="#333",
-    )  # fmt: skip
+        (KERNEL_PANEL + 2 * MATCH_CELL) / width,
+        0.15 / height,
+        f"cosine similarity with the 3×3 Sobel filter resized\nto {kh}×{kw} (bilinear); the best "
+        f"of {count} random\nkernels would score about {report.chance:.2f}",
+        ha="center",
+        va="bottom",
+        fontsize=8.5,
+        color="#333",
+        linespacing=1.4,
+    )
     header(fig, " · ".join(part for part in (model.spec.name, note) if part))
     return fig
-
-

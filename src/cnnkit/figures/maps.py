@@ -18,7 +18,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from cnnkit._validation import check_nonnegative_int, check_positive_int
+from cnnkit._validation import check_nonnegative_int
 from cnnkit.data.images import load_image, prepare_image
 from cnnkit.figures._common import (
     DPI,
@@ -27,12 +27,14 @@ from cnnkit.figures._common import (
     band,
     cell_top,
     check_network,
+    check_stage,
     header,
     panel_axes,
     range_text,
     shape_text,
     show,
     size_text,
+    stride_text,
 )
 from cnnkit.models.build import Network, build
 from cnnkit.models.presets import from_name
@@ -40,7 +42,7 @@ from cnnkit.models.spec import ArchitectureSpec
 from cnnkit.nn.pooling import PoolSubsample
 from cnnkit.ops.pooling import pool2d
 
-PANEL = 2.5  # inches: side of one map panel in the whole-network figure
+PANEL = 2.7  # inches: side of one map panel in the whole-network figure
 STAGE_PANEL = 3.5  # inches: the same in a one-stage figure
 
 
@@ -54,8 +56,8 @@ class MapStep:
             fused pooling layer never forms (drawn so that pooling and subsampling show
             apart, as in the lecture's Figures 3 and 4).
         stage: the stage number, 0 for the input.
-        step: what the step does: ``"input"``, ``"filters"``, ``"rectify"``,
-            ``"contrast norm"``, ``"max pool"``, ``"subsample"`` ...
+        step: what the step does: ``"input"``, ``"filters"``, ``"rectify"``, ``"relu"``,
+            ``"tanh"``, ``"norm"``, ``"pool"``, ``"subsample"`` (or ``"pool + subsample"``).
         detail: a short description of the step's settings.
         values: ``(C, H, W)`` float array of the maps.
     """
@@ -108,44 +110,32 @@ def prepare_input(model: Network, image: Any) -> torch.Tensor:
     return prepare_image(image, (spec.input.height, spec.input.width))
 
 
-_STEP_NAMES = {
-    "FilterBank": "filters",
-    "LocallyConnected2d": "filters",
-    "Rectify": "rectify",
-    "ReLU": "relu",
-    "Tanh": "tanh",
-    "Identity": "identity",
-    "ContrastNorm": "contrast norm",
-    "SubtractiveNorm": "subtractive norm",
-    "DivisiveNorm": "divisive norm",
-    "Subsample": "subsample",
-}
-_STEP_DETAILS = {
-    "rectify": "|x|",
-    "relu": "max(0, x)",
-    "tanh": "tanh x",
-    "contrast norm": "subtractive, then divisive",
-    "subtractive norm": "x − Gaussian-weighted mean",
-    "divisive norm": "v / max(c, σ)",
+# Layer kind -> (step, detail) when neither depends on the layer's settings.
+_STEPS = {
+    "Rectify": ("rectify", "|x|"),
+    "ReLU": ("relu", "max(0, x)"),
+    "Tanh": ("tanh", "tanh x"),
+    "Identity": ("identity", ""),
+    "ContrastNorm": ("norm", "contrast: subtractive, divisive"),
+    "SubtractiveNorm": ("norm", "subtractive"),
+    "DivisiveNorm": ("norm", "divisive"),
 }
 
 
 def _describe(layer: nn.Module) -> tuple[str, str]:
     """``(step, detail)`` of one layer, by its kind."""
     kind = type(layer).__name__
-    step = _STEP_NAMES.get(kind, kind)
-    if step == "filters":
-        weight = layer.weight
-        rows, kh, kw = weight.shape[-3:]
-        return step, f"{rows} kernels {kh}×{kw}"
-    if kind in ("Pool", "PoolSubsample"):
-        detail = f"window {size_text(layer.window)}"
-        if kind == "PoolSubsample":
-            return f"{layer.kind} pool + subsample", f"{detail}, stride {size_text(layer.stride)}"
-        return f"{layer.kind} pool", f"{detail}, stride 1"
+    if kind in ("FilterBank", "LocallyConnected2d"):
+        rows, kh, kw = layer.weight.shape[-3:]
+        return "filters", f"{rows} kernels {kh}×{kw}"
+    if kind == "Pool":
+        return "pool", f"{layer.kind}, window {size_text(layer.window)}, stride 1"
+    if kind == "PoolSubsample":
+        window, stride = size_text(layer.window), stride_text(layer.stride)
+        return "pool + subsample", f"{layer.kind}, window {window}, stride {stride}"
     if kind == "Subsample":
-        return step, f"stride {size_text(layer.stride)}"
-    return step, _STEP_DETAILS.get(step, "")
+        return "subsample", f"stride {stride_text(layer.stride)}"
+    return _STEPS.get(kind, (kind, ""))
 
 
 def feature_maps(model: Network, image: Any, *, split_pooling: bool = True) -> list[MapStep]:
@@ -168,7 +158,7 @@ def feature_maps(model: Network, image: Any, *, split_pooling: bool = True) -> l
     try:
         with torch.inference_mode():
             outputs = model.intermediates(x[None].to(device))  # name -> (1, C, H, W)
-            steps = [MapStep("input", 0, "input", size_text(x.shape[-2:]) + " image", x.numpy())]
+            steps = [MapStep("input", 0, "input", "gray levels in [0, 1]", x.numpy())]
             previous = x[None].to(device)
             for name, value in outputs.items():
                 if name == "classifier":
@@ -187,9 +177,9 @@ def feature_maps(model: Network, image: Any, *, split_pooling: bool = True) -> l
                         weight=layer.weight,
                         bias=layer.bias,
                     )  # (1, C, H - k_h + 1, W - k_w + 1)
-                    window = f"window {size_text(layer.window)}, stride 1"
-                    steps.append(MapStep(None, stage, f"{layer.kind} pool", window, _numpy(pooled)))
-                    step, detail = "subsample", f"stride {size_text(layer.stride)}"
+                    window = f"{layer.kind}, window {size_text(layer.window)}, stride 1"
+                    steps.append(MapStep(None, stage, "pool", window, _numpy(pooled)))
+                    step, detail = "subsample", f"stride {stride_text(layer.stride)}"
                 steps.append(MapStep(name, stage, step, detail, _numpy(value)))
                 previous = value
     finally:
@@ -204,9 +194,9 @@ def _numpy(value: torch.Tensor) -> np.ndarray:
 def _draw_step(fig: Figure, step: MapStep, row: int, column: int, panel: float) -> None:
     ax = panel_axes(fig, row, column, panel)
     ax.set_label(step.layer or f"stage{step.stage}.pool (stride 1)")
-    show(ax, step.values, fixed=(0.0, 1.0) if step.layer == "input" else None)
-    detail = ", ".join(part for part in (step.detail, range_text(step.values)) if part)
-    band(fig, row, column, panel, step.title, detail)
+    limits = (0.0, 1.0) if step.layer == "input" else None
+    show(ax, step.values, limits=limits)
+    band(fig, row, column, panel, step.title, step.detail, range_text(step.values))
 
 
 def _fan_in_text(spec: ArchitectureSpec, number: int) -> str:
@@ -262,12 +252,7 @@ def feature_maps_figure(
     if note:
         parts.append(note)
     if stage is not None:
-        check_positive_int("stage", stage)
-        if stage > len(rows):
-            raise ValueError(
-                f"stage must be between 1 and {len(rows)} (the network has {len(rows)} "
-                f"stages), got {stage}"
-            )
+        check_stage(spec, stage)
         panel = STAGE_PANEL
         row = [steps[0] if stage == 1 else rows[stage - 2][-1], *rows[stage - 1]]
         fig = Figure(figsize=(len(row) * panel, HEADER + panel + TITLE_BAND), dpi=DPI)
@@ -283,7 +268,7 @@ def feature_maps_figure(
         if number > 1:
             width, height = fig.get_size_inches()
             top = cell_top(fig, number - 1, panel)
-            band(fig, number - 1, 0, panel, f"stage {number} reads", "")
+            band(fig, number - 1, 0, panel, f"stage {number} reads")
             text = f"{shape_text(rows[number - 2][-1].values.shape)}\n{_fan_in_text(spec, number)}"
             fig.text(
                 0.5 * panel / width,
@@ -298,5 +283,3 @@ def feature_maps_figure(
             _draw_step(fig, step, number - 1, column, panel)
     header(fig, " · ".join(parts))
     return fig
-
-

@@ -63,11 +63,16 @@ def _build(cls: type, data: Any, where: str) -> Any:
         return cls(**data)
     except TypeError as error:
         if "missing" in str(error):
-            missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+            required = [
+                f.name
+                for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            ]
+            missing = [name for name in required if name not in data]
             raise ValueError(f"{where}: missing key(s) {', '.join(missing)}") from None
-        raise TypeError(f"{where} {_own_message(error)}") from None
+        raise TypeError(f"{where}: {_own_message(error)}") from None
     except ValueError as error:
-        raise ValueError(f"{where} {_own_message(error)}") from None
+        raise ValueError(f"{where}: {_own_message(error)}") from None
 
 
 def _own_message(error: Exception) -> str:
@@ -97,14 +102,14 @@ def spec_from_dict(data: dict[str, Any]) -> ArchitectureSpec:
         raw = dict(raw)
         if "filters" not in raw:
             raise ValueError(f"{where}: missing key 'filters'")
-        raw["filters"] = _build(FilterBankSpec, raw["filters"], f"{where} filters:")
+        raw["filters"] = _build(FilterBankSpec, raw["filters"], f"{where} filters")
         if "norm" in raw:
-            raw["norm"] = _build(NormSpec, raw["norm"], f"{where} norm:")
+            raw["norm"] = _build(NormSpec, raw["norm"], f"{where} norm")
         if "pool" in raw:
-            raw["pool"] = _build(PoolSpec, raw["pool"], f"{where} pool:")
-        stages.append(_build(StageSpec, raw, f"{where}:"))
-    data["input"] = _build(InputSpec, data["input"], "input:")
-    data["classifier"] = _build(ClassifierSpec, data["classifier"], "classifier:")
+            raw["pool"] = _build(PoolSpec, raw["pool"], f"{where} pool")
+        stages.append(_build(StageSpec, raw, where))
+    data["input"] = _build(InputSpec, data["input"], "input")
+    data["classifier"] = _build(ClassifierSpec, data["classifier"], "classifier")
     data["stages"] = tuple(stages)
     known = {f.name for f in dataclasses.fields(ArchitectureSpec)}
     for key in data:

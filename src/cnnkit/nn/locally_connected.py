@@ -10,7 +10,7 @@ by averaging after every step.
 Connections follow a connection table, as in :mod:`cnnkit.tables`: a ``(K, 2)`` integer
 tensor whose row ``r = (i, o)`` says that kernel ``r`` reads input map ``i`` and adds into
 output map ``o``. ``table=None`` means the full table, rows ``(i, o)`` in the order
-``i * out_maps + o``.
+``o * in_maps + i`` (:func:`cnnkit.tables.full`).
 """
 
 from __future__ import annotations
@@ -22,41 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnkit import tables
 from cnnkit._validation import check_maps, check_positive_int, pair
+from cnnkit.nn.filter_bank import FilterBank
 
 __all__ = ["LocallyConnected2d", "locally_connected2d", "untie_filter_banks"]
-
-
-def _full_table(in_maps: int, out_maps: int, device: torch.device | None = None) -> torch.Tensor:
-    """Every input map to every output map, row ``i * out_maps + o`` = ``(i, o)``."""
-    inputs = torch.arange(in_maps, device=device).repeat_interleave(out_maps)
-    outputs = torch.arange(out_maps, device=device).repeat(in_maps)
-    return torch.stack([inputs, outputs], dim=1)  # (in_maps * out_maps, 2)
-
-
-def _check_table(table: object, in_maps: int, out_maps: int | None) -> torch.Tensor:
-    """Return ``table`` as int64 after checking its type, shape and map numbers.
-
-    ``out_maps=None`` skips the output-map bound (the caller reads it from the table).
-    """
-    if not isinstance(table, torch.Tensor):
-        raise TypeError(f"table must be a (K, 2) integer torch.Tensor, got {type(table).__name__}")
-    if table.is_floating_point() or table.is_complex() or table.dtype == torch.bool:
-        raise TypeError(f"table must have an integer dtype, got {table.dtype}")
-    if table.dim() != 2 or table.shape[1] != 2 or table.shape[0] == 0:
-        raise ValueError(f"table must have shape (K, 2) with K >= 1, got {tuple(table.shape)}")
-    table = table.to(torch.int64)
-    limits = ((0, "input", "in_maps", in_maps), (1, "output", "out_maps", out_maps))
-    for column, name, argument, limit in limits:
-        low, high = int(table[:, column].min()), int(table[:, column].max())
-        if low < 0:
-            raise ValueError(f"table names {name} map {low}; map numbers must be >= 0")
-        if limit is not None and high >= limit:
-            raise ValueError(
-                f"table names {name} map {high}, but {argument} is {limit} "
-                f"(valid {name} maps are 0..{limit - 1})"
-            )
-    return table
 
 
 def _output_hw(input_hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int]):
@@ -174,12 +144,10 @@ def locally_connected2d(
                 "cannot have (K must be in_maps * out_maps); pass table"
             )
         out_maps = rows // in_maps
-        table = _full_table(in_maps, out_maps, device=x.device)
+        table = tables.full(in_maps, out_maps)
     else:
-        table = _check_table(table, in_maps, None).to(x.device)
+        tables.check(table, n_in=in_maps)
         out_maps = int(table[:, 1].max()) + 1
-        if bias is not None and bias.dim() == 3:
-            out_maps = max(out_maps, bias.shape[0])
         if table.shape[0] != rows:
             raise ValueError(
                 f"weight has K={rows} kernels per position but table has {table.shape[0]} rows"
@@ -196,7 +164,8 @@ def locally_connected2d(
             f"bias must have shape {(out_maps, out_h, out_w)}, got {tuple(bias.shape)}"
         )
     xb = x.unsqueeze(0) if unbatched else x
-    out = _locally_connected(xb, weight, bias, in_maps, out_maps, stride, _layout(table, in_maps))
+    layout = _layout(table.to(device=x.device, dtype=torch.int64), in_maps)
+    out = _locally_connected(xb, weight, bias, in_maps, out_maps, stride, layout)
     return out.squeeze(0) if unbatched else out
 
 
@@ -209,8 +178,9 @@ class LocallyConnected2d(nn.Module):
         kernel_size: ``kh`` or ``(kh, kw)``.
         input_hw: the input's ``(H, W)``; the layer holds one kernel per output position,
             so the input size is fixed.
-        table: ``(K, 2)`` connection table of ``(input map, output map)`` rows, or ``None``
-            for the full table (``K = C_in * C_out``).
+        table: ``(K, 2)`` connection table of ``(input map, output map)`` rows, valid for
+            :func:`cnnkit.tables.check` with ``C_in`` and ``C_out``, or ``None`` for the
+            full table :func:`cnnkit.tables.full` (``K = C_in * C_out``).
         bias: whether to add a bias at every output position of every map.
         stride: ``s`` or ``(s_h, s_w)``, the step between positions.
 
@@ -254,9 +224,10 @@ class LocallyConnected2d(nn.Module):
         self.output_hw = _output_hw(self.input_hw, self.kernel_size, self.stride)
         self.full_table = table is None
         if table is None:
-            table = _full_table(self.in_maps, self.out_maps)
+            table = tables.full(self.in_maps, self.out_maps)
         else:
-            table = _check_table(table, self.in_maps, self.out_maps).detach().cpu().clone()
+            tables.check(table, n_in=self.in_maps, n_out=self.out_maps)
+            table = table.detach().to("cpu", torch.int64).clone()
         layout = _layout(table, self.in_maps)
         self._rows_into = torch.bincount(table[:, 1], minlength=self.out_maps)  # (C_out,)
         self._slots, self._dense = layout.slots, layout.dense
@@ -311,17 +282,20 @@ class LocallyConnected2d(nn.Module):
         return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
+        (kh, kw), (h, w), (oh, ow) = self.kernel_size, self.input_hw, self.output_hw
         parts = [
-            f"{self.in_maps}, {self.out_maps}",
-            f"kernel_size={self.kernel_size}",
-            f"input_hw={self.input_hw}",
+            f"{self.in_maps}->{self.out_maps}",
+            f"kernel {kh}x{kw}",
+            f"input {h}x{w}",
+            f"{oh}x{ow} positions",
         ]
         if self.stride != (1, 1):
-            parts.append(f"stride={self.stride}")
-        if not self.full_table:
-            parts.append(f"table={self.rows} rows")
+            sh, sw = self.stride
+            parts.append(f"stride {sh}" if sh == sw else f"stride {sh}x{sw}")
         if self.bias is None:
             parts.append("bias=False")
+        if not self.full_table:
+            parts.append(f"table {tables.describe(self.table.cpu())} ({self.rows} kernels)")
         return ", ".join(parts)
 
     @classmethod
@@ -356,15 +330,14 @@ class LocallyConnected2d(nn.Module):
             if in_maps is not None and in_maps != in_maps_w:
                 raise ValueError(f"in_maps is {in_maps} but weight has {in_maps_w} input maps")
             in_maps = in_maps_w
-            kernels = weight.transpose(0, 1).reshape(in_maps * out_maps, *weight.shape[2:])
+            kernels = weight.reshape(out_maps * in_maps, *weight.shape[2:])  # tables.full order
         else:
             if weight.dim() != 3:
                 raise ValueError(
                     f"weight must have shape (K, kh, kw) with a table, got {tuple(weight.shape)}"
                 )
+            tables.check(table)
             out_maps = int(table[:, 1].max()) + 1
-            if bias is not None:
-                out_maps = max(out_maps, bias.shape[0])
             if in_maps is None:
                 in_maps = int(table[:, 0].max()) + 1
             kernels = weight  # (K, kh, kw)
@@ -390,72 +363,60 @@ class LocallyConnected2d(nn.Module):
         return layer
 
     @classmethod
-    def from_filter_bank(cls, bank: nn.Module, input_hw: int | Sequence[int]) -> LocallyConnected2d:
-        """The untied copy of a filter bank: an ``nn.Conv2d`` or a connection-table bank.
+    def from_filter_bank(
+        cls, bank: FilterBank | nn.Conv2d, input_hw: int | Sequence[int]
+    ) -> LocallyConnected2d:
+        """The untied copy of a filter bank, computing the same function on ``input_hw``.
 
-        A bank with a ``table`` attribute is read as a connection-table filter bank:
-        ``weight`` ``(K, kh, kw)``, ``bias`` ``(C_out,)``, ``stride``. An ``nn.Conv2d``
-        must have ``groups=1``, ``dilation=1`` and no padding (this layer is valid-only).
+        ``bank`` is a :class:`cnnkit.nn.filter_bank.FilterBank` (its table, kernels, bias,
+        stride and ``in_maps`` are copied) or an ``nn.Conv2d`` with ``groups=1``,
+        ``dilation=1`` and no padding (this layer is valid-only).
         """
+        if isinstance(bank, FilterBank):
+            return cls.from_convolution(
+                bank.weight,
+                bank.bias,
+                input_hw,
+                table=bank.table,
+                in_maps=bank.in_maps,
+                stride=bank.stride,
+            )
         if isinstance(bank, nn.Conv2d):
             padding = bank.padding if isinstance(bank.padding, str) else tuple(bank.padding)
             if (
                 bank.groups != 1
                 or tuple(bank.dilation) != (1, 1)
-                or padding
-                not in (
-                    (0, 0),
-                    "valid",
-                )
+                or padding not in ((0, 0), "valid")
             ):
                 raise ValueError(
                     "bank must be an nn.Conv2d with groups=1, dilation=1 and padding=0, "
                     f"got groups={bank.groups}, dilation={bank.dilation}, padding={bank.padding}"
                 )
-            return cls.from_convolution(bank.weight, bank.bias, input_hw, stride=tuple(bank.stride))
-        table = getattr(bank, "table", None)
-        if isinstance(table, torch.Tensor) and getattr(bank, "weight", None) is not None:
-            return cls.from_convolution(
-                bank.weight,
-                getattr(bank, "bias", None),
-                input_hw,
-                table=table,
-                in_maps=getattr(bank, "in_maps", None),
-                stride=getattr(bank, "stride", 1),
-            )
-        raise TypeError(
-            "bank must be an nn.Conv2d or a connection-table filter bank (with table and "
-            f"weight), got {type(bank).__name__}"
-        )
-
-
-def _is_filter_bank(module: nn.Module) -> bool:
-    if isinstance(module, LocallyConnected2d):
-        return False
-    if isinstance(module, nn.Conv2d):
-        return True
-    weight = getattr(module, "weight", None)
-    return (
-        isinstance(getattr(module, "table", None), torch.Tensor)
-        and isinstance(weight, torch.Tensor)
-        and weight.dim() == 3
-    )
+            return cls.from_convolution(bank.weight, bank.bias, input_hw, stride=bank.stride)
+        raise TypeError(f"bank must be a FilterBank or an nn.Conv2d, got {type(bank).__name__}")
 
 
 def untie_filter_banks(model: nn.Module, example_input: torch.Tensor) -> list[LocallyConnected2d]:
     """Replace every filter bank inside ``model`` by its untied :class:`LocallyConnected2d`.
 
-    Filter banks are ``nn.Conv2d`` layers and connection-table banks (modules with a
-    ``table`` and a ``(K, kh, kw)`` weight). Each bank's input size is read from one
-    forward pass of ``example_input`` (any batch size, under ``no_grad``); each new layer
-    starts with the bank's kernel and bias copied to every position, so the model
+    Filter banks are :class:`cnnkit.nn.filter_bank.FilterBank` and ``nn.Conv2d`` modules
+    (the latter with ``groups=1``, ``dilation=1``, no padding). Each bank's input size is
+    read from one forward pass of ``example_input`` (any batch size, under ``no_grad``);
+    each new layer starts with the bank's kernel and bias copied to every position, so the model
     computes the same function. Returns the new layers in module order; tie them with
     ``cnnkit.tying.convolution_groups(*layers)``. A bank that the forward pass never
     reaches, or reaches with two input sizes, is an error.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    banks = [(name, m) for name, m in model.named_modules() if name and _is_filter_bank(m)]
+    banks = [
+        (name, m) for name, m in model.named_modules() if isinstance(m, (FilterBank, nn.Conv2d))
+    ]
+    if banks and banks[0][0] == "":
+        raise TypeError(
+            "model must contain filter banks, not be one: use "
+            "LocallyConnected2d.from_filter_bank(bank, input_hw)"
+        )
     seen: dict[str, tuple[int, int]] = {}
     hooks = []
 

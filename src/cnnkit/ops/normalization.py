@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -102,7 +103,7 @@ def gaussian_window(
 def subtractive_norm(
     x: torch.Tensor, window: torch.Tensor, border: str = "renormalize"
 ) -> torch.Tensor:
-    """Subtract the windowed mean over all maps: ``v_ijk = x_ijk - sum_{i,p,q} w_ipq x_{i,j+p,k+q}``.
+    """Subtract the local mean over all maps, ``v_ijk = x_ijk - sum_{i,p,q} w_ipq x_{i,j+p,k+q}``.
 
     Args:
         x: ``(N, C, H, W)`` or ``(C, H, W)``, floating point.
@@ -140,8 +141,8 @@ def divisive_norm(
         floor: the least ``c`` can be, ``> 0``.
 
     Returns:
-        ``y``, the shape of ``x``; finite for finite input whose squares do not overflow,
-        with finite gradients (a flat image gives 0 and gradient ``1 / c``).
+        ``y``, the shape of ``x``; finite, and with finite gradients, for finite input
+        whose squares do not overflow -- a flat image too (it gives 0).
     """
     threshold, floor = _check_divisive_options(threshold, floor)
     smoother, x4, unbatched = _prepare(x, window, border)
@@ -226,6 +227,8 @@ def _check_window(window: object) -> torch.Tensor:
             "window must have at least one map and odd sides so that it has a centre "
             f"pixel, got shape {tuple(window.shape)}"
         )
+    if not torch.isfinite(window).all():
+        raise ValueError("window must hold finite numbers, got NaN or infinity")
     return window
 
 
@@ -248,7 +251,7 @@ def _prepare(
     factors = None if window.requires_grad else _factorize(window)
     if factors is None:
         return _ConvSmoother(window, border, height, width), x4, unbatched
-    return _SeparableSmoother.build(*factors, border, height, width, x4), x4, unbatched
+    return _SeparableSmoother.build(factors, border, height, width, x4), x4, unbatched
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,52 +276,47 @@ class _Smoother:
         return self(z * z, centre=False)
 
 
-def _factorize(window: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-    """``(a, u, v, total)`` with ``w_ipq = a_i u_p v_q / total^2``, in float64; None if not.
+def _factorize(window: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(a, u, v)`` with ``w_ipq = a_i u_p v_q / total^2``, in float64; None if not so.
 
     ``a``, ``u``, ``v`` are the window's sums over the other two axes and ``total`` its sum;
     the window is accepted when that rank-one product matches it to a few units of its
     dtype's rounding (plus the float64 rounding of those sums), relative to its largest
-    entry.
+    entry. NumPy, because these few small arrays cost microseconds there.
     """
-    w = window.detach().to(torch.float64)
-    total = w.sum()
-    largest = w.abs().max()
-    if total.abs() <= largest * 1e-6:  # (near) zero total: no well-conditioned factors
+    w = window.detach().to(device="cpu", dtype=torch.float64).numpy()
+    total, largest = w.sum(), np.abs(w).max()
+    if abs(total) <= largest * 1e-6:  # (near) zero total: no well-conditioned factors
         return None
-    a, u, v = w.sum(dim=(1, 2)), w.sum(dim=(0, 2)), w.sum(dim=(0, 1))
+    a, u, v = w.sum(axis=(1, 2)), w.sum(axis=(0, 2)), w.sum(axis=(0, 1))
     outer = a[:, None, None] * u[None, :, None] * v[None, None, :]  # (C, k_h, k_w)
-    relative = 16 * torch.finfo(window.dtype).eps + torch.finfo(w.dtype).eps * sum(w.shape)
-    tolerance = relative * largest * total**2
-    if (outer - w * total**2).abs().max() > tolerance:
+    relative = 16 * torch.finfo(window.dtype).eps + np.finfo(w.dtype).eps * sum(w.shape)
+    if np.abs(outer - w * total**2).max() > relative * largest * total**2:
         return None
-    return a, u, v, total
+    return a, u, v
 
 
-def _band(weights: torch.Tensor, n: int, border: str) -> torch.Tensor:
+def _band(weights: np.ndarray, n: int, border: str) -> np.ndarray:
     """The ``(n, n)`` matrix ``B`` with ``(B z)_j = sum_p weights_p z_{j+p}`` under the border.
 
     ``p`` runs over the centred offsets of ``weights`` (odd length). Out-of-image terms are
-    dropped ("zero", "renormalize") or mirrored back in ("reflect"); "renormalize" then
-    divides each row by its sum, the 1-D inside mass.
+    dropped ("zero", "renormalize") or mirrored back in ("reflect", which needs
+    ``len(weights) <= n``); "renormalize" then divides each row by its sum, the 1-D inside
+    mass.
     """
-    size = weights.numel()
-    rows = torch.arange(n, device=weights.device)[:, None]  # (n, 1)
-    offsets = torch.arange(size, device=weights.device)[None, :] - (size - 1) // 2  # (1, k)
-    columns = rows + offsets  # (n, k)
-    values = weights.expand(n, size)  # (n, k)
+    size = len(weights)
+    columns = np.arange(n)[:, None] + (np.arange(size) - (size - 1) // 2)  # (n, k)
+    rows = np.broadcast_to(np.arange(n)[:, None], columns.shape)  # (n, k)
+    values = np.broadcast_to(weights, columns.shape)  # (n, k)
     if border == "reflect":
-        columns = torch.where(columns < 0, -columns, columns)
-        columns = torch.where(columns >= n, 2 * (n - 1) - columns, columns)
-    else:
-        inside = (columns >= 0) & (columns < n)
-        values = torch.where(inside, values, 0.0)
-        columns = columns.clamp(0, n - 1)
-    band = torch.zeros(n, n, dtype=weights.dtype, device=weights.device)
-    band.scatter_add_(1, columns, values)
+        columns = np.abs(columns)
+        columns = np.where(columns >= n, 2 * (n - 1) - columns, columns)
+    inside = (columns >= 0) & (columns < n)
+    band = np.zeros((n, n))
+    np.add.at(band, (rows[inside], columns[inside]), values[inside])
     if border == "renormalize":
-        mass = band.sum(dim=1, keepdim=True)  # (n, 1)
-        band = band / torch.where(mass == 0, 1.0, mass)
+        mass = band.sum(axis=1, keepdims=True)  # (n, 1)
+        band /= np.where(mass == 0, 1.0, mass)
     return band
 
 
@@ -326,9 +324,9 @@ def _band(weights: torch.Tensor, n: int, border: str) -> torch.Tensor:
 class _SeparableSmoother(_Smoother):
     """For ``w_ipq = a_i u_p v_q / total^2``: ``B_h (sum_i a_i z_i) B_w^T / total``.
 
-    ``rows`` (``B_h``) and ``columns_t`` (``B_w^T``) are :func:`_band` matrices that hold the
-    border rule and the scale of ``u / total`` and ``v / total``, or, for "renormalize",
-    rows normalized to sum to 1. When every map has the same weight the maps are summed
+    ``rows`` (``B_h``, from ``u / total``) and ``columns_t`` (``B_w^T``, from ``v``) are
+    :func:`_band` matrices that hold the border rule; for "renormalize" their rows are
+    normalized to sum to 1. When every map has the same weight the maps are summed
     and the result divided by ``C`` (``alpha is None``); otherwise ``alpha = a / total``.
     ``mass`` is the smoothing of a reduced image of ones: 1, a number, or ``(H, W)``.
     """
@@ -339,19 +337,32 @@ class _SeparableSmoother(_Smoother):
     mass: torch.Tensor | float  # (H, W) or a number
 
     @classmethod
-    def build(cls, a, u, v, total, border: str, height: int, width: int, like: torch.Tensor):
+    def build(
+        cls, factors: tuple[np.ndarray, ...], border: str, height: int, width: int, like
+    ) -> _SeparableSmoother:
+        """The smoother for ``factors`` from :func:`_factorize`, in ``like``'s dtype and device."""
+        a, u, v = factors
+        total = a.sum()
         if border == "renormalize":
             rows, columns = _band(u, height, border), _band(v, width, border)
-            mass: torch.Tensor | float = 1.0
+            mass: np.ndarray | float = 1.0
         else:
-            rows, columns = _band(u, height, border), _band(v / total, width, border)
-            if border == "reflect":  # the whole window stays inside: rows sum to sum(u) * 1
+            rows, columns = _band(u / total, height, border), _band(v, width, border)
+            if border == "reflect":  # the window stays inside: rows sum to 1 and to sum(v)
                 mass = float(total)
             else:
-                mass = torch.outer(rows.sum(dim=1), columns.sum(dim=1)).to(like)  # (H, W)
-        uniform = a.max() - a.min() <= 16 * torch.finfo(like.dtype).eps * a.abs().max()
-        alpha = None if uniform else (a / total).to(like)
-        return cls(alpha, rows.to(like), columns.T.to(like), mass)
+                mass = np.outer(rows.sum(axis=1), columns.sum(axis=1))  # (H, W)
+        uniform = np.ptp(a) <= 16 * torch.finfo(like.dtype).eps * np.abs(a).max()
+
+        def cast(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array).to(dtype=like.dtype, device=like.device)
+
+        return cls(
+            alpha=None if uniform else cast(a / total),
+            rows=cast(rows),
+            columns_t=cast(np.ascontiguousarray(columns.T)),
+            mass=cast(mass) if isinstance(mass, np.ndarray) else mass,
+        )
 
     def __call__(self, z: torch.Tensor, centre: bool) -> torch.Tensor:
         if self.alpha is None:

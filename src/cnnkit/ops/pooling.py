@@ -125,9 +125,9 @@ def pool_subsample2d(
     ``n = H - k_h + 1`` pooled rows, ``floor((H - k_h) / s) + 1 = ceil(n / s)``.
 
     The values are bit-identical to pool-then-subsample for ``"max"``, ``"avg"`` and
-    ``"lp"`` with ``p`` of 0.5, 1 or 2; for other ``p`` the final root ``s^(1/p)`` comes from
-    ``torch.pow``, whose vectorised and scalar code paths may round differently, so the two
-    can differ in the last bit. For ``"max"`` the gradient also goes to the same element.
+    ``"lp"`` with ``p`` of 0.5, 1 or 2; for other ``p`` the final root of the window sum
+    comes from ``torch.pow``, whose vectorised and scalar code paths may round differently,
+    so the two can differ in the last bit. For ``"max"`` the gradient also goes to the same element.
 
     Args and weight/bias: as :func:`pool2d`, with ``stride`` the subsampling stride.
 
@@ -138,7 +138,7 @@ def pool_subsample2d(
 
 
 class _LpPool(torch.autograd.Function):
-    """``F.lp_pool2d``'s forward, with a backward that allocates two map-sized tensors, not five.
+    """``F.lp_pool2d``'s forward with a hand-written backward: two input-sized tensors, not five.
 
     ``y = S^(1/p)`` with ``S = sum_window x^p``, so ``dy/dx_j = y^(1-p) x_j^(p-1)``; the sum
     over the windows that hold ``x_j`` is ``avg_pool2d``'s backward applied to

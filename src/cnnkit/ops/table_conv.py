@@ -101,6 +101,8 @@ def table_conv2d(
             f"weight must have shape (K, kh, kw) with K = {rows} (one kernel per table row), "
             f"got shape {tuple(weight.shape)}"
         )
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have the dtype of x ({x.dtype}), got {weight.dtype}")
     kh, kw = weight.shape[1:]
     if kh > height or kw > width:
         raise ValueError(
@@ -110,6 +112,8 @@ def table_conv2d(
     c_out = int(table[:, 1].max()) + 1  # n_outputs(table), without checking it twice
     if bias is not None:
         check_floating("bias", bias)
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias must have the dtype of x ({x.dtype}), got {bias.dtype}")
         if bias.shape != (c_out,):
             raise ValueError(
                 f"bias must have shape ({c_out},), one value per output map of the table, "

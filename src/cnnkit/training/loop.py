@@ -37,7 +37,7 @@ from torch import nn
 
 from cnnkit.data.images import InputTransform
 from cnnkit.data.splits import DataSplits, ImageSet
-from cnnkit.models.spec import ArchitectureSpec
+from cnnkit.models import ArchitectureSpec, build
 from cnnkit.training.checkpoint import (
     Checkpoint,
     load_model_state,
@@ -273,7 +273,7 @@ def _model_and_spec(
         if spec.classifier.classes != data.num_classes:
             spec = spec.with_classes(data.num_classes)
         torch.manual_seed(seed)
-        return _build(spec), spec
+        return build(spec), spec
     if isinstance(model_or_spec, nn.Module):
         spec = getattr(model_or_spec, "spec", None)
         return model_or_spec, spec if isinstance(spec, ArchitectureSpec) else None
@@ -281,12 +281,6 @@ def _model_and_spec(
         "model_or_spec must be an ArchitectureSpec or a torch.nn.Module, "
         f"got {type(model_or_spec).__name__}"
     )
-
-
-def _build(spec: ArchitectureSpec) -> nn.Module:
-    from cnnkit.models import build  # TEMP until models import cleanly
-
-    return build(spec)
 
 
 def _check_fits(spec: ArchitectureSpec | None, data: DataSplits) -> None:
@@ -424,7 +418,7 @@ def resume(
         spec = ArchitectureSpec.load(str(run.spec))
         _check_fits(spec, data)
         torch.manual_seed(config.seed)
-        model = _build(spec)
+        model = build(spec)
     with _threads(config.threads):
         return _train(run, model, data, config, torch_device, checkpoint, report)
 

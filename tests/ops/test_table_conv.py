@@ -1,0 +1,292 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cnnkit import reference, tables
+from cnnkit.ops.table_conv import _choose, table_conv2d
+
+METHODS = ["auto", "dense", "fourier"]
+F64 = torch.float64
+
+
+def reference_batch(x, table, weight, bias=None, stride=(1, 1)):
+    """The float64 one-kernel-at-a-time referee, applied sample by sample, then strided."""
+    out = np.stack(
+        [
+            reference.table_correlate_2d(
+                sample.numpy(),
+                table.numpy(),
+                weight.detach().numpy(),
+                None if bias is None else bias.detach().numpy(),
+            )
+            for sample in x.detach().to(F64)
+        ]
+    )
+    return torch.from_numpy(out[:, :, :: stride[0], :: stride[1]].copy())
+
+
+def make(table, size=(7, 8), kernel=(3, 2), batch=2, dtype=F64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    c_in, c_out = tables.n_inputs(table), tables.n_outputs(table)
+    x = torch.randn(batch, c_in, *size, generator=gen, dtype=dtype)
+    weight = torch.randn(len(table), *kernel, generator=gen, dtype=dtype)
+    bias = torch.randn(c_out, generator=gen, dtype=dtype)
+    return x, weight, bias
+
+
+# ---------------------------------------------------------------------------------------
+# identities and the referee
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_full_table_equals_conv2d(method):
+    table = tables.full(3, 4)
+    x, weight, bias = make(table, size=(9, 7), kernel=(3, 4))
+    dense = weight.view(4, 3, 3, 4)  # full() rows run over inputs within each output
+    expected = F.conv2d(x, dense, bias)
+    torch.testing.assert_close(
+        table_conv2d(x, table, weight, bias, method=method), expected, rtol=0, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("method", METHODS + ["depthwise"])
+def test_one_to_one_equals_grouped_conv(method):
+    table = tables.one_to_one(5)
+    x, weight, bias = make(table, kernel=(3, 3))
+    expected = F.conv2d(x, weight.unsqueeze(1), bias, groups=5)
+    torch.testing.assert_close(
+        table_conv2d(x, table, weight, bias, method=method), expected, rtol=0, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "table",
+    [tables.random(6, 5, 3, seed=2), tables.lenet5_c3(), torch.tensor([[2, 1], [0, 0], [1, 1]])],
+    ids=["random", "lenet5_c3", "unsorted"],
+)
+def test_random_tables_equal_the_per_kernel_sum(method, table):
+    x, weight, bias = make(table, size=(10, 9), kernel=(5, 4))
+    expected = reference_batch(x, table, weight, bias)
+    got = table_conv2d(x, table, weight, bias, method=method)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("stride", [2, (3, 1), (1, 2)])
+def test_stride_keeps_every_stride_th_position(method, stride):
+    table = tables.random(4, 3, 2, seed=5)
+    x, weight, bias = make(table, size=(11, 10), kernel=(3, 4))
+    pair = (stride, stride) if isinstance(stride, int) else stride
+    expected = reference_batch(x, table, weight, bias, pair)
+    got = table_conv2d(x, table, weight, bias, stride, method=method)
+    assert got.shape[-2:] == ((11 - 3) // pair[0] + 1, (10 - 4) // pair[1] + 1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n_in=st.integers(1, 4),
+    n_out=st.integers(1, 4),
+    height=st.integers(1, 9),
+    width=st.integers(1, 9),
+    data=st.data(),
+)
+def test_every_method_matches_the_referee(n_in, n_out, height, width, data):
+    fan = data.draw(st.integers(1, n_in))
+    kh, kw = data.draw(st.integers(1, height)), data.draw(st.integers(1, width))
+    stride = (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)))
+    table = tables.random(n_in, n_out, fan, seed=data.draw(st.integers(0, 99)))
+    x, weight, bias = make(table, size=(height, width), kernel=(kh, kw), batch=1)
+    expected = reference_batch(x, table, weight, bias, stride)
+    for method in METHODS:
+        got = table_conv2d(x, table, weight, bias, stride, method=method)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-11)
+
+
+def test_no_bias_means_zero_bias():
+    table = tables.random(3, 2, 2)
+    x, weight, bias = make(table)
+    for method in METHODS:
+        torch.testing.assert_close(
+            table_conv2d(x, table, weight, None, method=method),
+            table_conv2d(x, table, weight, torch.zeros_like(bias), method=method),
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# the lecture's shapes, layouts and dtypes
+# ---------------------------------------------------------------------------------------
+
+
+def test_lecture_layer3_shapes():
+    table = tables.random(64, 256, 16)
+    x, weight, bias = make(table, size=(14, 14), kernel=(9, 9), batch=2, dtype=torch.float32)
+    y = table_conv2d(x, table, weight, bias)
+    assert y.shape == (2, 256, 6, 6)
+    assert weight.numel() == 4096 * 81
+    expected = reference_batch(x, table, weight, bias)
+    torch.testing.assert_close(y.to(F64), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_picks_fourier_for_layer3_and_conv_for_layer1():
+    f32 = torch.float32
+    assert _choose((64, 64, 14, 14), (4096, 9, 9), 256, (1, 1), f32) == "fourier"
+    assert _choose((64, 1, 83, 83), (64, 9, 9), 64, (1, 1), f32) == "dense"
+    assert _choose((64, 64, 14, 14), (4096, 9, 9), 256, (1, 1), torch.bfloat16) == "dense"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unbatched_input(method):
+    table = tables.lenet5_c3()
+    x, weight, bias = make(table, batch=1)
+    y = table_conv2d(x[0], table, weight, bias, method=method)
+    assert y.shape == (16, 7 - 3 + 1, 8 - 2 + 1)
+    torch.testing.assert_close(y, table_conv2d(x, table, weight, bias, method=method)[0])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_non_contiguous_input(method):
+    table = tables.random(4, 6, 2, seed=1)
+    x, weight, bias = make(table, size=(8, 9))
+    strided = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # channels-last
+    sliced = torch.cat([x, x], dim=3)[..., ::2]  # every other column of a wider map
+    expected = reference_batch(x, table, weight, bias)
+    for view in (strided, torch.cat([x, x], dim=3)[..., :9]):
+        assert not view.is_contiguous()
+        got = table_conv2d(view, table, weight, bias, method=method)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert not sliced.is_contiguous()
+    expected = reference_batch(sliced, table, weight, bias)
+    torch.testing.assert_close(
+        table_conv2d(sliced, table, weight, bias, method=method), expected, rtol=0, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtypes(method, dtype):
+    table = tables.random(5, 4, 3, seed=3)
+    x, weight, bias = make(table, size=(9, 9), kernel=(4, 4), dtype=dtype)
+    y = table_conv2d(x, table, weight, bias, method=method)
+    assert y.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(
+        y.to(F64), reference_batch(x, table, weight, bias), rtol=tolerance, atol=tolerance
+    )
+
+
+def test_table_of_another_integer_dtype():
+    table = tables.random(3, 3, 2)
+    x, weight, bias = make(table)
+    torch.testing.assert_close(
+        table_conv2d(x, table.to(torch.int32), weight, bias), table_conv2d(x, table, weight, bias)
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, table",
+    [
+        ("dense", tables.random(3, 4, 2, seed=1)),
+        ("fourier", tables.random(3, 4, 2, seed=1)),
+        ("fourier", tables.lenet5_c3()),
+        ("depthwise", tables.one_to_one(3)),
+    ],
+)
+@pytest.mark.parametrize("stride", [1, (2, 1)])
+def test_gradcheck(method, table, stride):
+    x, weight, bias = make(table, size=(5, 6), kernel=(2, 3), batch=2)
+    inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: table_conv2d(x, table, w, b, stride, method=method), inputs
+    )
+
+
+def test_fourier_and_dense_gradients_agree():
+    table = tables.random(6, 8, 3, seed=4)
+    grads = []
+    for method in ("dense", "fourier"):
+        x, weight, bias = (t.requires_grad_() for t in make(table, size=(9, 9), kernel=(5, 5)))
+        table_conv2d(x, table, weight, bias, method=method).square().sum().backward()
+        grads.append((x.grad, weight.grad, bias.grad))
+    for dense, fourier in zip(*grads):
+        torch.testing.assert_close(fourier, dense, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------
+
+
+def call_with(**changes):
+    table = tables.random(4, 3, 2)
+    x, weight, bias = make(table, size=(6, 6), kernel=(3, 3))
+    args = {"x": x, "table": table, "weight": weight, "bias": bias, "stride": 1} | changes
+    return table_conv2d(**args)
+
+
+@pytest.mark.parametrize(
+    "changes, error, message",
+    [
+        ({"x": torch.zeros(6, 6, dtype=F64)}, ValueError, r"x must have shape \(C, H, W\)"),
+        ({"x": torch.zeros(1, 4, 6, 6, dtype=torch.int64)}, TypeError, "x must have a real"),
+        (
+            {"x": torch.zeros(1, 3, 6, 6, dtype=F64)},
+            ValueError,
+            r"table row \d+ names input map 3, but only 3 input maps exist \(0..2\)",
+        ),
+        ({"table": torch.zeros(4, 2)}, TypeError, "table must have an integer dtype"),
+        (
+            {"table": torch.tensor([[0, 0], [0, 0]])},
+            ValueError,
+            "table rows 0 and 1 both connect input map 0 to output map 0",
+        ),
+        (
+            {"weight": torch.zeros(5, 3, 3, dtype=F64)},
+            ValueError,
+            r"weight must have shape \(K, kh, kw\) with K = 6 \(one kernel per table row\), "
+            r"got shape \(5, 3, 3\)",
+        ),
+        ({"weight": torch.zeros(6, 9, dtype=F64)}, ValueError, "weight must have shape"),
+        ({"weight": torch.zeros(6, 3, 3)}, TypeError, r"weight must have the dtype of x"),
+        (
+            {"weight": torch.zeros(6, 7, 3, dtype=F64)},
+            ValueError,
+            "weight kernels of 7x3 do not fit in x maps of 6x6",
+        ),
+        (
+            {"bias": torch.zeros(4, dtype=F64)},
+            ValueError,
+            r"bias must have shape \(3,\), one value per output map of the table, got shape \(4,\)",
+        ),
+        ({"bias": torch.zeros(3)}, TypeError, "bias must have the dtype of x"),
+        ({"stride": 0}, ValueError, "stride must be a positive integer, got 0"),
+        ({"stride": (1, 2, 3)}, TypeError, "stride must be a positive integer or a pair"),
+        ({"method": "fft"}, ValueError, "method must be one of 'auto', 'dense', 'depthwise', "),
+        (
+            {"method": "depthwise"},
+            ValueError,
+            'method="depthwise" needs exactly one input map per output map, but the table has 6 '
+            "rows for 3 output maps",
+        ),
+    ],
+)
+def test_errors(changes, error, message):
+    with pytest.raises(error, match=message):
+        call_with(**changes)
+
+
+def test_error_names_input_map_70_of_64():
+    table = torch.tensor([[70, 0]])
+    x = torch.zeros(1, 64, 5, 5)
+    with pytest.raises(ValueError, match="table row 0 names input map 70, but only 64 input maps"):
+        table_conv2d(x, table, torch.zeros(1, 3, 3))

@@ -1,0 +1,414 @@
+"""Figures: feature maps equal the network's activations, the Sobel comparison, curves, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnkit import figures
+from cnnkit.cli import main
+from cnnkit.data import load_image, prepare_image
+from cnnkit.figures import SOBEL_GX
+from cnnkit.models import ArchitectureSpec, ClassifierSpec, FilterBankSpec, InputSpec, StageSpec
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    return figures.random_network("digits28", seed=0)
+
+
+@pytest.fixture(scope="module")
+def digit_image(tmp_path_factory):
+    """A 20×30 RGB picture of a bright bar on a dark ground, saved as PNG."""
+    array = np.zeros((20, 30, 3), dtype=np.uint8)
+    array[5:15, 12:17] = (250, 200, 100)
+    path = tmp_path_factory.mktemp("images") / "bar.png"
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A digits28 run of 2 epochs (one step each) on 16 random 28×28 images, 4 for test."""
+    from cnnkit import data, training
+    from cnnkit.models import from_name
+
+    folder = tmp_path_factory.mktemp("run")
+    rng = np.random.default_rng(0)
+    source = folder / "noise.npz"
+    np.savez(
+        source,
+        train_images=rng.integers(0, 256, (16, 28, 28), dtype=np.uint8),
+        train_labels=np.arange(16) % 2,
+        test_images=rng.integers(0, 256, (4, 28, 28), dtype=np.uint8),
+        test_labels=np.arange(4) % 2,
+    )
+    splits = data.load(source, (28, 28), val_fraction=0.25, seed=0)
+    config = training.TrainConfig(epochs=2, batch_size=16)
+    return training.fit(from_name("digits28"), splits, config, out=folder / "run")
+
+
+def png_size(path):
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        size = image.size
+    with Image.open(path) as image:
+        image.verify()  # raises on a damaged file
+    return size
+
+
+# --------------------------------------------------------------------------------------
+# Mosaics
+# --------------------------------------------------------------------------------------
+
+
+def test_tile_layout_by_hand():
+    maps = np.arange(5 * 3 * 4, dtype=np.float32).reshape(5, 3, 4)
+    mosaic = figures.tile_maps(maps)
+    # 5 maps of 3×4: ceil(sqrt(5 * 3 / 4)) = 2 columns, 3 rows, gap max(1, round(0.24)) = 1
+    assert mosaic.shape == (3 * 3 + 2, 2 * 4 + 1)
+    np.testing.assert_array_equal(mosaic.data[4:7, 5:9], maps[3])
+    assert mosaic.mask.sum() == mosaic.size - maps.size
+    assert mosaic.mask[3].all() and mosaic.mask[:, 4].all()
+    np.testing.assert_array_equal(figures.untile(mosaic, 5, 3, 4), maps)
+
+
+def test_tile_errors():
+    with pytest.raises(ValueError, match=r"maps must have a non-empty shape \(C, H, W\), got"):
+        figures.tile_maps(np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="mosaic of 4 maps 2x2 must have shape"):
+        figures.untile(np.zeros((3, 3)), 4, 2, 2)
+
+
+# --------------------------------------------------------------------------------------
+# Feature maps
+# --------------------------------------------------------------------------------------
+
+
+def test_random_network_is_seeded_and_leaves_global_generator():
+    state = torch.random.get_rng_state()
+    a = figures.random_network("digits28", seed=3)
+    b = figures.random_network("digits28", seed=3)
+    c = figures.random_network("digits28", seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a.stage1.filters.weight, b.stage1.filters.weight)
+    assert not torch.equal(a.stage1.filters.weight, c.stage1.filters.weight)
+    assert not a.training
+
+
+def test_feature_maps_equal_intermediates(digits_model, digit_image):
+    steps = figures.feature_maps(digits_model, digit_image)
+    x = prepare_image(load_image(digit_image), (28, 28))
+    with torch.no_grad():
+        expected = digits_model.intermediates(x[None])
+    assert steps[0].layer == "input"
+    np.testing.assert_array_equal(steps[0].values, x.numpy())
+    shown = {s.layer: s.values for s in steps if s.layer not in (None, "input")}
+    assert list(shown) == [name for name in expected if name != "classifier"]
+    for name, values in shown.items():
+        np.testing.assert_array_equal(values, expected[name][0].numpy(), err_msg=name)
+    # The fused pooling layer shows as pooling at stride 1, then subsampling by 2.
+    for i, step in enumerate(steps):
+        if step.layer is None:
+            assert step.step == "pool" and steps[i + 1].step == "subsample"
+            np.testing.assert_array_equal(step.values[:, ::2, ::2], steps[i + 1].values)
+    titles = [s.title for s in steps]
+    assert titles[:6] == [
+        "input · 1@28×28",
+        "stage 1 · filters · 16@24×24",
+        "stage 1 · rectify · 16@24×24",
+        "stage 1 · norm · 16@24×24",
+        "stage 1 · pool · 16@23×23",
+        "stage 1 · subsample · 16@12×12",
+    ]
+    fused = figures.feature_maps(digits_model, digit_image, split_pooling=False)
+    assert [s.step for s in fused if s.stage == 1][-1] == "pool + subsample"
+    assert None not in [s.layer for s in fused]
+
+
+def test_feature_maps_lecture_shapes():
+    steps = figures.feature_maps(figures.random_network("lecun83"), np.zeros((83, 83), np.uint8))
+    titles = [s.title for s in steps]
+    for title in (
+        "stage 1 · filters · 64@75×75",
+        "stage 1 · pool · 64@66×66",
+        "stage 1 · subsample · 64@14×14",
+        "stage 2 · filters · 256@6×6",
+        "stage 2 · subsample · 256@1×1",
+    ):
+        assert title in titles
+
+
+def test_figure_arrays_are_the_activations(digits_model, digit_image):
+    fig = figures.feature_maps_figure(digits_model, digit_image, note="weights: seeded random")
+    x = prepare_image(load_image(digit_image), (28, 28))
+    with torch.no_grad():
+        expected = digits_model.intermediates(x[None])
+    checked = 0
+    for ax in fig.axes:
+        if ax.get_label() in expected:
+            value = expected[ax.get_label()][0].numpy()
+            drawn = figures.untile(ax.images[0].get_array(), *value.shape)
+            np.testing.assert_array_equal(drawn, value, err_msg=ax.get_label())
+            checked += 1
+    assert checked == len(expected) - 1  # every layer but the classifier
+    texts = [t.get_text() for t in fig.texts]
+    assert "stage 2 · filters · 32@8×8" in texts
+    assert any("seeded random" in t and "bar.png" in t for t in texts)
+    # Size: (1 + 5 steps) × 2.7 by 0.5 + 2 rows × (2.7 + 0.75) inches.
+    assert tuple(fig.get_size_inches() * figures.DPI) == pytest.approx((1620, 740))
+
+
+def test_one_stage_figure(digits_model, digit_image):
+    fig = figures.feature_maps_figure(digits_model, digit_image, stage=2)
+    labels = [ax.get_label() for ax in fig.axes]
+    assert labels == [
+        "stage1.pool",  # the maps entering stage 2
+        "stage2.filters",
+        "stage2.nonlin",
+        "stage2.norm",
+        "stage2.pool (stride 1)",
+        "stage2.pool",
+    ]
+    assert tuple(fig.get_size_inches() * figures.DPI) == pytest.approx((2100, 475))
+    with pytest.raises(ValueError, match="stage must be between 1 and 2 .* got 3"):
+        figures.feature_maps_figure(digits_model, digit_image, stage=3)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "I;16", "P", "L", "LA", "1"])
+def test_any_image_mode_is_converted_as_training_does(digits_model, tmp_path, mode):
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 256, (37, 23, 3), dtype=np.uint8))
+    image = rgb.convert(mode) if mode != "I;16" else Image.fromarray(
+        rng.integers(0, 65536, (37, 23), dtype=np.uint16)
+    )  # fmt: skip
+    path = tmp_path / f"image.{'tiff' if mode == 'I;16' else 'png'}"
+    image.save(path)
+    steps = figures.feature_maps(digits_model, path)
+    expected = prepare_image(load_image(path), (28, 28))
+    np.testing.assert_array_equal(steps[0].values, expected.numpy())
+    assert steps[0].values.shape == (1, 28, 28)
+
+
+def test_not_an_image(digits_model, tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("not pixels")
+    with pytest.raises(ValueError, match="notes.png is not a readable image"):
+        figures.feature_maps(digits_model, path)
+    with pytest.raises(TypeError, match="model must be a network built by cnnkit.models.build"):
+        figures.feature_maps(torch.nn.Linear(2, 2), path)
+
+
+# --------------------------------------------------------------------------------------
+# Sobel
+# --------------------------------------------------------------------------------------
+
+
+def test_sobel_templates():
+    templates = {name: (angle, kernel) for name, angle, kernel in figures.sobel_templates()}
+    assert [angle for angle, _ in templates.values()] == list(range(0, 360, 45))
+    np.testing.assert_array_equal(templates["Gx"][1], SOBEL_GX)
+    np.testing.assert_array_equal(templates["Gy"][1], SOBEL_GX.T)
+    np.testing.assert_array_equal(templates["-Gx"][1], -SOBEL_GX)
+    np.testing.assert_array_equal(templates["-Gy"][1], np.rot90(SOBEL_GX))
+    # Counter-clockwise: Gx's positive side (left) turns to the lower left.
+    np.testing.assert_array_equal(templates["Gx+45°"][1], [[0, -1, -2], [1, 0, -1], [2, 1, 0]])
+    for angle in (45, 135):
+        turned = np.rot90(templates[f"Gx+{angle}°"][1])
+        np.testing.assert_array_equal(templates[f"Gx+{angle + 90}°"][1], turned)
+
+
+def test_resize_kernel_by_hand():
+    np.testing.assert_array_equal(figures.resize_kernel(SOBEL_GX, (3, 3)), SOBEL_GX)
+    # Gx = [1, 2, 1]^T [1, 0, -1]; each factor is interpolated linearly, corners aligned.
+    expected = np.outer([1, 1.5, 2, 1.5, 1], [1, 0.5, 0, -0.5, -1])
+    np.testing.assert_allclose(figures.resize_kernel(SOBEL_GX, (5, 5)), expected)
+    np.testing.assert_allclose(figures.resize_kernel(SOBEL_GX, (2, 4))[0], [1, 1 / 3, -1 / 3, -1])
+    with pytest.raises(ValueError, match="size must be at least 2 on each side"):
+        figures.resize_kernel(SOBEL_GX, (1, 5))
+
+
+def test_sobel_scores_against_a_direct_computation():
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(12, 4, 4))
+    weight[5] = 0.0
+    matches = figures.sobel_scores(weight, top=3)
+    assert len(matches) == 8 * 3
+    for name, angle, template in figures.sobel_templates():
+        s = figures.resize_kernel(template, (4, 4)).ravel()
+        cos = [
+            0.0 if not w.any() else float(w.ravel() @ s / np.linalg.norm(w) / np.linalg.norm(s))
+            for w in weight
+        ]
+        got = [m for m in matches if m.template == name]
+        assert [m.rank for m in got] == [1, 2, 3] and all(m.angle == angle for m in got)
+        assert [m.kernel for m in got] == list(np.argsort(cos)[::-1][:3])
+        np.testing.assert_allclose([m.similarity for m in got], sorted(cos, reverse=True)[:3])
+
+
+def sobel_net(kernel: int):
+    spec = ArchitectureSpec(
+        name="edges",
+        input=InputSpec(height=12, width=12),
+        stages=(StageSpec(filters=FilterBankSpec(maps=4, kernel=kernel)),),
+        classifier=ClassifierSpec(classes=2),
+    )
+    return figures.random_network(spec, seed=0)
+
+
+def test_network_with_sobel_first_filter_ranks_it_first():
+    model = sobel_net(3)
+    with torch.no_grad():
+        model.stage1.filters.weight[0] = torch.from_numpy(3 * SOBEL_GX)
+    report = figures.sobel_report(model, 1, top=4)
+    gx = [m for m in report.matches if m.template == "Gx"]
+    assert gx[0].kernel == 0 and gx[0].similarity == pytest.approx(1.0, abs=1e-6)
+    assert (gx[0].input_map, gx[0].output_map) == (0, 0)
+    minus = [m for m in report.matches if m.template == "-Gx"]
+    assert minus[-1].kernel == 0 and minus[-1].similarity == pytest.approx(-1.0, abs=1e-6)
+    assert "Gx" in report.to_text() and json.loads(json.dumps(report.to_dict()))["stage"] == 1
+
+
+def test_resized_sobel_in_digits28_ranks_first(digits_model):
+    model = figures.random_network("digits28", seed=0)
+    template = figures.resize_kernel(SOBEL_GX, (5, 5))
+    with torch.no_grad():
+        model.stage1.filters.weight[0] = torch.from_numpy(template)
+    report = figures.sobel_report(model, 1)
+    best = next(m for m in report.matches if m.template == "Gx")
+    assert best.kernel == 0 and best.similarity == pytest.approx(1.0, abs=1e-6)
+    fig = figures.filters_figure(model, 1, report=report)
+    axes = {ax.get_label(): ax for ax in fig.axes}
+    weight = model.stage1.filters.weight.detach().double().numpy()
+    unit = weight / np.abs(weight).max(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(
+        figures.untile(axes["kernels"].images[0].get_array(), 16, 5, 5), unit
+    )
+    np.testing.assert_allclose(axes["match Gx"].images[0].get_array().data, unit[0])
+    assert tuple(fig.get_size_inches() * figures.DPI) == pytest.approx((1070, 675))
+    with pytest.raises(ValueError, match="report is of stage 1 .* not of stage 2"):
+        figures.filters_figure(model, 2, report=report)
+
+
+def test_chance_similarity_matches_random_kernels():
+    rng = np.random.default_rng(5)
+    template = figures.resize_kernel(SOBEL_GX, (5, 5)).ravel()
+    best = []
+    for _ in range(1000):
+        w = rng.normal(size=(16, 25))
+        best.append((w @ template / np.linalg.norm(w, axis=1) / np.linalg.norm(template)).max())
+    assert figures.chance_similarity(16, (5, 5)) == pytest.approx(np.median(best), abs=0.02)
+
+
+def test_kernel_errors(digits_model):
+    with pytest.raises(ValueError, match="kernels must be at least 2×2"):
+        figures.sobel_scores(np.zeros((3, 1, 1)))
+    with pytest.raises(ValueError, match=r"table must have shape \(3, 2\) for 3 kernels"):
+        figures.sobel_scores(np.ones((3, 3, 3)), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="stage must be between 1 and 2"):
+        figures.stage_kernels(digits_model, 0)
+
+
+# --------------------------------------------------------------------------------------
+# Curves
+# --------------------------------------------------------------------------------------
+
+
+def test_curves_figure_draws_the_metrics():
+    rows = [
+        {"epoch": e, "train_loss": 2.0 / e, "train_accuracy": 0.5 + 0.1 * e, "val_loss": 2.5 / e,
+         "val_accuracy": [0.4, 0.7, 0.6][e - 1], "test_loss": None, "test_accuracy": None}
+        for e in (1, 2, 3)
+    ]  # fmt: skip
+    fig = figures.curves_figure(rows, source="run x")
+    axes = {ax.get_label(): ax for ax in fig.axes}
+    lines = {line.get_label(): line for line in axes["accuracy"].get_lines()}
+    assert set(lines) == {"train", "val", "best (epoch 2)"}  # no test values, no test line
+    np.testing.assert_allclose(lines["val"].get_ydata(), [40, 70, 60])
+    np.testing.assert_allclose(lines["best (epoch 2)"].get_xdata(), [2, 2])
+    loss = {line.get_label(): line for line in axes["loss"].get_lines()}
+    np.testing.assert_allclose(loss["train"].get_ydata(), [2.0, 1.0, 2 / 3])
+    np.testing.assert_allclose(loss["train"].get_xdata(), [1, 2, 3])
+    assert tuple(fig.get_size_inches() * figures.DPI) == pytest.approx((1000, 450))
+    with pytest.raises(ValueError, match="run x: no epoch has finished yet"):
+        figures.curves_figure([], source="run x")
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+
+def test_cli_show_writes_pngs(digit_image, tmp_path, capsys, monkeypatch):
+    notes = []
+    draw = figures.feature_maps_figure
+    monkeypatch.setattr(
+        figures, "feature_maps_figure", lambda *a, **k: notes.append(k["note"]) or draw(*a, **k)
+    )
+    out = tmp_path / "maps.png"
+    assert main(["show", str(digit_image), "--preset", "digits28", "--out", str(out)]) == 0
+    assert png_size(out) == (1620, 740)
+    assert notes == ["weights: seeded random (seed 0), not trained"]
+    assert main(["show", str(digit_image), "--preset", "digits28", "--per-stage",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert png_size(tmp_path / "maps-stage1.png") == (2100, 475)
+    assert png_size(tmp_path / "maps-stage2.png") == (2100, 475)
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path / 'maps-stage2.png'}"
+
+
+def test_cli_show_lecun83_default(digit_image, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["show", str(digit_image)]) == 0
+    assert png_size(tmp_path / "bar-maps.png") == (1620, 740)
+
+
+def test_cli_run_verbs(run_dir, digit_image, tmp_path, capsys):
+    out = tmp_path / "run-maps.png"
+    assert main(["show", str(digit_image), "--run", str(run_dir), "--out", str(out)]) == 0
+    assert png_size(out) == (1620, 740)
+    assert f"wrote {out}" in capsys.readouterr().out
+    capsys.readouterr()
+    out = tmp_path / "filters.png"
+    assert main(["filters", str(run_dir), "--out", str(out), "--format", "json"]) == 0
+    assert png_size(out) == (1070, 675)
+    report = json.loads(capsys.readouterr().out)
+    assert report["kernels"] == 16 and len(report["matches"]) == 8
+    assert {m["template"] for m in report["matches"]} >= {"Gx", "Gy", "-Gx", "-Gy"}
+    assert main(["filters", str(run_dir), "--stage", "2", "--out", str(out), "--top", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "stage 2: 256 kernels 5×5" in text and "chance" in text
+    out = tmp_path / "curves.png"
+    assert main(["curves", str(run_dir), "--out", str(out)]) == 0
+    assert png_size(out) == (1000, 450)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["curves", "{missing}"], "run folder '{missing}' does not exist"),
+        (["filters", "{missing}"], "run folder '{missing}' does not exist"),
+        (["show", "{image}", "--run", "{missing}"], "run folder '{missing}' does not exist"),
+        (["show", "{text}"], "{text} is not a readable image"),
+        (["show", "{image}", "--out", "{missing}/x.png"], "--out folder '{missing}' does not"),
+        (["show", "{image}", "--out", "{folder}"], "--out '{folder}' is a folder"),
+        (["show", "{image}", "--run", "{missing}", "--seed", "1"], "--seed sets random weights"),
+        (["show", "{image}", "--checkpoint", "last"], "--checkpoint chooses a run's weights"),
+    ],
+)
+def test_cli_errors_are_one_line(argv, message, tmp_path, digit_image, capsys):
+    names = {
+        "missing": tmp_path / "nowhere",
+        "image": digit_image,
+        "text": tmp_path / "a.jpg",
+        "folder": tmp_path,
+    }
+    (tmp_path / "a.jpg").write_text("hello")
+    argv = [a.format(**names) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cnnkit: error: ") and err.count("\n") == 1
+    assert message.format(**names) in err
