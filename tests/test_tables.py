@@ -109,6 +109,8 @@ def test_counts_and_describe():
     assert tables.describe(tables.random(64, 256, 16)) == "fan-in 16"
     assert tables.describe(tables.full(3, 2)) == "full"
     assert tables.describe(tables.one_to_one(4)) == "one-to-one"
+    assert tables.describe(tables.one_to_one(4), n_in=5) == "fan-in 1"
+    assert tables.describe(tables.full(3, 2), n_in=4) == "fan-in 3"
     assert tables.fan_in(torch.tensor([[0, 0], [1, 0], [0, 2], [1, 1], [2, 1]])).tolist() == [
         2,
         2,

@@ -72,6 +72,37 @@ def test_arbitrary_labels_give_the_same_groups_as_compact_ones():
     assert (groups.free, groups.stored) == (6, 18)
 
 
+def test_expanded_labels_behave_like_materialized_ones():
+    torch.manual_seed(2)
+    a = nn.Parameter(torch.randn(4, 3, 5, dtype=torch.float64))
+    b = nn.Parameter(a.detach().clone())
+    base = torch.tensor([[0, 1, 2, 3, 4]]).view(1, 1, 5)
+    expanded = (base * 7 - 3).expand(4, 3, 5)  # stride 0 on dims 0 and 1, odd labels
+    lazy, eager = tying.TieGroups({a: expanded}), tying.TieGroups({b: expanded.contiguous()})
+    assert (lazy.free, lazy.stored) == (eager.free, eager.stored) == (5, 60)
+    assert torch.equal(lazy.group_sizes(), eager.group_sizes())
+    assert torch.equal(lazy[a], eager[b])
+    tying.project_(lazy)
+    tying.project_(eager)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+    torch.testing.assert_close(a[2, 1], b.detach().mean((0, 1)), rtol=0, atol=1e-15)
+    with torch.no_grad():
+        a[1, 2, 3] = b[1, 2, 3] = 10.0
+    messages = []
+    for groups in (lazy, eager):
+        with pytest.raises(ValueError) as error:
+            tying.check_tied(groups)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]
+    assert (
+        "tie group 18 is not tied: parameter 0 (shape (4, 3, 5)) at index (1, 2, 3)" in messages[0]
+    )
+    with tying.scale_gradients_by_group_size(lazy), tying.scale_gradients_by_group_size(eager):
+        a.sum().backward()
+        b.sum().backward()
+    assert a.grad.eq(12).all() and b.grad.eq(12).all()
+
+
 def test_project_mixed_dtypes_and_float32():
     a, b, labels = spanning_groups(torch.float32)
     with torch.no_grad():
@@ -192,7 +223,7 @@ def test_convolution_groups_make_the_layer_a_table_convolution():
     bias = layer.bias.detach().mean((1, 2))  # (C_out,)
     tying.project_(groups)
     dense = torch.zeros(3, 2, 3, 3, dtype=torch.float64)
-    dense[table[:, 1], table[:, 0]] = kernels
+    dense[layer.table[:, 1], layer.table[:, 0]] = kernels
     x = torch.randn(2, 2, 6, 7, dtype=torch.float64)
     torch.testing.assert_close(layer(x), F.conv2d(x, dense, bias), rtol=0, atol=1e-12)
 
@@ -379,9 +410,19 @@ def test_averaging_at_lr_follows_the_convolution_at_lr_over_n(digits, case):
     assert moved > 1e-3  # the filters did learn, so the agreement means something
 
 
-@pytest.mark.parametrize("case", list(SGD_CASES))
+SCALED_CASES = {
+    **SGD_CASES,
+    # With scaled gradients the decay the optimizer adds matches too (see docs/tying.md).
+    "momentum-decay": (
+        0.05,
+        lambda groups: torch.optim.SGD(groups, momentum=0.9, weight_decay=0.1),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SCALED_CASES))
 def test_scaled_averaging_at_lr_follows_the_convolution_at_lr(digits, case):
-    lr, make_optimizer = SGD_CASES[case]
+    lr, make_optimizer = SCALED_CASES[case]
     lr = lr / 10  # the shared-weight step is N times larger than the plain averaged one
     start = conv_net()[0].weight.detach()
     steps = run_both(digits, make_optimizer, lr, lr, scale_gradients=True)

@@ -215,11 +215,16 @@ def fan_in(table: torch.Tensor) -> torch.Tensor:
     return torch.bincount(table[:, 1].to(torch.int64), minlength=n_outputs(table))
 
 
-def describe(table: torch.Tensor) -> str:
+def describe(table: torch.Tensor, n_in: int | None = None) -> str:
     """A short name for a table's shape: ``"full"``, ``"one-to-one"``, ``"fan-in 16"``
-    (every output has 16 inputs) or ``"fan-in 3-6"`` (the smallest and largest)."""
-    check(table)
-    ins, outs = n_inputs(table), n_outputs(table)
+    (every output has 16 inputs) or ``"fan-in 3-6"`` (the smallest and largest).
+
+    ``n_in`` is the number of input maps when it exceeds ``n_inputs(table)``: a table
+    that leaves some input maps unread is neither full nor one-to-one.
+    """
+    check(table, n_in=n_in)
+    ins = n_in if n_in is not None else n_inputs(table)
+    outs = n_outputs(table)
     if len(table) == ins * outs:  # rows are distinct, so every pair is present
         return "full"
     if ins == outs == len(table) and bool((table[:, 0] == table[:, 1]).all()):

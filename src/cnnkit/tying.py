@@ -63,9 +63,13 @@ class TieGroups(Mapping):
     The labels are renumbered once, at construction, to ``0 .. S-1`` (``S`` slots, one per
     group; nonnegative labels below the number of entries are kept as they are, others go
     through ``torch.unique``); ``groups[p]`` returns the renumbered labels, shaped like
-    ``p``. The flat labels are stored as ``int32`` where they fit, on each parameter's
-    device, and follow the parameter if it moves. Build once and reuse: every operation of
-    this module accepts a plain mapping too but then renumbers it on every call.
+    ``p``. A label tensor made by ``expand`` (stride 0 along some dimensions, as
+    :func:`convolution_groups` makes them) is constant along those dimensions, and is
+    kept that way: only its distinct slice is stored, and :func:`project_` sums the
+    parameter over those dimensions before it scatters -- for a convolution's groups, a
+    sum over positions. Labels are stored as ``int32`` where they fit, on each
+    parameter's device, and follow the parameter if it moves. Build once and reuse: every
+    operation of this module accepts a plain mapping too but then renumbers it each call.
     """
 
     def __init__(
@@ -81,7 +85,7 @@ class TieGroups(Mapping):
         if len(labels) == 0:
             raise ValueError("labels must name at least one parameter, got an empty mapping")
         names = {} if names is None else names
-        params, flat = [], []
+        params, flat, broadcast, shapes = [], [], [], []
         for i, (param, label) in enumerate(labels.items()):
             if not isinstance(param, torch.Tensor) or not param.is_floating_point():
                 raise TypeError(
@@ -100,42 +104,52 @@ class TieGroups(Mapping):
                     f"labels of {name} must have the parameter's shape {tuple(param.shape)}, "
                     f"got {tuple(label.shape)}"
                 )
+            dims = tuple(
+                d for d in range(label.dim()) if label.stride(d) == 0 and label.shape[d] > 1
+            )
+            base = label.detach()
+            for d in dims:
+                base = base.narrow(d, 0, 1)  # the labels, constant along d
             params.append(param)
-            flat.append(label.detach().reshape(-1).to(torch.int64))
+            broadcast.append(dims)
+            shapes.append(tuple(base.shape))
+            flat.append(base.reshape(-1).to(torch.int64))
         self._params: list[torch.Tensor] = params
         self._names: list[str] = [
             names.get(p, f"parameter {i} (shape {tuple(p.shape)})") for i, p in enumerate(params)
         ]
         self._position = {id(p): i for i, p in enumerate(params)}
-        stored = sum(f.numel() for f in flat)
+        self._broadcast: list[tuple[int, ...]] = broadcast  # dims the labels are constant on
+        self._base_shape: list[tuple[int, ...]] = shapes  # shape of the stored labels
+        self._stored = sum(p.numel() for p in params)
         low = min((int(f.min()) for f in flat if f.numel()), default=0)
         high = max((int(f.max()) for f in flat if f.numel()), default=-1)
-        if low >= 0 and high < max(stored, 1):
+        if low >= 0 and high < max(self._stored, 1):
             self._slot_labels: torch.Tensor | None = None  # slot s is label s
             num_slots = high + 1
         else:
             device = flat[0].device
-            everything = torch.cat([f.to(device) for f in flat])  # (stored,)
+            everything = torch.cat([f.to(device) for f in flat])  # (stored labels,)
             self._slot_labels, inverse = torch.unique(everything, return_inverse=True)
             num_slots = len(self._slot_labels)
             flat = list(torch.split(inverse, [f.numel() for f in flat]))
         index_dtype = torch.int32 if num_slots < 2**31 else torch.int64
         counts = torch.zeros(num_slots, dtype=torch.int64)
-        for f in flat:
-            counts += torch.bincount(f.cpu(), minlength=num_slots)
+        for f, param, base_shape in zip(flat, params, shapes, strict=True):
+            repeats = param.numel() // max(math.prod(base_shape), 1)  # entries per label
+            counts += torch.bincount(f.cpu(), minlength=num_slots) * repeats
         self._counts = counts  # (S,) entries per slot, on the CPU
         self._index = [
             f.to(device=p.device, dtype=index_dtype) for f, p in zip(flat, params, strict=True)
         ]
         self._free = int((counts > 0).sum())
-        self._stored = stored
 
     # -- Mapping interface ------------------------------------------------------------------
     def __getitem__(self, param: torch.Tensor) -> torch.Tensor:
         i = self._position.get(id(param))
         if i is None or self._params[i] is not param:
             raise KeyError("this tensor is not one of the tied parameters")
-        return self._index[i].view(param.shape)
+        return self._labels(i)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self._params)
@@ -187,10 +201,10 @@ class TieGroups(Mapping):
         labels, names, offset = {}, {}, 0
         for g in groups:
             g = _as_groups(g)
-            for param, name, index in zip(g._params, g._names, g._index, strict=True):
+            for i, (param, name) in enumerate(zip(g._params, g._names, strict=True)):
                 if param in labels:
                     raise ValueError(f"{name} appears in two of the tie groups being combined")
-                labels[param] = index.view(param.shape).to(torch.int64) + offset
+                labels[param] = g._labels(i, offset)
                 names[param] = name
             offset += len(g._counts)
         return TieGroups(labels, names)
@@ -209,16 +223,29 @@ class TieGroups(Mapping):
         return devices.pop(), dtype
 
     def _flat_index(self, i: int) -> torch.Tensor:
+        """Parameter ``i``'s stored labels, flat, on its device (moved there if needed)."""
         index, device = self._index[i], self._params[i].device
         if index.device != device:
             index = self._index[i] = index.to(device)
         return index
 
+    def _labels(self, i: int, offset: int = 0) -> torch.Tensor:
+        """Parameter ``i``'s renumbered labels (int64, plus ``offset``), shaped like it."""
+        base = (self._flat_index(i).to(torch.int64) + offset).view(self._base_shape[i])
+        return base.expand(self._params[i].shape)
+
+    def _reduced(self, i: int, values: torch.Tensor, reduce: str) -> torch.Tensor:
+        """``values`` (shaped like parameter ``i``) reduced over its broadcast dims, flat."""
+        dims = self._broadcast[i]
+        if dims:
+            values = getattr(values, reduce)(dim=dims, keepdim=True)
+        return values.reshape(-1)
+
     def _sizes(self, i: int, like: torch.Tensor) -> torch.Tensor:
-        """Each entry's group size, shaped and typed like ``like`` (parameter ``i``'s grad)."""
+        """Each entry's group size, broadcastable to ``like`` (parameter ``i``'s grad)."""
         counts = self._counts.to(device=like.device, dtype=like.dtype)
         index = self._flat_index(i).to(like.device)
-        return counts.index_select(0, index).view(like.shape)
+        return counts.index_select(0, index).view(self._base_shape[i])
 
 
 def _as_groups(groups: object) -> TieGroups:
@@ -246,10 +273,10 @@ def project_(groups: TieGroups | Mapping[torch.Tensor, torch.Tensor]) -> None:
     device, dtype = g._device_and_dtype()
     sums = torch.zeros(len(g._counts), device=device, dtype=dtype)  # (S,)
     for i, param in enumerate(g._params):
-        sums.index_add_(0, g._flat_index(i), param.reshape(-1).to(dtype))
+        sums.index_add_(0, g._flat_index(i), g._reduced(i, param.to(dtype), "sum"))
     means = sums.div_(g._counts.to(device=device, dtype=dtype).clamp_min_(1))  # (S,)
     for i, param in enumerate(g._params):
-        param.copy_(means.index_select(0, g._flat_index(i)).view(param.shape))
+        param.copy_(means.index_select(0, g._flat_index(i)).view(g._base_shape[i]))
 
 
 @torch.no_grad()
@@ -260,9 +287,9 @@ def _spreads(g: TieGroups) -> tuple[torch.Tensor, torch.Tensor]:
     low = torch.full((len(g._counts),), math.inf, device=device, dtype=dtype)
     for i, param in enumerate(g._params):
         index = g._flat_index(i).to(torch.int64)
-        values = param.reshape(-1).to(dtype)
-        high.scatter_reduce_(0, index, values, reduce="amax")
-        low.scatter_reduce_(0, index, values, reduce="amin")
+        values = param.to(dtype)
+        high.scatter_reduce_(0, index, g._reduced(i, values, "amax"), reduce="amax")
+        low.scatter_reduce_(0, index, g._reduced(i, values, "amin"), reduce="amin")
     return high, low
 
 
@@ -300,7 +327,7 @@ def check_tied(groups: TieGroups | Mapping[torch.Tensor, torch.Tensor], atol: fl
     where = {}
     for which, target in (("largest", high[slot]), ("smallest", low[slot])):
         for i, param in enumerate(g._params):
-            hit = (g._flat_index(i) == slot) & (
+            hit = (g._labels(i) == slot).reshape(-1) & (
                 (param.reshape(-1).to(target.dtype) == target)
                 | (torch.isnan(param.reshape(-1)) & torch.isnan(target))
             )
@@ -311,7 +338,7 @@ def check_tied(groups: TieGroups | Mapping[torch.Tensor, torch.Tensor], atol: fl
                 break
         else:  # a NaN makes amax/amin NaN without matching: name any entry of the group
             for i, param in enumerate(g._params):
-                hit = g._flat_index(i) == slot
+                hit = (g._labels(i) == slot).reshape(-1)
                 if bool(hit.any()):
                     flat = int(torch.nonzero(hit)[0])
                     index = tuple(

@@ -30,6 +30,11 @@ def one_thread():
 TABLE = torch.tensor([[0, 1], [2, 0], [1, 1], [0, 0], [2, 2], [1, 2]])  # 3 -> 3 maps, 6 rows
 
 
+def by_input_then_output(table):
+    """The permutation putting a table's rows in the layer's order."""
+    return torch.tensor(sorted(range(len(table)), key=lambda r: tuple(table[r].tolist())))
+
+
 def loop_reference(x, weight, bias, table, stride=(1, 1)):
     """Every position, every row, written out: the definition of the layer."""
     out_h, out_w, _, kh, kw = weight.shape
@@ -101,7 +106,7 @@ def test_tied_full_table_equals_conv2d_forward_and_backward():
     layer(x).backward(grad_out)
     conv(x).backward(grad_out)
     # The shared weight's gradient is the sum of the per-position gradients.
-    summed = layer.weight.grad.sum((0, 1)).view(3, 2, 3, 4)  # (out, in, kh, kw): tables.full
+    summed = layer.weight.grad.sum((0, 1)).view(2, 3, 3, 4).transpose(0, 1)  # (out, in, kh, kw)
     torch.testing.assert_close(summed, conv.weight.grad, rtol=0, atol=1e-10)
     torch.testing.assert_close(layer.bias.grad.sum((1, 2)), conv.bias.grad, rtol=0, atol=1e-10)
 
@@ -133,18 +138,24 @@ def test_tied_table_equals_table_conv2d_forward_and_backward(table):
     grad_out = torch.randn_like(expected)
     layer(x).backward(grad_out)
     expected.backward(grad_out)
-    torch.testing.assert_close(layer.weight.grad.sum((0, 1)), kernels.grad, rtol=0, atol=1e-10)
+    order = by_input_then_output(table)
+    assert torch.equal(layer.table, table[order])
+    torch.testing.assert_close(
+        layer.weight.grad.sum((0, 1)), kernels.grad[order], rtol=0, atol=1e-10
+    )
     torch.testing.assert_close(layer.bias.grad.sum((1, 2)), bias.grad, rtol=0, atol=1e-10)
 
 
-def test_default_table_is_tables_full():
+def test_default_table_is_tables_full_sorted_by_input_map():
     conv_weight = torch.randn(3, 2, 3, 3)
     by_conv = LocallyConnected2d.from_convolution(conv_weight, None, 5)
     by_table = LocallyConnected2d.from_convolution(
         conv_weight.reshape(6, 3, 3), None, 5, table=tables.full(2, 3)
     )
-    assert torch.equal(by_conv.table, tables.full(2, 3))
+    assert by_conv.table.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
     torch.testing.assert_close(by_conv.weight, by_table.weight, rtol=0, atol=0)
+    torch.testing.assert_close(by_conv.weight[2, 1, 4], conv_weight[1, 1], rtol=0, atol=0)
+    assert torch.equal(LocallyConnected2d(2, 3, 3, 5).table, by_conv.table)
 
 
 def test_lecture_stage_three_sized_table_equals_dense_convolution():
@@ -178,9 +189,17 @@ def test_gradcheck(maps, table):
 def test_module_equals_function(table):
     layer = LocallyConnected2d(3, 3, 3, (6, 5), table=table)
     x = torch.randn(2, 3, 6, 5)
-    torch.testing.assert_close(layer(x), locally_connected2d(x, layer.weight, layer.bias, table))
+    expected = locally_connected2d(x, layer.weight, layer.bias, layer.table)
+    torch.testing.assert_close(layer(x), expected)
+    if table is None:
+        torch.testing.assert_close(layer(x), locally_connected2d(x, layer.weight, layer.bias))
     no_bias = LocallyConnected2d(3, 3, 3, (6, 5), table=table, bias=False)
-    torch.testing.assert_close(no_bias(x), locally_connected2d(x, no_bias.weight, None, table))
+    expected = locally_connected2d(x, no_bias.weight, None, no_bias.table)
+    torch.testing.assert_close(no_bias(x), expected)
+    # Rows in another order, weights following them: the same function.
+    shuffle = torch.randperm(no_bias.rows)
+    expected = locally_connected2d(x, no_bias.weight[:, :, shuffle], None, no_bias.table[shuffle])
+    torch.testing.assert_close(no_bias(x), expected)
 
 
 def test_non_contiguous_input():
@@ -200,11 +219,12 @@ def test_init_bound_follows_the_table_fan_in():
     table = torch.tensor([[0, 0], [1, 0], [2, 0], [0, 1]])  # map 0 reads 3 inputs, map 1 one
     layer = LocallyConnected2d(3, 2, 3, (9, 9), table=table)
     bound_0, bound_1 = 1 / (3 * 9) ** 0.5, 1 / 9**0.5
-    rows_0 = layer.weight[:, :, :3]
+    rows_0 = layer.weight[:, :, layer.table[:, 1] == 0]
+    rows_1 = layer.weight[:, :, layer.table[:, 1] == 1]
     assert rows_0.abs().max() <= bound_0
     assert rows_0.abs().max() > 0.9 * bound_0
-    assert layer.weight[:, :, 3].abs().max() > bound_0  # wider for the one-input map
-    assert layer.weight[:, :, 3].abs().max() <= bound_1
+    assert rows_1.abs().max() > bound_0  # wider for the one-input map
+    assert rows_1.abs().max() <= bound_1
     assert layer.bias[1].abs().max() <= bound_1
     assert layer.bias[0].abs().max() <= bound_0
 
@@ -296,9 +316,12 @@ def test_from_filter_bank_copies_a_table_bank():
     bank = FilterBank(tables.random(4, 6, 2, seed=1), (3, 2), stride=(1, 2), in_maps=5).double()
     layer = LocallyConnected2d.from_filter_bank(bank, (7, 8))
     assert (layer.in_maps, layer.out_maps, layer.stride) == (5, 6, (1, 2))
-    assert torch.equal(layer.table, bank.table)
+    assert torch.equal(layer.table, bank.table[by_input_then_output(bank.table)])
     x = torch.randn(2, 5, 7, 8, dtype=torch.float64)
     torch.testing.assert_close(layer(x), bank(x), rtol=0, atol=1e-12)
+    back = layer.to_filter_bank()
+    assert (back.in_maps, back.stride, back.weight.dtype) == (5, (1, 2), torch.float64)
+    torch.testing.assert_close(back(x), bank(x), rtol=0, atol=1e-12)
 
 
 def test_untie_filter_banks_replaces_filter_banks():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+from cnnkit import tables
 from cnnkit.models.spec import (
     ArchitectureSpec,
     ClassifierSpec,
@@ -130,17 +131,9 @@ def digits28(
     )
 
 
-# LeNet-5's C3 (LeCun et al. 1998, Table I) as (S2 map, C3 map) pairs: maps 0-5 read
-# three neighbouring S2 maps, 6-11 four neighbouring, 12-14 four non-neighbouring,
-# and 15 all six.
-_C3_INPUTS = (
-    (0, 1, 2), (1, 2, 3), (2, 3, 4), (3, 4, 5), (0, 4, 5), (0, 1, 5),
-    (0, 1, 2, 3), (1, 2, 3, 4), (2, 3, 4, 5), (0, 3, 4, 5), (0, 1, 4, 5), (0, 1, 2, 5),
-    (0, 1, 3, 4), (1, 2, 4, 5), (0, 2, 3, 5),
-    (0, 1, 2, 3, 4, 5),
-)  # fmt: skip
+# LeNet-5's C3 table (LeCun et al. 1998, Table I) as (S2 map, C3 map) pairs.
 LENET5_C3_TABLE: tuple[tuple[int, int], ...] = tuple(
-    (i, o) for o, inputs in enumerate(_C3_INPUTS) for i in inputs
+    (int(i), int(o)) for i, o in tables.lenet5_c3().tolist()
 )
 
 PRESETS: dict[str, Callable[..., ArchitectureSpec]] = {

@@ -104,7 +104,7 @@ class FilterBank(nn.Module):
             parts.append(f"stride {sh}" if sh == sw else f"stride {sh}x{sw}")
         if self.bias is None:
             parts.append("bias=False")
-        shape = tables.describe(self.table)
-        if shape != "full" or self.in_maps != tables.n_inputs(self.table):
+        shape = tables.describe(self.table, n_in=self.in_maps)
+        if shape != "full":
             parts.append(f"table {shape} ({len(self.table)} kernels)")
         return ", ".join(parts)

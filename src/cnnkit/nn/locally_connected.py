@@ -9,8 +9,10 @@ by averaging after every step.
 
 Connections follow a connection table, as in :mod:`cnnkit.tables`: a ``(K, 2)`` integer
 tensor whose row ``r = (i, o)`` says that kernel ``r`` reads input map ``i`` and adds into
-output map ``o``. ``table=None`` means the full table, rows ``(i, o)`` in the order
-``o * in_maps + i`` (:func:`cnnkit.tables.full`).
+output map ``o``; ``table=None`` means :func:`cnnkit.tables.full`. The layer keeps its
+table with the rows sorted by input map, then output map (``layer.table``), and
+``weight[:, :, r]`` belongs to row ``r`` of that sorted table: then every input map's
+rows are contiguous and the forward pass needs no rearranging of the weights.
 """
 
 from __future__ import annotations
@@ -46,13 +48,22 @@ class _Layout(NamedTuple):
     rows reading the same input map)``; ``slot_output[s]`` is the output map of slot ``s``
     (0 for an empty padding slot, whose weight stays zero); ``slots`` is the largest number
     of rows reading one input map; ``dense`` says that ``row_slot`` is ``0..K-1`` (rows
-    already sorted by input map, no padding), so the weight needs no rearranging.
+    already sorted by input map, no padding), so the weight needs no rearranging;
+    ``identity`` that moreover slot ``s`` feeds output map ``s`` (one input map, rows in
+    output order), so the slots need no summing into outputs.
     """
 
     row_slot: torch.Tensor
     slot_output: torch.Tensor
     slots: int
     dense: bool
+    identity: bool
+
+
+def _row_order(table: torch.Tensor) -> torch.Tensor:
+    """The permutation sorting a table's rows by input map, then output map."""
+    keys = table[:, 0] * (int(table[:, 1].max()) + 1) + table[:, 1]  # (K,)
+    return torch.argsort(keys, stable=True)
 
 
 def _layout(table: torch.Tensor, in_maps: int) -> _Layout:
@@ -69,7 +80,13 @@ def _layout(table: torch.Tensor, in_maps: int) -> _Layout:
     dense = len(inputs) == in_maps * slots and bool(
         (row_slot == torch.arange(len(inputs), device=table.device)).all()
     )
-    return _Layout(row_slot, slot_output, slots, dense)
+    out_maps = int(table[:, 1].max()) + 1
+    identity = (
+        dense
+        and in_maps * slots == out_maps
+        and bool((slot_output == torch.arange(out_maps, device=table.device)).all())
+    )
+    return _Layout(row_slot, slot_output, slots, dense, identity)
 
 
 def _locally_connected(
@@ -82,21 +99,25 @@ def _locally_connected(
     layout: _Layout,
 ) -> torch.Tensor:
     out_h, out_w, rows, kh, kw = weight.shape
-    n = x.shape[0]
-    positions, taps = out_h * out_w, kh * kw
-    cols = F.unfold(x, (kh, kw), stride=stride)  # (N, in_maps * kh * kw, L)
-    cols = cols.view(n, in_maps, taps, positions)  # (N, C, kh*kw, L)
+    n, positions, taps, slots = x.shape[0], out_h * out_w, kh * kw, layout.slots
+    # One small matrix product per (position, input map): that map's unfolded patches
+    # times the kernels of the rows reading it, at that position.
+    cols = F.unfold(x, (kh, kw), stride=stride)  # (N, C*kh*kw, L)
+    cols = cols.view(n, in_maps, taps, positions).permute(3, 1, 0, 2)  # (L, C, N, kh*kw)
+    cols = cols.reshape(positions * in_maps, n, taps)  # (L*C, N, kh*kw)
     w = weight.reshape(positions, rows, taps)  # (L, K, kh*kw)
-    slots = layout.slots
-    if layout.dense:
-        padded = w
+    if not layout.dense:  # pad every input map to `slots` rows, zeros where it has fewer
+        w = w.new_zeros(positions, in_maps * slots, taps).index_copy(1, layout.row_slot, w)
+    w = w.reshape(positions * in_maps, slots, taps)  # (L*C, S, kh*kw)
+    per_slot = torch.bmm(cols, w.transpose(1, 2))  # (L*C, N, S)
+    if layout.identity:
+        out = per_slot.view(positions, n, out_maps)  # (L, N, C_out)
     else:
-        padded = w.new_zeros(positions, in_maps * slots, taps).index_copy(1, layout.row_slot, w)
-    padded = padded.view(positions, in_maps, slots, taps)  # (L, C, S, kh*kw)
-    per_slot = torch.einsum("nckl,lcsk->ncsl", cols, padded)  # (N, C, S, L)
-    per_slot = per_slot.reshape(n, in_maps * slots, positions)  # (N, C*S, L)
-    out = per_slot.new_zeros(n, out_maps, positions).index_add(1, layout.slot_output, per_slot)
-    out = out.view(n, out_maps, out_h, out_w)  # (N, out_maps, out_h, out_w)
+        per_slot = per_slot.view(positions, in_maps, n, slots).transpose(1, 2)  # (L, N, C, S)
+        per_slot = per_slot.reshape(positions, n, in_maps * slots)  # (L, N, C*S)
+        out = per_slot.new_zeros(positions, n, out_maps)
+        out = out.index_add(2, layout.slot_output, per_slot)  # (L, N, C_out)
+    out = out.permute(1, 2, 0).reshape(n, out_maps, out_h, out_w)  # (N, C_out, H_out, W_out)
     if bias is not None:
         out = out + bias
     return out
@@ -116,8 +137,9 @@ def locally_connected2d(
         ``weight``: ``(H_out, W_out, K, kh, kw)``, kernel of table row ``r`` at output
         position ``(p, q)`` in ``weight[p, q, r]``.
         ``bias``: ``(C_out, H_out, W_out)`` or ``None``.
-        ``table``: ``(K, 2)`` rows ``(input map, output map)``; ``None`` is the full table
-        (``K = C_in * C_out``, row ``i * C_out + o`` = ``(i, o)``, so ``C_out = K / C_in``).
+        ``table``: ``(K, 2)`` rows ``(input map, output map)`` in any order; ``None`` is the
+        full table in :class:`LocallyConnected2d`'s order (``K = C_in * C_out``, row
+        ``i * C_out + o`` = ``(i, o)``, so ``C_out = K / C_in``).
         Output: ``(N, C_out, H_out, W_out)`` with ``H_out = (H - kh) // s_h + 1`` and
         ``W_out = (W - kw) // s_w + 1`` (no padding).
 
@@ -145,6 +167,7 @@ def locally_connected2d(
             )
         out_maps = rows // in_maps
         table = tables.full(in_maps, out_maps)
+        table = table[_row_order(table)]  # (K, 2) the layer's order: by input, then output
     else:
         tables.check(table, n_in=in_maps)
         out_maps = int(table[:, 1].max()) + 1
@@ -180,7 +203,8 @@ class LocallyConnected2d(nn.Module):
             so the input size is fixed.
         table: ``(K, 2)`` connection table of ``(input map, output map)`` rows, valid for
             :func:`cnnkit.tables.check` with ``C_in`` and ``C_out``, or ``None`` for the
-            full table :func:`cnnkit.tables.full` (``K = C_in * C_out``).
+            full table :func:`cnnkit.tables.full` (``K = C_in * C_out``). Stored as
+            ``layer.table`` with its rows sorted by input map, then output map.
         bias: whether to add a bias at every output position of every map.
         stride: ``s`` or ``(s_h, s_w)``, the step between positions.
 
@@ -188,7 +212,8 @@ class LocallyConnected2d(nn.Module):
         Input ``(N, C_in, H, W)`` or ``(C_in, H, W)`` with ``(H, W) == input_hw``.
         Output ``(N, C_out, H_out, W_out)``, ``H_out = (H - kh) // s_h + 1``,
         ``W_out = (W - kw) // s_w + 1`` (valid: no padding).
-        ``weight``: ``(H_out, W_out, K, kh, kw)``; ``bias``: ``(C_out, H_out, W_out)``.
+        ``weight``: ``(H_out, W_out, K, kh, kw)``, ``weight[p, q, r]`` the kernel of
+        ``layer.table[r]`` at position ``(p, q)``; ``bias``: ``(C_out, H_out, W_out)``.
 
     The math is :func:`locally_connected2d`. Initialization (``reset_parameters``): every
     kernel of row ``r`` and every bias of map ``o`` uniform in ``(-b, b)`` with
@@ -227,10 +252,11 @@ class LocallyConnected2d(nn.Module):
             table = tables.full(self.in_maps, self.out_maps)
         else:
             tables.check(table, n_in=self.in_maps, n_out=self.out_maps)
-            table = table.detach().to("cpu", torch.int64).clone()
+            table = table.detach().to("cpu", torch.int64)
+        table = table[_row_order(table)]  # (K, 2) by input map, then output map
         layout = _layout(table, self.in_maps)
         self._rows_into = torch.bincount(table[:, 1], minlength=self.out_maps)  # (C_out,)
-        self._slots, self._dense = layout.slots, layout.dense
+        self._slots, self._dense, self._identity = layout.slots, layout.dense, layout.identity
         self.register_buffer("table", table.to(device))
         self.register_buffer("_row_slot", layout.row_slot.to(device), persistent=False)
         self.register_buffer("_slot_output", layout.slot_output.to(device), persistent=False)
@@ -277,7 +303,7 @@ class LocallyConnected2d(nn.Module):
             self.in_maps,
             self.out_maps,
             self.stride,
-            _Layout(self._row_slot, self._slot_output, self._slots, self._dense),
+            _Layout(self._row_slot, self._slot_output, self._slots, self._dense, self._identity),
         )
         return out.squeeze(0) if unbatched else out
 
@@ -314,8 +340,8 @@ class LocallyConnected2d(nn.Module):
         ``weight`` is ``(C_out, C_in, kh, kw)`` (an ordinary convolution, ``table=None``)
         or ``(K, kh, kw)`` (a connection-table bank, one kernel per row of ``table``);
         ``bias`` is ``(C_out,)`` or ``None``. ``in_maps`` defaults to ``C_in`` or to the
-        largest input map the table names, plus one. The result lives on ``weight``'s
-        device and dtype.
+        largest input map the table names, plus one. The kernels follow their rows into
+        the layer's sorted table. The result lives on ``weight``'s device and dtype.
         """
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -330,7 +356,8 @@ class LocallyConnected2d(nn.Module):
             if in_maps is not None and in_maps != in_maps_w:
                 raise ValueError(f"in_maps is {in_maps} but weight has {in_maps_w} input maps")
             in_maps = in_maps_w
-            kernels = weight.reshape(out_maps * in_maps, *weight.shape[2:])  # tables.full order
+            table = tables.full(in_maps, out_maps).to(weight.device)
+            kernels = weight.reshape(out_maps * in_maps, *weight.shape[2:])  # (K, kh, kw)
         else:
             if weight.dim() != 3:
                 raise ValueError(
@@ -341,6 +368,9 @@ class LocallyConnected2d(nn.Module):
             if in_maps is None:
                 in_maps = int(table[:, 0].max()) + 1
             kernels = weight  # (K, kh, kw)
+        table = table.to(device=weight.device, dtype=torch.int64)
+        if kernels.shape[0] != len(table):
+            raise ValueError(f"weight has {kernels.shape[0]} kernels but table has {len(table)}")
         layer = cls(
             in_maps,
             out_maps,
@@ -352,10 +382,9 @@ class LocallyConnected2d(nn.Module):
             device=weight.device,
             dtype=weight.dtype,
         )
-        if kernels.shape[0] != layer.rows:
-            raise ValueError(f"weight has {kernels.shape[0]} kernels but table has {layer.rows}")
         if bias is not None and tuple(bias.shape) != (out_maps,):
             raise ValueError(f"bias must have shape ({out_maps},), got {tuple(bias.shape)}")
+        kernels = kernels[_row_order(table)]  # (K, kh, kw) in the layer's row order
         with torch.no_grad():
             layer.weight.copy_(kernels.expand_as(layer.weight))
             if bias is not None:
@@ -394,6 +423,27 @@ class LocallyConnected2d(nn.Module):
                 )
             return cls.from_convolution(bank.weight, bank.bias, input_hw, stride=bank.stride)
         raise TypeError(f"bank must be a FilterBank or an nn.Conv2d, got {type(bank).__name__}")
+
+    def to_filter_bank(self) -> FilterBank:
+        """The shared-weight :class:`FilterBank` holding each kernel's mean over positions.
+
+        Kernel ``r`` is ``weight[:, :, r].mean((0, 1))`` and bias ``o`` is
+        ``bias[o].mean()``: exactly the layer's function when it is tied
+        (:func:`cnnkit.tying.convolution_groups`), its tied projection otherwise. The
+        bank's table is ``layer.table``; it lives on the layer's device and dtype.
+        """
+        bank = FilterBank(
+            self.table.cpu(),
+            self.kernel_size,
+            stride=self.stride,
+            bias=self.bias is not None,
+            in_maps=self.in_maps,
+        ).to(device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            bank.weight.copy_(self.weight.mean((0, 1)))
+            if self.bias is not None:
+                bank.bias.copy_(self.bias.mean((1, 2)))
+        return bank
 
 
 def untie_filter_banks(model: nn.Module, example_input: torch.Tensor) -> list[LocallyConnected2d]:

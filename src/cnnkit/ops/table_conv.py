@@ -45,6 +45,7 @@ The measurements behind the choice are in ``docs/performance-table-conv.md``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -58,9 +59,13 @@ __all__ = ["METHODS", "table_conv2d"]
 METHODS = ("auto", "dense", "depthwise", "fourier")
 
 # "auto" takes "fourier" when the dense convolution needs this many times more
-# multiply-adds; the dense convolution sustains about this much higher throughput per
-# multiply-add (measured, see docs/performance-table-conv.md).
-_FOURIER_MARGIN = 2.0
+# multiply-adds: the library convolution runs each multiply-add about this much faster
+# than the Fourier method's smaller products and transforms (measured on shapes around
+# the lecture's; see docs/performance-table-conv.md).
+_FOURIER_MARGIN = 3.0
+# "auto" takes "depthwise" for one-input-per-output tables from this many input maps on:
+# below it the dense convolution wastes little and runs faster than a grouped one.
+_DEPTHWISE_MIN_MAPS = 8
 
 
 def table_conv2d(
@@ -145,7 +150,7 @@ def _choose(
     """Pick the method with the fewest multiply-adds, weighted by their measured speed."""
     n, c_in, height, width = x_shape
     rows, kh, kw = weight_shape
-    if rows == c_out:  # a valid table then gives every output exactly one input
+    if rows == c_out and c_in >= _DEPTHWISE_MIN_MAPS:  # each output has exactly one input
         return "depthwise"
     if dtype not in (torch.float32, torch.float64):  # no half-precision FFT on every device
         return "dense"
@@ -210,20 +215,20 @@ def _fourier(
     freqs = h * (w // 2 + 1)
     x = x[:, :, :h, :w]  # the rows and columns the output reads
 
-    x_hat = torch.view_as_real(torch.fft.rfft2(x))  # (N, C_in, h, w//2+1, 2)
-    x_hat = x_hat.permute(2, 3, 4, 0, 1).reshape(freqs, 2, n, c_in)  # (F, re/im, N, C_in)
-    re, im = x_hat[:, 0], x_hat[:, 1]  # (F, N, C_in) each
-    # Rows [re | im] give Re(x^ conj(w^)) = re*Re(w^) + im*Im(w^); rows [im | -re] the
-    # imaginary part im*Re(w^) - re*Im(w^).
-    x_hat = torch.cat([torch.cat([re, im], 2), torch.cat([im, -re], 2)], 1)  # (F, 2N, 2C_in)
+    # Each frequency's complex product, in real arithmetic: a row of (Re z, Im z) pairs
+    # times columns of (Re w^, Im w^) pairs gives Re(z conj(w^)); the same row for -i z,
+    # i.e. (Im z, -Re z), gives Im(z conj(w^)).
+    z = torch.fft.rfft2(x).permute(2, 3, 0, 1).reshape(freqs, n, c_in)  # (F, N, C_in) complex
+    z = torch.view_as_real(torch.cat([z, -1j * z], 1)).view(freqs, 2 * n, 2 * c_in)
 
-    w_hat = torch.view_as_real(torch.fft.rfft2(weight, s=(h, w)))  # (K, h, w//2+1, 2)
-    w_hat = w_hat.reshape(rows, 2 * freqs).T  # (2F, K): rows (frequency, re/im)
-    at = table[:, 0] * c_out + table[:, 1]  # (K,) place of (input, output) in C_in x C_out
-    w_hat = w_hat.new_zeros(2 * freqs, c_in * c_out).index_add(1, at, w_hat)
-    w_hat = w_hat.view(freqs, 2 * c_in, c_out)  # (F, [re; im] C_in, C_out)
+    w_hat = torch.view_as_real(torch.fft.rfft2(weight, s=(h, w))).view(rows, freqs, 2)
+    w_hat = w_hat.permute(1, 0, 2).reshape(freqs, 2 * rows)  # (F, K re/im pairs)
+    at = 2 * table[:, 0] * c_out + table[:, 1]  # (K,) row 2i, column o of a 2C_in x C_out
+    at = torch.stack([at, at + c_out], 1).view(2 * rows)  # (2K,) Re w^ at row 2i, Im at 2i+1
+    w_hat = w_hat.new_zeros(freqs, 2 * c_in * c_out).index_add(1, at, w_hat)
+    w_hat = w_hat.view(freqs, 2 * c_in, c_out)  # (F, 2C_in, C_out)
 
-    y_hat = torch.bmm(x_hat, w_hat)  # (F, 2N, C_out) = (F, re/im, N, C_out)
+    y_hat = torch.bmm(z, w_hat)  # (F, 2N, C_out) = (F, Re/Im, N, C_out)
     basis = _inverse_basis(h, w, h_out, w_out, stride, x.dtype, x.device)  # (H_out W_out, 2F)
     y = basis @ y_hat.view(2 * freqs, n * c_out)  # (H_out W_out, N C_out)
     y = y.view(h_out, w_out, n, c_out).permute(2, 3, 0, 1)  # (N, C_out, H_out, W_out)
@@ -232,6 +237,7 @@ def _fourier(
     return y.contiguous()
 
 
+@functools.lru_cache(maxsize=8)
 def _inverse_basis(
     h: int,
     w: int,

@@ -51,6 +51,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup: float = 0.05
+    grad_clip: float | None = None
     augment: str = "shift"
     shift: int = 2
     seed: int = 0
@@ -76,6 +77,8 @@ class TrainConfig:
         _check_fraction("warmup", self.warmup, closed=True)
         if self.warmup >= 1:
             raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+        if self.grad_clip is not None:
+            check_positive_float("grad_clip", self.grad_clip)
         check_choice("augment", self.augment, AUGMENTATIONS)
         check_nonnegative_int("shift", self.shift)
         check_nonnegative_int("seed", self.seed)

@@ -128,11 +128,14 @@ def train_step(
     images: torch.Tensor,
     labels: torch.Tensor,
     lr: float,
+    clip: float | None = None,
 ) -> tuple[float, int]:
     """One gradient step on a batch; returns ``(mean loss, number correct)``.
 
-    The loss is the mean cross-entropy of the logits. If it is NaN or infinite the step
-    is not taken and :class:`NonFiniteLossError` is raised (the caller adds where).
+    The loss is the mean cross-entropy of the logits. With ``clip``, the gradient of all
+    parameters together is scaled down to a Euclidean norm of at most ``clip`` before the
+    step. If the loss or the gradient's norm is NaN or infinite, the step is not taken
+    and :class:`NonFiniteLossError` is raised (the caller adds where).
     """
     model.train()
     logits = model(images)
@@ -144,6 +147,10 @@ def train_step(
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if clip is not None:
+        norm = float(nn.utils.clip_grad_norm_(model.parameters(), clip))
+        if not math.isfinite(norm):
+            raise NonFiniteLossError(f"the gradient's norm is {norm}")
     optimizer.step()
     _after_step(model)
     correct = int((logits.detach().argmax(dim=1) == labels).sum())
@@ -561,7 +568,12 @@ def _train(
             torch.manual_seed(derived_seed(config.seed, "step", at.step))
             try:
                 loss, correct = train_step(
-                    model, optimizer, images.to(device), data.train.labels[index].to(device), lr
+                    model,
+                    optimizer,
+                    images.to(device),
+                    data.train.labels[index].to(device),
+                    lr,
+                    config.grad_clip,
                 )
             except NonFiniteLossError as error:
                 report.close()
