@@ -139,6 +139,7 @@ class TieGroups(Mapping):
             repeats = param.numel() // max(math.prod(base_shape), 1)  # entries per label
             counts += torch.bincount(f.cpu(), minlength=num_slots) * repeats
         self._counts = counts  # (S,) entries per slot, on the CPU
+        self._converted: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._index = [
             f.to(device=p.device, dtype=index_dtype) for f, p in zip(flat, params, strict=True)
         ]
@@ -241,9 +242,16 @@ class TieGroups(Mapping):
             values = getattr(values, reduce)(dim=dims, keepdim=True)
         return values.reshape(-1)
 
+    def _counts_as(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The group sizes ``(S,)`` on ``device`` in ``dtype``, converted once and kept."""
+        key = (device, dtype)
+        if key not in self._converted:
+            self._converted[key] = self._counts.to(device=device, dtype=dtype)
+        return self._converted[key]
+
     def _sizes(self, i: int, like: torch.Tensor) -> torch.Tensor:
         """Each entry's group size, broadcastable to ``like`` (parameter ``i``'s grad)."""
-        counts = self._counts.to(device=like.device, dtype=like.dtype)
+        counts = self._counts_as(like.device, like.dtype)
         index = self._flat_index(i).to(like.device)
         return counts.index_select(0, index).view(self._base_shape[i])
 
@@ -274,7 +282,7 @@ def project_(groups: TieGroups | Mapping[torch.Tensor, torch.Tensor]) -> None:
     sums = torch.zeros(len(g._counts), device=device, dtype=dtype)  # (S,)
     for i, param in enumerate(g._params):
         sums.index_add_(0, g._flat_index(i), g._reduced(i, param.to(dtype), "sum"))
-    means = sums.div_(g._counts.to(device=device, dtype=dtype).clamp_min_(1))  # (S,)
+    means = sums.div_(g._counts_as(device, dtype).clamp_min(1))  # (S,)
     for i, param in enumerate(g._params):
         param.copy_(means.index_select(0, g._flat_index(i)).view(g._base_shape[i]))
 

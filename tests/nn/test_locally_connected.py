@@ -17,16 +17,6 @@ from cnnkit.nn.locally_connected import (
 )
 from cnnkit.ops.table_conv import table_conv2d
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny shapes: extra threads only add overhead, a lot of it on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TABLE = torch.tensor([[0, 1], [2, 0], [1, 1], [0, 0], [2, 2], [1, 2]])  # 3 -> 3 maps, 6 rows
 
 
@@ -322,6 +312,11 @@ def test_from_filter_bank_copies_a_table_bank():
     back = layer.to_filter_bank()
     assert (back.in_maps, back.stride, back.weight.dtype) == (5, (1, 2), torch.float64)
     torch.testing.assert_close(back(x), bank(x), rtol=0, atol=1e-12)
+    same_rows = layer.to_filter_bank(table=bank.table)
+    assert torch.equal(same_rows.table, bank.table)
+    torch.testing.assert_close(same_rows.state_dict(), bank.state_dict(), rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="table must hold the same 12 rows as layer.table"):
+        layer.to_filter_bank(table=tables.full(1, 6))
 
 
 def test_untie_filter_banks_replaces_filter_banks():

@@ -424,23 +424,39 @@ class LocallyConnected2d(nn.Module):
             return cls.from_convolution(bank.weight, bank.bias, input_hw, stride=bank.stride)
         raise TypeError(f"bank must be a FilterBank or an nn.Conv2d, got {type(bank).__name__}")
 
-    def to_filter_bank(self) -> FilterBank:
+    def to_filter_bank(self, table: torch.Tensor | None = None) -> FilterBank:
         """The shared-weight :class:`FilterBank` holding each kernel's mean over positions.
 
-        Kernel ``r`` is ``weight[:, :, r].mean((0, 1))`` and bias ``o`` is
+        Kernel of row ``r`` is ``weight[:, :, r].mean((0, 1))`` and bias ``o`` is
         ``bias[o].mean()``: exactly the layer's function when it is tied
-        (:func:`cnnkit.tying.convolution_groups`), its tied projection otherwise. The
-        bank's table is ``layer.table``; it lives on the layer's device and dtype.
+        (:func:`cnnkit.tying.convolution_groups`), its tied projection otherwise. ``table``
+        orders the bank's rows (the same rows as ``layer.table`` in any order, e.g. the
+        table of the bank this layer came from, so that the state dicts match); default
+        ``layer.table``. The bank lives on the layer's device and dtype.
         """
+        kernels = self.weight.detach().mean((0, 1))  # (K, kh, kw) in the layer's row order
+        if table is None:
+            table = self.table.cpu()
+        else:
+            tables.check(table, n_in=self.in_maps, n_out=self.out_maps)
+            table = table.detach().to("cpu", torch.int64)
+            keys = self.table.cpu() @ torch.tensor([self.out_maps, 1])  # (K,) ascending
+            wanted = table @ torch.tensor([self.out_maps, 1])  # (K',)
+            rows = torch.searchsorted(keys, wanted).clamp_max(len(keys) - 1)
+            if len(wanted) != len(keys) or not bool((keys[rows] == wanted).all()):
+                raise ValueError(
+                    f"table must hold the same {len(keys)} rows as layer.table, in any order"
+                )
+            kernels = kernels[rows.to(kernels.device)]
         bank = FilterBank(
-            self.table.cpu(),
+            table,
             self.kernel_size,
             stride=self.stride,
             bias=self.bias is not None,
             in_maps=self.in_maps,
         ).to(device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            bank.weight.copy_(self.weight.mean((0, 1)))
+            bank.weight.copy_(kernels)
             if self.bias is not None:
                 bank.bias.copy_(self.bias.mean((1, 2)))
         return bank

@@ -62,7 +62,7 @@ METHODS = ("auto", "dense", "depthwise", "fourier")
 # multiply-adds: the library convolution runs each multiply-add about this much faster
 # than the Fourier method's smaller products and transforms (measured on shapes around
 # the lecture's; see docs/performance-table-conv.md).
-_FOURIER_MARGIN = 3.0
+_FOURIER_MARGIN = 3.5
 # "auto" takes "depthwise" for one-input-per-output tables from this many input maps on:
 # below it the dense convolution wastes little and runs faster than a grouped one.
 _DEPTHWISE_MIN_MAPS = 8
