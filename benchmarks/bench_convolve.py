@@ -34,7 +34,7 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def matmul_peak(size: int = 2048, repeats: int = 7) -> float:
+def matmul_peak(size: int = 2048, repeats: int = 15) -> float:
     """GFLOP/s of a float32 ``size x size`` matrix product, the best of ``repeats``."""
     a = torch.randn(size, size)
     b = torch.randn(size, size)

@@ -4,7 +4,7 @@ Run from the repository root::
 
     python -m benchmarks.bench_table_conv            # the lecture's shapes, batch 64
     python -m benchmarks.bench_table_conv --quick    # fewer repeats
-    python -m benchmarks.bench_table_conv --threads 1
+    python -m benchmarks.bench_table_conv --threads 1 --clock process   # steadier
 
 Each case times every variant in turn, round after round (interleaved, so a neighbour's
 load hits all of them alike), and reports the median and the ratio to the dense
@@ -77,7 +77,7 @@ def variants(x, table, weight, bias, stride, fourier, extra) -> dict[str, Callab
     return out
 
 
-def run(fns: dict[str, Callable], repeats: int) -> dict[str, float]:
+def run(fns: dict[str, Callable], repeats: int, clock: Callable[[], float]) -> dict[str, float]:
     grads = {}
     for name, fn in fns.items():  # warm up, and fix one upstream gradient per variant
         y = fn()
@@ -86,9 +86,9 @@ def run(fns: dict[str, Callable], repeats: int) -> dict[str, float]:
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn().backward(grads[name])
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -97,7 +97,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats instead of 9")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--slow", action="store_true", help="also time the rejected designs")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "process"),
+        default="wall",
+        help="wall time, or this process's CPU time (steadier on a shared machine with "
+        "--threads 1; with more threads it also counts threads spinning at barriers)",
+    )
     args = parser.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -121,10 +129,11 @@ def main() -> None:
         case("64->256 fan-in 16, 32x32 -> 24x24, 9x9, batch 16", 16, layer3, 32, 9),
         case("64->256 fan-in 16, 14x14 -> 6x6, 5x5 stride 2, batch 64", 64, layer3, 14, 5, 2),
     ]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {repeats} repeats")
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, {repeats} repeats, {args.clock} clock")
     for index, (name, x, table, weight, bias, stride, fourier) in enumerate(cases):
         extra = args.slow and index == 0
-        medians = run(variants(x, table, weight, bias, stride, fourier, extra), repeats)
+        medians = run(variants(x, table, weight, bias, stride, fourier, extra), repeats, clock)
         print(f"\n{name}")
         for variant, seconds in medians.items():
             ratio = medians["dense"] / seconds

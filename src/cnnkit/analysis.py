@@ -42,6 +42,17 @@ class LayerRow:
     kernels: int = 0
     connections: int = 0
     multiply_adds: int = 0
+    # Untied filter banks (weight_sharing="averaged") store a kernel and a bias at every
+    # output position; ``weights``/``biases`` then count the free (tied) values.
+    stored_weights: int | None = None
+    stored_biases: int | None = None
+
+    @property
+    def stored(self) -> int:
+        """Entries held in memory: the stored copies for an untied bank, else the parameters."""
+        if self.stored_weights is None:
+            return self.weights + self.biases
+        return self.stored_weights + (self.stored_biases or 0)
 
     @property
     def units(self) -> int:
@@ -74,6 +85,11 @@ class Summary:
     @property
     def kernels(self) -> int:
         return sum(r.kernels for r in self.rows)
+
+    @property
+    def stored(self) -> int:
+        """Parameter entries held in memory (differs from ``parameters`` when untied)."""
+        return sum(r.stored for r in self.rows)
 
     @property
     def connections(self) -> int:
@@ -165,6 +181,7 @@ def summarize(spec: ArchitectureSpec) -> Summary:
         k = bank.kernel
         kernels = _table_size(bank.table, bank.fan_in, bank.connections, maps, bank.maps)
         out_maps, out_h, out_w = shapes.filters
+        untied = spec.weight_sharing == "averaged"
         table = {
             "full": "full",
             "one-to-one": "one-to-one",
@@ -183,6 +200,8 @@ def summarize(spec: ArchitectureSpec) -> Summary:
                 kernels=kernels,
                 connections=kernels * k * k * out_h * out_w,
                 multiply_adds=kernels * k * k * out_h * out_w,
+                stored_weights=kernels * k * k * out_h * out_w if untied else None,
+                stored_biases=(out_maps * out_h * out_w if bank.bias else 0) if untied else None,
             )
         )
         units = out_maps * out_h * out_w
@@ -294,9 +313,10 @@ def _without_subsampling(pool: PoolSpec) -> PoolSpec:
 
 
 def parameter_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """``{layer name: (weights, biases)}`` read off a built model's parameters.
+    """``{layer name: (weights, biases)}`` stored in a built model's parameters.
 
-    Parameters named ``bias`` count as biases, every other one as weights.
+    Parameters named ``bias`` count as biases, every other one as weights. For untied
+    banks these are the stored entries (compare with ``LayerRow.stored_weights``).
     """
     counts: dict[str, list[int]] = {}
     for name, parameter in model.named_parameters():
@@ -353,6 +373,11 @@ def format_table(summary: Summary, dense: DenseComparison | None = None) -> str:
         f"Trainable parameters: {summary.parameters:,} "
         f"({summary.weights:,} weights + {summary.biases:,} biases)"
     )
+    if summary.stored != summary.parameters:
+        out.append(
+            f"Stored entries: {summary.stored:,} (filter banks hold a kernel at every "
+            f"position, tied by averaging); free values: {summary.parameters:,}"
+        )
     if dense is not None:
         out += ["", *_dense_lines(summary, dense)]
     return "\n".join(out)
@@ -375,7 +400,7 @@ def to_json(summary: Summary, dense: DenseComparison | None = None) -> str:
     rows = []
     for row in summary.rows:
         data = asdict(row)
-        data.update(units=row.units, shape=row.shape)
+        data.update(units=row.units, shape=row.shape, stored=row.stored)
         rows.append(data)
     result = {
         "name": summary.spec.name,
@@ -387,6 +412,7 @@ def to_json(summary: Summary, dense: DenseComparison | None = None) -> str:
             "kernels": summary.kernels,
             "connections": summary.connections,
             "multiply_adds": summary.multiply_adds,
+            "stored": summary.stored,
         },
     }
     if dense is not None:

@@ -7,10 +7,12 @@ A user's mistake (bad option, missing file, invalid spec) prints one line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from cnnkit import __version__
@@ -233,8 +235,6 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import warnings
-
     from cnnkit import data as datasets
     from cnnkit import training
     from cnnkit.runtime import tune_runtime
@@ -265,16 +265,13 @@ def run_train(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None
     }
     config = training.TrainConfig(**options)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", datasets.UnreadableFilesWarning)
+    with _data_warnings_as_lines():
         splits = datasets.load(
             args.data or "digits",
             (spec.input.height, spec.input.width),
             val_fraction=args.val_fraction if args.val_fraction is not None else 0.2,
             seed=config.seed,
         )
-    for warning in caught:
-        print(f"cnnkit: warning: {warning.message}", file=sys.stderr)
     invocation = {
         key: value for key, value in vars(args).items() if key not in ("verb", "progress", "resume")
     }
@@ -286,6 +283,18 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"cnnkit: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _data_warnings_as_lines() -> Iterator[None]:
+    """Print the data loader's warnings (skipped files) as ``cnnkit: warning: ...``."""
+    from cnnkit.data import UnreadableFilesWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnreadableFilesWarning)
+        yield
+    for warning in caught:
+        print(f"cnnkit: warning: {warning.message}", file=sys.stderr)
 
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -315,9 +324,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from cnnkit import training
 
-    result = training.evaluate_run(
-        args.run_dir, args.checkpoint, data=args.data, device=args.device
-    )
+    with _data_warnings_as_lines():
+        result = training.evaluate_run(
+            args.run_dir, args.checkpoint, data=args.data, device=args.device
+        )
     print(json.dumps(result.to_dict(), indent=2) if args.format == "json" else result.to_text())
     return 0
 

@@ -411,10 +411,11 @@ def scale_gradients_by_group_size(
     ``.grad``. The group's mean gradient then equals the sum ``sum_j g_j``, the gradient a
     single shared weight would receive, so plain SGD (with or without momentum, nesterov
     or dampening) followed by :func:`project_` moves the group exactly as it moves a
-    shared weight at the same learning rate. Everything that reads ``.grad`` sees the
-    scaled values (gradient clipping, weight decay is *not* scaled: it is added by the
-    optimizer). Adam-like optimizers divide by the gradient's magnitude, so the scaling
-    hardly changes them. Returns a :class:`TieHandle`; ``remove()`` unregisters the hooks.
+    shared weight at the same learning rate. Weight decay, which the optimizer adds after
+    the hook, is not scaled, and so matches the shared weight's too. Everything else that
+    reads ``.grad`` sees the scaled values (a gradient-norm clip, for one). Adam-like
+    optimizers divide by the gradient's magnitude, so the scaling hardly changes them.
+    Returns a :class:`TieHandle`; ``remove()`` unregisters the hooks.
     """
     g = _as_groups(groups)
     handles = []

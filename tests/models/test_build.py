@@ -125,3 +125,43 @@ def test_random_specs_build_as_analysed(spec):
 def test_build_refuses_non_spec():
     with pytest.raises(TypeError, match="spec must be an ArchitectureSpec, got dict"):
         build({"name": "lecun83"})
+
+
+def test_averaged_network_stores_untied_kernels_and_starts_as_the_shared_one():
+    torch.manual_seed(0)
+    shared_spec = from_name("digits28")
+    shared = build(shared_spec)
+    torch.manual_seed(0)
+    untied = build(from_name("digits28", weight_sharing="averaged"))
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(untied(x), shared(x), rtol=1e-5, atol=1e-5)
+    summary = analysis.summarize(untied.spec)
+    stored = {r.name: (r.stored_weights, r.stored_biases) for r in summary.rows if r.stored_weights}
+    built = analysis.parameter_counts(untied)
+    assert {k: built[k] for k in stored} == stored
+    assert summary.parameters == analysis.summarize(shared_spec).parameters
+    assert untied.tie_groups().free == sum(
+        r.weights + r.biases for r in summary.rows if r.stored_weights
+    )
+
+
+def test_lecture_first_layer_stored_versus_free():
+    row = analysis.summarize(from_name("lecun83", weight_sharing="averaged")).row("stage1.filters")
+    assert row.stored_weights == 64 * 75 * 75 * 81 == 29_160_000
+    assert row.weights == 5184
+
+
+def test_averaged_training_keeps_groups_tied():
+    from cnnkit import tying
+
+    torch.manual_seed(0)
+    model = build(from_name("digits28", weight_sharing="averaged"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    assert model.tie_to(optimizer) is not None
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    tying.check_tied(model.tie_groups(), atol=1e-6)
+    assert build(from_name("digits28")).tie_to(optimizer) is None

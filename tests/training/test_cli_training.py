@@ -13,7 +13,7 @@ from PIL import Image
 
 from cnnkit.cli import main
 
-from .conftest import TINY_SPEC
+from .conftest import CLASS_NAMES, TINY_SPEC, stripes
 
 
 @pytest.fixture
@@ -154,3 +154,26 @@ def test_train_prints_epoch_lines_and_a_summary(
     assert out[-1].startswith("done: test accuracy ") and "wall time" in out[-1]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["invocation"]["spec"] == str(tiny_files["spec"])
+
+
+def test_train_on_an_image_folder_warns_about_unreadable_files(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images, labels = stripes(8, seed=3)
+    root = tmp_path / "folder"
+    for k, (image, label) in enumerate(zip(images, labels, strict=True)):
+        (root / CLASS_NAMES[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / CLASS_NAMES[label] / f"{k}.png")
+    (root / "vertical" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "diagonal" / "readme.txt").write_text("not an image")
+    out = tmp_path / "run"
+    argv = ["train", "--spec", str(trained / "spec.toml"), "--data", str(root)]
+    assert main([*argv, "--epochs", "1", "--out", str(out), "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("cnnkit: warning: skipped 2 file(s)")
+    assert "broken.jpg" in captured.err and "readme.txt" in captured.err
+    (row,) = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert row[5:7] == ["", ""]  # no test split: empty test columns
+    assert "done: validation accuracy" in captured.out
+    assert main(["evaluate", str(out), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["split"] == "val"

@@ -13,11 +13,12 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from cnnkit import tables
+from cnnkit import tables, tying
 from cnnkit.models.spec import ArchitectureSpec, FilterBankSpec, NormSpec, PoolSpec, StageSpec
 from cnnkit.nn.activation import Rectify, ReLU
 from cnnkit.nn.classifier import Classifier
 from cnnkit.nn.filter_bank import FilterBank
+from cnnkit.nn.locally_connected import LocallyConnected2d
 from cnnkit.nn.normalization import ContrastNorm, DivisiveNorm, SubtractiveNorm
 from cnnkit.nn.pooling import Pool, PoolSubsample, Subsample
 
@@ -47,6 +48,29 @@ class Network(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+    @property
+    def untied_banks(self) -> list[LocallyConnected2d]:
+        """The filter banks stored untied (``weight_sharing="averaged"``), in order."""
+        return [m for m in self.modules() if isinstance(m, LocallyConnected2d)]
+
+    def tie_groups(self) -> tying.TieGroups | None:
+        """Tie groups making every untied bank a convolution; None when weights are shared."""
+        banks = self.untied_banks
+        return tying.convolution_groups(*banks).renamed(self) if banks else None
+
+    def tie_to(self, optimizer: torch.optim.Optimizer) -> tying.TieHandle | None:
+        """Keep untied banks tied by averaging after every step of ``optimizer``.
+
+        Does nothing (returns None) for a shared-weight network. With
+        ``spec.averaged_step == "scaled"`` each tied entry's gradient is multiplied by its
+        group's size first, so the averaged network trains like the shared one.
+        """
+        groups = self.tie_groups()
+        if groups is None:
+            return None
+        scaled = self.spec.averaged_step == "scaled"
+        return tying.tie_after_step(optimizer, groups, scale_gradients=scaled)
 
     def intermediates(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Every layer's output by name (``"stage1.filters"``, ..., ``"classifier"``)."""
@@ -96,13 +120,23 @@ def _pool_layers(spec: PoolSpec, maps: int) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-def build_stage(stage: StageSpec, in_maps: int) -> nn.Sequential:
-    """One stage as a named ``nn.Sequential``: filters, nonlin, norm, pool."""
+def build_stage(
+    stage: StageSpec, in_maps: int, input_hw: tuple[int, int], untied: bool = False
+) -> nn.Sequential:
+    """One stage as a named ``nn.Sequential``: filters, nonlin, norm, pool.
+
+    ``untied`` stores the filter bank as a :class:`LocallyConnected2d` over ``input_hw``
+    (a kernel at every position) starting from one shared kernel per table row.
+    """
     bank = stage.filters
     table = make_table(bank, in_maps)
-    layers: list[tuple[str, nn.Module]] = [
-        ("filters", FilterBank(table, bank.kernel, bias=bank.bias)),
-    ]
+    filters: nn.Module = FilterBank(table, bank.kernel, bias=bank.bias, in_maps=in_maps)
+    if untied:
+        # Copying into the untied layer must not draw from the generator, so that an
+        # averaged network starts from the very weights of its shared twin.
+        with torch.random.fork_rng(devices=[]):
+            filters = LocallyConnected2d.from_filter_bank(filters, input_hw)
+    layers: list[tuple[str, nn.Module]] = [("filters", filters)]
     active = [name for name in stage.nonlinearity if name != "none"]
     for index, name in enumerate(active, start=1):
         layers.append((f"nonlin{index}" if len(active) > 1 else "nonlin", _nonlinearity(name)))
@@ -122,10 +156,11 @@ def build(spec: ArchitectureSpec) -> Network:
     if not isinstance(spec, ArchitectureSpec):
         raise TypeError(f"spec must be an ArchitectureSpec, got {type(spec).__name__}")
     stages = []
-    maps = spec.input.maps
-    for stage in spec.stages:
-        stages.append(build_stage(stage, maps))
-        maps = stage.filters.maps
+    maps, hw = spec.input.maps, (spec.input.height, spec.input.width)
+    untied = spec.weight_sharing == "averaged"
+    for stage, shapes in zip(spec.stages, spec.shapes()):
+        stages.append(build_stage(stage, maps, hw, untied))
+        maps, hw = stage.filters.maps, shapes.output[1:]
     out_maps, out_h, out_w = spec.output_shape
     head = spec.classifier
     classifier = Classifier(out_maps * out_h * out_w, head.classes, head.hidden, head.hidden_activation)

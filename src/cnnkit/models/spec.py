@@ -26,6 +26,7 @@ BORDERS = ("renormalize", "zero", "reflect")
 POOL_KINDS = ("max", "avg", "lp")
 POOL_ACTIVATIONS = ("none", "tanh")
 WEIGHT_SHARING = ("shared", "averaged")
+AVERAGED_STEPS = ("scaled", "literal")
 
 
 def _where(path: str) -> str:
@@ -221,7 +222,11 @@ class ArchitectureSpec:
 
     ``weight_sharing`` is ``"shared"`` (one kernel per table row, gradients summed over
     positions) or ``"averaged"`` (a kernel stored at every position, tied by averaging
-    after each step, as in the lecture's Section 3).
+    after each step, as in the lecture's Section 3). ``averaged_step`` applies to the
+    latter: ``"scaled"`` multiplies each tied entry's gradient by its group's size, so a
+    group moves as a shared weight would and ``averaged`` trains like ``shared``;
+    ``"literal"`` keeps the lecture's rule, under which a group moves by the *mean* of its
+    gradients, N times less than a shared weight (N = positions sharing it).
     """
 
     name: str
@@ -229,6 +234,7 @@ class ArchitectureSpec:
     stages: tuple[StageSpec, ...]
     classifier: ClassifierSpec
     weight_sharing: str = "shared"
+    averaged_step: str = "scaled"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -237,6 +243,7 @@ class ArchitectureSpec:
         if not self.stages:
             raise ValueError("stages: a network needs at least one stage")
         _choice("", "weight_sharing", self.weight_sharing, WEIGHT_SHARING)
+        _choice("", "averaged_step", self.averaged_step, AVERAGED_STEPS)
         self.shapes()  # walks the network and raises on the first impossible stage
 
     def shapes(self) -> list[StageShapes]:

@@ -55,6 +55,7 @@ __all__ = [
     "contrast_norm",
     "divisive_norm",
     "gaussian_window",
+    "rectified_contrast_norm",
     "subtractive_norm",
 ]
 
@@ -164,7 +165,28 @@ def contrast_norm(
     """
     threshold, floor = _check_divisive_options(threshold, floor)
     smoother, x4, unbatched = _prepare(x, window, border)
-    y = _divide(_subtract(x4, smoother), smoother, threshold, floor)
+    y = _contrast(x4, smoother, threshold, floor, rectify=False)
+    return y.squeeze(0) if unbatched else y
+
+
+def rectified_contrast_norm(
+    x: torch.Tensor,
+    window: torch.Tensor,
+    threshold: float | str = "mean",
+    border: str = "renormalize",
+    floor: float = 1e-4,
+) -> torch.Tensor:
+    """Rectification then local contrast normalization: ``contrast_norm(|x|)``, fused.
+
+    The lecture's "R" then "LCN" in one op: the same values as
+    ``contrast_norm(x.abs(), ...)`` (bit for bit in the forward) and the same gradient,
+    with the derivative of ``|x|`` taken as ``sign(x)`` (0 at ``x = 0``). Fused, the
+    backward makes fewer passes over the ``(N, C, H, W)`` tensors and keeps only ``x``
+    and the output for them. Arguments and shapes as in :func:`contrast_norm`.
+    """
+    threshold, floor = _check_divisive_options(threshold, floor)
+    smoother, x4, unbatched = _prepare(x, window, border)
+    y = _contrast(x4, smoother, threshold, floor, rectify=True)
     return y.squeeze(0) if unbatched else y
 
 
@@ -177,6 +199,15 @@ def _subtract(x: torch.Tensor, smoother: _Smoother) -> torch.Tensor:
     # x + (-mean), not x - mean: the backward of a broadcast subtraction negates the whole
     # (N, C, H, W) gradient before summing it; this way only the (N, 1, H, W) sum is negated.
     return x + smoother(x, centre=True).neg()
+
+
+def _contrast(
+    x: torch.Tensor, smoother: _Smoother, threshold: float | str, floor: float, rectify: bool
+) -> torch.Tensor:
+    """``_divide(_subtract(|x| or x))``; one autograd node when the smoother allows it."""
+    if isinstance(smoother, _SeparableSmoother) and smoother.alpha is None:
+        return _ContrastNorm.apply(x, smoother, threshold, floor, rectify)
+    return _divide(_subtract(x.abs() if rectify else x, smoother), smoother, threshold, floor)
 
 
 def _divide(
@@ -376,6 +407,11 @@ class _SeparableSmoother(_Smoother):
         reduced = _SumOfSquares.apply(z, self.alpha)  # (N, H, W)
         return self._smooth(reduced, False, z.shape[1])
 
+    def _adjoint(self, grad: torch.Tensor, maps: int) -> torch.Tensor:
+        """The transpose of :meth:`_smooth` (either ``centre``) for ``alpha is None``:
+        ``(N, H, W)`` in and out."""
+        return self.rows.mT @ (grad / maps) @ self.columns_t.mT
+
     def _smooth(self, reduced: torch.Tensor, centre: bool, maps: int) -> torch.Tensor:
         if centre:
             shift = reduced.detach().mean(dim=(-2, -1), keepdim=True)  # (N, 1, 1)
@@ -431,3 +467,74 @@ class _ConvSmoother(_Smoother):
         mode = "reflect" if self.border == "reflect" else "constant"
         total = F.conv2d(F.pad(z, self.padding, mode=mode), self.weight)  # (N, 1, H, W)
         return total if self.mass is None else total / self.mass
+
+
+class _ContrastNorm(torch.autograd.Function):
+    """Subtractive then divisive normalization (optionally of ``|x|``) as one autograd node.
+
+    The forward runs the same operations as ``_divide(_subtract(x))``, in the same order,
+    so the values are identical; it saves ``x``, the output ``y`` and ``(N, 1, H, W)``
+    quantities. With ``r = 1 / den`` and ``v = y den`` the backward is, per image,
+
+        g_den = -r sum_i g_i y_i                      (N, 1, H, W)
+        g_var = d den / d var applied to g_den        (the threshold and root rules)
+        g_q = S^T g_var,  k = 2 den g_q               (S: the separable window sum)
+        g_v = g r + k y,  g_a = g_v - S^T (sum_i g_v,i)
+        g_x = sign(x) g_a   (rectifying)   or   g_a
+
+    which passes over the ``(N, C, H, W)`` tensors about eight times where autograd's
+    chain of small ops spends about twice that, working in place. Ties and clamps follow
+    PyTorch's rules (``maximum`` splits a tie in half, ``clamp_min`` passes the gradient
+    at equality). When a graph of the backward is recorded (``create_graph=True``) the
+    gradient is recomputed through the unfused ops instead, so second derivatives work.
+    """
+
+    @staticmethod
+    def forward(ctx, x, smoother, threshold, floor, rectify):
+        maps = x.shape[1]
+        a = x.abs() if rectify else x
+        mean = smoother._smooth(a.sum(dim=1), True, maps)  # (N, 1, H, W)
+        v = a.sub_(mean) if rectify else a - mean  # a - m: bitwise a + (-m)
+        variance = smoother._smooth((v * v).sum(dim=1), False, maps)  # (N, 1, H, W)
+        sigma = variance.clamp_min(torch.finfo(variance.dtype).tiny).sqrt()  # (N, 1, H, W)
+        if threshold == "mean":
+            mean_sigma = sigma.mean(dim=(-2, -1), keepdim=True)  # (N, 1, 1, 1)
+            c = mean_sigma.clamp_min(floor)
+            den = torch.maximum(sigma, c)
+        else:
+            mean_sigma = c = None
+            den = sigma.clamp_min(max(threshold, floor))
+        y = v.mul_(den.reciprocal())
+        ctx.save_for_backward(x, y, den, variance, sigma, mean_sigma, c)
+        ctx.smoother, ctx.threshold, ctx.floor, ctx.rectify = smoother, threshold, floor, rectify
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, den, variance, sigma, mean_sigma, c = ctx.saved_tensors
+        smoother, threshold, floor = ctx.smoother, ctx.threshold, ctx.floor
+        if torch.is_grad_enabled():  # double backward: differentiate the unfused ops
+            with torch.enable_grad():
+                a = x.abs() if ctx.rectify else x
+                again = _divide(_subtract(a, smoother), smoother, threshold, floor)
+                return torch.autograd.grad(again, x, grad, create_graph=True)[0], *[None] * 4
+        maps = y.shape[1]
+        r = den.reciprocal()
+        g_den = (grad * y).sum(dim=1, keepdim=True).mul_(r).neg_()  # (N, 1, H, W)
+        zero = torch.zeros((), dtype=g_den.dtype, device=g_den.device)
+        if threshold == "mean":
+            half = torch.where(sigma == c, g_den / 2, g_den)
+            g_sigma = torch.where(sigma < c, zero, half)
+            g_c = torch.where(sigma > c, zero, half).sum(dim=(-2, -1), keepdim=True)
+            g_c = torch.where(mean_sigma >= floor, g_c, zero)  # (N, 1, 1, 1)
+            g_sigma = g_sigma + g_c / (sigma.shape[-2] * sigma.shape[-1])
+        else:
+            g_sigma = torch.where(sigma >= max(threshold, floor), g_den, zero)
+        tiny = torch.finfo(variance.dtype).tiny
+        g_var = torch.where(variance >= tiny, g_sigma / (2 * sigma), zero)
+        k = 2 * den * smoother._adjoint(g_var.squeeze(1), maps).unsqueeze(1)  # (N, 1, H, W)
+        g_v = (grad * r).addcmul_(y, k)  # (N, C, H, W)
+        g_a = g_v.sub_(smoother._adjoint(g_v.sum(dim=1), maps).unsqueeze(1))
+        if ctx.rectify:
+            g_a = g_a.mul_(x.sgn())
+        return g_a, None, None, None, None

@@ -458,6 +458,13 @@ def _reload_data(recorded: Mapping[str, Any], data: DataSplits | None) -> DataSp
 # --------------------------------------------------------------------------------------
 
 
+_RNG_NOTE = {
+    "scheme": "derived",
+    "note": "data order, shifts and per-step seeds are hashes of (seed, epoch or step); "
+    "no generator state is stored",
+}
+
+
 @dataclass
 class _Position:
     """Where training stands: what a checkpoint must record to continue exactly."""
@@ -543,7 +550,13 @@ def _train(
     )
 
     def save_last() -> None:
-        meta = {**at.to_meta(), "lr": lr, "saved": _utc_now(), "kind": "last"}
+        meta = {
+            **at.to_meta(),
+            "kind": "last",
+            "saved": _utc_now(),
+            "scalars": {"lr": lr},
+            "rng": _RNG_NOTE | {"seed": config.seed},
+        }
         save_checkpoint(
             run.checkpoint("last"), model.state_dict(), meta, optimizer_tensors(optimizer)
         )
