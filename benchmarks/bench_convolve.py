@@ -3,9 +3,9 @@
 The workload is the lecture's: a stack of 64 grey images of 83x83, each correlated (valid,
 float32) with one kernel, for several kernel sizes. scipy gets the same 64 images one call
 each with its default ``method="auto"`` (which picks FFT or direct per call). The two run
-interleaved in one process and the medians are compared. Achieved GFLOP/s (2 flops per
-multiply-add of the direct method) are printed beside the peak of a large float32 matrix
-product measured in the same run.
+interleaved in one process, each timed sample a loop of about 5 ms, and the medians are
+compared. Achieved GFLOP/s (2 flops per multiply-add of the direct method) are printed
+beside the peak of a large float32 matrix product measured in the same run.
 
 Run from the repository root::
 
@@ -26,12 +26,15 @@ from cnnkit.ops.convolution import correlate
 
 IMAGES, SIZE = 64, 83
 KERNELS = (3, 5, 9, 13, 21)
+SAMPLE_SECONDS = 0.005
 
 
-def _seconds(fn: Callable[[], object]) -> float:
+def _seconds(fn: Callable[[], object], calls: int = 1) -> float:
+    """Seconds per call of ``calls`` back-to-back calls of ``fn``."""
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
 
 
 def matmul_peak(size: int = 2048, repeats: int = 15) -> float:
@@ -65,11 +68,14 @@ def bench_kernel(size: int, repeats: int, rng: np.random.Generator) -> dict[str,
     error = float(np.abs(got - expected).max() / np.abs(expected).max())
     runs = {"scipy": run_scipy, "tensor": run_tensor, "numpy": run_numpy}
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for fn in runs.values():  # warm-up
-        fn()
-    for _ in range(repeats):  # interleaved, so a busy moment hits all three alike
-        for name, fn in runs.items():
-            times[name].append(_seconds(fn))
+    # Each sample is a loop of about 5 ms (scipy's 64 calls are one already), so no method
+    # is timed only in the cold cache the previous one leaves behind.
+    calls = {name: max(1, round(SAMPLE_SECONDS / _seconds(fn))) for name, fn in runs.items()}
+    names = list(runs)
+    for round_ in range(repeats):  # interleaved, so a busy moment hits all three alike;
+        shift = round_ % len(names)  # the order rotates from round to round
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_seconds(runs[name], calls[name]))
     result = {name: statistics.median(values) for name, values in times.items()}
     result.update({f"{name}_best": min(values) for name, values in times.items()})
     result["error"] = error

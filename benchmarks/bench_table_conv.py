@@ -5,13 +5,16 @@ Run from the repository root::
     python -m benchmarks.bench_table_conv            # the lecture's shapes, batch 64
     python -m benchmarks.bench_table_conv --quick    # fewer repeats
     python -m benchmarks.bench_table_conv --threads 1 --clock process   # steadier
+    python -m benchmarks.bench_table_conv --slow     # also the rejected designs
 
 Each case times every variant in turn, round after round (interleaved, so a neighbour's
 load hits all of them alike), and reports the median and the ratio to the dense
 convolution with scattered weights (> 1 means faster than dense). Besides the library's
 methods, two rejected designs are timed for the record: a gather of each row's input map
 followed by a grouped convolution (``groups=C_out``), and one batched matrix product per
-input map over its unfolded patches (im2col), scattered into the outputs.
+input map over its unfolded patches (im2col), scattered into the outputs. The Fourier
+method is not timed on the first layer's 83x83 maps, where its inverse transform alone
+would cost far more than the convolution (``"auto"`` never picks it there).
 """
 
 from __future__ import annotations

@@ -35,6 +35,10 @@ def test_random_lecture_layer3_is_balanced():
     assert tables.check(table, n_in=64, n_out=256) is table
     assert torch.equal(tables.fan_in(table), torch.full((256,), 16))
     assert torch.equal(torch.bincount(table[:, 0], minlength=64), torch.full((64,), 64))
+    # as documented: each run of 64 / 16 = 4 consecutive outputs splits the 64 inputs
+    for first in range(0, 256, 4):
+        inputs = table[(table[:, 1] >= first) & (table[:, 1] < first + 4), 0]
+        assert sorted(inputs.tolist()) == list(range(64))
 
 
 def test_random_is_pinned_across_machines():

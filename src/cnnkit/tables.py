@@ -71,9 +71,11 @@ def random(n_in: int, n_out: int, fan_in: int, seed: int = 0) -> torch.Tensor:
 
     Outputs are filled in order; each takes the ``fan_in`` inputs used least so far, ties
     broken by uniform random keys. Taking the least used keeps every count within one of
-    every other at all times, which is what makes the table balanced. The keys come from
-    NumPy's PCG64 generator seeded with ``seed``, so a seed gives the same table on every
-    run and machine.
+    every other at all times, which is what makes the table balanced. One consequence:
+    when ``fan_in`` divides ``n_in``, each run of ``n_in / fan_in`` consecutive outputs
+    splits the inputs among themselves (outputs 0-3 of ``random(64, 256, 16)`` read 64
+    different maps). The keys come from NumPy's PCG64 generator seeded with ``seed``, so
+    a seed gives the same table on every run and machine.
     """
     check_positive_int("n_in", n_in)
     check_positive_int("n_out", n_out)

@@ -40,7 +40,7 @@ def test_warmup_steps_is_a_share_of_all_steps() -> None:
 
 
 def test_default_learning_rate_follows_the_optimizer() -> None:
-    assert TrainConfig().lr == 0.05
+    assert TrainConfig().lr == 0.02
     assert TrainConfig(optimizer="adam").lr == 0.001
     assert TrainConfig(lr=0.3).lr == 0.3
 
@@ -54,6 +54,9 @@ def test_default_learning_rate_follows_the_optimizer() -> None:
         ({"lr": -1.0}, ValueError, "lr must be a finite number > 0, got -1.0"),
         ({"optimizer": "rmsprop"}, ValueError, "optimizer must be one of 'sgd', 'adam'"),
         ({"weight_decay": -0.1}, ValueError, "weight_decay must be a finite number >= 0"),
+        ({"momentum": 1.0}, ValueError, r"momentum must be a finite number in \[0, 1\), got 1.0"),
+        ({"warmup": "a"}, TypeError, r"warmup must be a number in \[0, 1\), got 'a'"),
+        ({"grad_clip": 0.0}, ValueError, "grad_clip must be a finite number > 0, got 0.0"),
         ({"schedule": "linear"}, ValueError, "schedule must be one of"),
         ({"device": "tpu"}, ValueError, "device must be one of 'auto', 'cpu', 'cuda'"),
         ({"threads": 0}, ValueError, "threads must be a positive integer, got 0"),

@@ -27,6 +27,7 @@ from cnnkit.ops.normalization import (
     contrast_norm,
     divisive_norm,
     gaussian_window,
+    rectified_contrast_norm,
     subtractive_norm,
 )
 
@@ -152,3 +153,9 @@ class ContrastNorm(_DivisiveBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return contrast_norm(x, self.window, self.threshold, self.border, self.floor)
+
+    def forward_rectified(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(x.abs())`` in one fused op (:func:`rectified_contrast_norm`): the same
+        values and gradients, fewer passes over the maps. Networks built by
+        :func:`cnnkit.models.build` call it for a rectification followed by this layer."""
+        return rectified_contrast_norm(x, self.window, self.threshold, self.border, self.floor)

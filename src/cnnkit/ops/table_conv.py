@@ -16,8 +16,9 @@ connection table (:mod:`cnnkit.tables`) of (input map, output map) rows; ``weigh
                     sum_{p < kh, q < kw} x[n, table[r, 0], a*stride_h + p, b*stride_w + q]
                                          * weight[r, p, q]
 
-the lecture's 2-D convolution with kernel indices counted from the corner and the kernel
-not flipped (a correlation, as in every deep-learning library). With the table
+a correlation: the lecture's 2-D convolution (its Section 5) with the kernel flipped on
+both axes and indexed from its corner, the form deep-learning libraries call
+convolution; for learned kernels the two describe the same layers. With the table
 ``random(64, 256, 16)`` and 9x9 kernels this is the lecture's layer 3: 64 maps of 14x14
 in, 256 maps of 6x6 out, 4096 kernels.
 
@@ -59,9 +60,10 @@ __all__ = ["METHODS", "table_conv2d"]
 METHODS = ("auto", "dense", "depthwise", "fourier")
 
 # "auto" takes "fourier" when the dense convolution needs this many times more
-# multiply-adds: the library convolution runs each multiply-add about this much faster
-# than the Fourier method's smaller products and transforms (measured on shapes around
-# the lecture's; see docs/performance-table-conv.md).
+# multiply-adds. The library convolution ran each multiply-add about 2.2x faster than the
+# Fourier method's smaller products and transforms on shapes around the lecture's; the
+# margin above that keeps "auto" off every Fourier call that measured slower than dense
+# (docs/performance-table-conv.md).
 _FOURIER_MARGIN = 3.5
 # "auto" takes "depthwise" for one-input-per-output tables from this many input maps on:
 # below it the dense convolution wastes little and runs faster than a grouped one.
@@ -161,7 +163,7 @@ def _choose(
     fourier = spectrum * (
         2 * n * c_in * c_out  # the per-frequency products
         + n * c_out * h_out * w_out  # the inverse transform onto the kept positions
-        + rows * kh * kw  # the kernels' spectra
+        + rows * kh * kw  # the kernels' spectra (as a plain DFT would; an FFT needs less)
         + c_in * c_out  # scattering them into the dense spectrum
     )
     return "fourier" if _FOURIER_MARGIN * fourier < dense else "dense"

@@ -22,6 +22,7 @@ on CPU, with weights bitwise equal to those of a run that was never interrupted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import time
@@ -478,6 +479,24 @@ class _Position:
     train_seconds: float = 0.0
     best: dict[str, Any] = field(default_factory=dict)  # epoch, val_accuracy, val_loss
 
+    def record(self, loss: float, correct: int, images: int, seconds: float) -> None:
+        """Count one finished step of ``images`` images."""
+        self.batch += 1
+        self.step += 1
+        self.loss_sum += loss * images
+        self.correct += correct
+        self.seen += images
+        self.train_seconds += seconds
+
+    @property
+    def speed(self) -> float:
+        """Training images per second in this epoch so far."""
+        return self.seen / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.batch, self.loss_sum, self.correct, self.seen, self.train_seconds = 0, 0.0, 0, 0, 0.0
+
     def to_meta(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
@@ -534,7 +553,13 @@ def _train(
     n = len(data.train)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    warmup = warmup_steps(total_steps, config.warmup)
+    schedule = functools.partial(
+        lr_at,
+        lr=config.lr,
+        total_steps=total_steps,
+        warmup=warmup_steps(total_steps, config.warmup),
+        schedule=config.schedule,
+    )
     max_shift = max_shift_for(data.input_hw) if config.augment == "shift" else 0
     if checkpoint is not None:
         report.note(
@@ -544,23 +569,20 @@ def _train(
         report.note(
             f"training {run.path}: {n} images, {steps_per_epoch} steps per epoch, on {device}"
         )
-    last_save = time.monotonic()
-    lr = lr_at(
-        at.step, lr=config.lr, total_steps=total_steps, warmup=warmup, schedule=config.schedule
-    )
 
     def save_last() -> None:
         meta = {
             **at.to_meta(),
             "kind": "last",
             "saved": _utc_now(),
-            "scalars": {"lr": lr},
+            "scalars": {"lr": schedule(max(at.step - 1, 0))},
             "rng": _RNG_NOTE | {"seed": config.seed},
         }
         save_checkpoint(
             run.checkpoint("last"), model.state_dict(), meta, optimizer_tensors(optimizer)
         )
 
+    last_save = time.monotonic()
     for epoch in range(at.epoch, config.epochs):
         order = epoch_order(n, config.seed, epoch)
         shifts = epoch_shifts(n, max_shift, config.seed, epoch) if max_shift else None
@@ -571,48 +593,27 @@ def _train(
             images = data.train.images[index]
             if shifts is not None:
                 images = shift_images(images, shifts[index])
-            lr = lr_at(
-                at.step,
-                lr=config.lr,
-                total_steps=total_steps,
-                warmup=warmup,
-                schedule=config.schedule,
-            )
+            labels = data.train.labels[index]
             torch.manual_seed(derived_seed(config.seed, "step", at.step))
+            lr = schedule(at.step)
             try:
                 loss, correct = train_step(
-                    model,
-                    optimizer,
-                    images.to(device),
-                    data.train.labels[index].to(device),
-                    lr,
-                    config.grad_clip,
+                    model, optimizer, images.to(device), labels.to(device), lr, config.grad_clip
                 )
             except NonFiniteLossError as error:
                 report.close()
-                raise NonFiniteLossError(
-                    _blow_up_message(error, run, epoch, batch, at, lr)
-                ) from None
-            at.batch, at.step = batch + 1, at.step + 1
-            at.loss_sum += loss * len(index)
-            at.correct += correct
-            at.seen += len(index)
-            at.train_seconds += time.monotonic() - tick
-            report.step(
-                len(index), at.loss_sum / at.seen, at.correct / at.seen, at.seen / at.train_seconds
-            )
-            due_steps = (
-                config.checkpoint_every_steps and at.step % config.checkpoint_every_steps == 0
-            )
-            if at.batch < steps_per_epoch and (
-                due_steps or time.monotonic() - last_save >= config.checkpoint_every_s
-            ):
+                message = _blow_up_message(error, run, epoch, batch, at.step, lr)
+                raise NonFiniteLossError(message) from None
+            at.record(loss, correct, len(index), time.monotonic() - tick)
+            report.step(len(index), at.loss_sum / at.seen, at.correct / at.seen, at.speed)
+            due = config.checkpoint_every_steps and at.step % config.checkpoint_every_steps == 0
+            late = time.monotonic() - last_save >= config.checkpoint_every_s
+            if at.batch < steps_per_epoch and (due or late):
                 save_last()
                 last_save = time.monotonic()
-        row = _end_epoch(run, model, data, config, device, at, lr, rows)
+        row = _end_epoch(run, model, data, config, device, at, schedule(at.step - 1), rows)
         report.end_epoch(row, config.epochs)
-        at.epoch, at.batch = epoch + 1, 0
-        at.loss_sum, at.correct, at.seen, at.train_seconds = 0.0, 0, 0, 0.0
+        at.next_epoch()
         save_last()
         last_save = time.monotonic()
     report.finish(run.path, rows, at.best, time.monotonic() - wall_start)
@@ -645,7 +646,7 @@ def _end_epoch(
         "test_loss": None if test is None else test.loss,
         "test_accuracy": None if test is None else test.accuracy,
         "lr": lr,
-        "images_per_s": at.seen / at.train_seconds if at.train_seconds > 0 else 0.0,
+        "images_per_s": at.speed,
         "seconds": at.train_seconds + time.monotonic() - eval_start,
     }
     rows.append(row)
@@ -666,7 +667,7 @@ def _end_epoch(
 
 
 def _blow_up_message(
-    error: Exception, run: RunFolder, epoch: int, batch: int, at: _Position, lr: float
+    error: Exception, run: RunFolder, epoch: int, batch: int, step: int, lr: float
 ) -> str:
     last = run.checkpoint("last")
     try:
@@ -678,7 +679,7 @@ def _blow_up_message(
     except (OSError, ValueError):
         kept = "no checkpoint had been saved yet"
     return (
-        f"training stopped: {error} at epoch {epoch + 1}, step {at.step + 1} (batch "
+        f"training stopped: {error} at epoch {epoch + 1}, step {step + 1} (batch "
         f"{batch + 1}); the learning rate ({lr:.4g} at that step) is probably too high: "
         f"try a lower --lr; {kept}"
     )
