@@ -138,13 +138,13 @@ def dense_equivalent(input_hw: tuple[int, int], hidden_hw: tuple[int, int]) -> D
 def _window_pairs(size: int, window: int) -> int:
     """Sum over the ``size`` positions of the window cells that fall inside, along one axis."""
     before = (window - 1) // 2
-    return sum(
-        sum(1 for p in range(window) if 0 <= j + p - before < size) for j in range(size)
-    )
+    return sum(sum(1 for p in range(window) if 0 <= j + p - before < size) for j in range(size))
 
 
 def _norm_connections(norm: NormSpec, maps: int, height: int, width: int) -> int:
-    per_window = maps * maps * _window_pairs(height, norm.window) * _window_pairs(width, norm.window)
+    per_window = (
+        maps * maps * _window_pairs(height, norm.window) * _window_pairs(width, norm.window)
+    )
     return per_window * (2 if norm.kind == "contrast" else 1)
 
 
@@ -175,7 +175,7 @@ def summarize(spec: ArchitectureSpec) -> Summary:
     maps, height, width = spec.input.maps, spec.input.height, spec.input.width
     kind = "gray image" if maps == 1 else f"{maps}-map image"
     rows = [LayerRow("input", kind, maps, height, width)]
-    for number, (stage, shapes) in enumerate(zip(spec.stages, spec.shapes()), start=1):
+    for number, (stage, shapes) in enumerate(zip(spec.stages, spec.shapes(), strict=True), start=1):
         prefix = f"stage{number}"
         bank = stage.filters
         k = bank.kernel
@@ -271,7 +271,9 @@ def summarize(spec: ArchitectureSpec) -> Summary:
                 )
             if pool.activation == "tanh":
                 rows.append(
-                    LayerRow(f"{prefix}.pool_act", "tanh", p_maps, p_h, p_w, connections=pooled_units)
+                    LayerRow(
+                        f"{prefix}.pool_act", "tanh", p_maps, p_h, p_w, connections=pooled_units
+                    )
                 )
         maps, height, width = shapes.output
     features = maps * height * width
@@ -361,7 +363,7 @@ def format_table(summary: Summary, dense: DenseComparison | None = None) -> str:
 
     def line(cells: list[str]) -> str:
         parts = [
-            f"{c:{align}{w}}" for c, w, (_, _, align) in zip(cells, widths, _COLUMNS)
+            f"{c:{align}{w}}" for c, w, (_, _, align) in zip(cells, widths, _COLUMNS, strict=True)
         ]
         return "  ".join(parts).rstrip()
 

@@ -91,7 +91,7 @@ def convolve_3d_centred(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     kernel = np.asarray(kernel, dtype=np.float64)
     half = [s // 2 for s in kernel.shape]
-    out_shape = [xs - 2 * h for xs, h in zip(x.shape, half)]
+    out_shape = [xs - 2 * h for xs, h in zip(x.shape, half, strict=True)]
     out = np.zeros(out_shape)
     for i, j, k in itertools.product(*(range(s) for s in out_shape)):
         centre = (i + half[0], j + half[1], k + half[2])  # 0-based centre in x
@@ -116,13 +116,13 @@ def convolve(x: np.ndarray, kernel: np.ndarray, mode: str = "valid") -> np.ndarr
     """
     x = np.asarray(x, dtype=np.float64)
     kernel = np.asarray(kernel, dtype=np.float64)
-    full_shape = tuple(n + k - 1 for n, k in zip(x.shape, kernel.shape))
+    full_shape = tuple(n + k - 1 for n, k in zip(x.shape, kernel.shape, strict=True))
     full = np.zeros(full_shape)
     for i in np.ndindex(*full_shape):
         total = 0.0
         for j in np.ndindex(*kernel.shape):
-            src = tuple(ii - jj for ii, jj in zip(i, j))
-            if all(0 <= s < n for s, n in zip(src, x.shape)):
+            src = tuple(ii - jj for ii, jj in zip(i, j, strict=True))
+            if all(0 <= s < n for s, n in zip(src, x.shape, strict=True)):
                 total += x[src] * kernel[j]
         full[i] = total
     return _crop(full, x.shape, kernel.shape, mode)
@@ -138,9 +138,13 @@ def _crop(full: np.ndarray, x_shape, k_shape, mode: str) -> np.ndarray:
     if mode == "full":
         return full
     if mode == "valid":
-        return full[tuple(slice(k - 1, n) for n, k in zip(x_shape, k_shape))]
+        return full[tuple(slice(k - 1, n) for n, k in zip(x_shape, k_shape, strict=True))]
     if mode == "same":
-        return full[tuple(slice((k - 1) // 2, (k - 1) // 2 + n) for n, k in zip(x_shape, k_shape))]
+        return full[
+            tuple(
+                slice((k - 1) // 2, (k - 1) // 2 + n) for n, k in zip(x_shape, k_shape, strict=True)
+            )
+        ]
     raise ValueError(f"mode must be 'valid', 'same' or 'full', got {mode!r}")
 
 
@@ -251,7 +255,7 @@ def divisive_norm(
     border: str = "renormalize",
     floor: float = 1e-4,
 ) -> np.ndarray:
-    """``y_ijk = v_ijk / max(c, sigma_jk)``, ``sigma_jk = (sum_{i,p,q} w_pq v^2_{i,j+p,k+q})^(1/2)``.
+    """``y_ijk = v_ijk / max(c, sigma_jk)``, ``sigma_jk = (sum_ipq w_pq v^2_{i,j+p,k+q})^(1/2)``.
 
     ``threshold`` is c: a number, or ``"mean"`` for the mean of sigma over the image.
     c is raised to at least ``floor`` so a flat image never divides by zero. Borders as

@@ -187,10 +187,12 @@ def build(spec: ArchitectureSpec) -> Network:
     stages = []
     maps, hw = spec.input.maps, (spec.input.height, spec.input.width)
     untied = spec.weight_sharing == "averaged"
-    for stage, shapes in zip(spec.stages, spec.shapes()):
+    for stage, shapes in zip(spec.stages, spec.shapes(), strict=True):
         stages.append(build_stage(stage, maps, hw, untied))
         maps, hw = stage.filters.maps, shapes.output[1:]
     out_maps, out_h, out_w = spec.output_shape
     head = spec.classifier
-    classifier = Classifier(out_maps * out_h * out_w, head.classes, head.hidden, head.hidden_activation)
+    classifier = Classifier(
+        out_maps * out_h * out_w, head.classes, head.hidden, head.hidden_activation
+    )
     return Network(spec, stages, classifier)

@@ -274,7 +274,9 @@ class ArchitectureSpec:
                 height = (height - window) // stride + 1
                 width = (width - window) // stride + 1
                 pooled = (maps, height, width)
-            result.append(StageShapes(filters=filtered, pooled=pooled, output=(maps, height, width)))
+            result.append(
+                StageShapes(filters=filtered, pooled=pooled, output=(maps, height, width))
+            )
             previous = f"stage {number} leaves"
         return result
 

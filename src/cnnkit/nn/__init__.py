@@ -1,6 +1,6 @@
 """Modules that hold parameters or buffers and call one op from :mod:`cnnkit.ops`."""
 
-from cnnkit.nn.activation import ReLU, Rectify
+from cnnkit.nn.activation import Rectify, ReLU
 from cnnkit.nn.classifier import Classifier
 from cnnkit.nn.filter_bank import FilterBank
 from cnnkit.nn.locally_connected import LocallyConnected2d
