@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -154,7 +153,7 @@ def layer_breakdown(model: torch.nn.Module, repeats: int) -> dict[str, dict[str,
 
 
 def peak_memory(variant: str) -> dict[str, float]:
-    """Peak RSS of a training step, in a fresh process (MB): before and after 3 steps."""
+    """Peak RSS of a training step, in a fresh process (MB): see :func:`_memory_child`."""
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--memory-child", variant],
         capture_output=True,
@@ -164,7 +163,16 @@ def peak_memory(variant: str) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _rss_mb(field: str) -> float:
+    """``VmRSS`` or ``VmHWM`` (the peak since the last reset) of this process, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _memory_child(variant: str) -> None:
+    """Build one network, reset the peak-RSS mark, run 3 steps, print the JSON figures."""
     tune_runtime()
     model, literal = build_pair()
     net = model if variant == "cnnkit" else literal
@@ -172,11 +180,12 @@ def _memory_child(variant: str) -> None:
     x = torch.randn(BATCH, 1, 83, 83)
     y = torch.randint(0, CLASSES, (BATCH,))
     step = make_step(net, x, y)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+    before = _rss_mb("VmRSS")
     for _ in range(3):
         step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rss_before_mb": before, "peak_rss_mb": after, "step_mb": after - before}))
+    peak = _rss_mb("VmHWM")
+    print(json.dumps({"rss_before_mb": before, "peak_rss_mb": peak, "step_mb": peak - before}))
 
 
 def _load() -> str:
@@ -184,6 +193,12 @@ def _load() -> str:
         return " ".join(f"{value:.2f}" for value in os.getloadavg())
     except OSError:
         return "unknown"
+
+
+def _span(times: dict[str, float], scale: float) -> str:
+    return (
+        f"{times['median'] * scale:8.1f} ms ({times['min'] * scale:.0f}-{times['max'] * scale:.0f})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,15 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"{'':10s} {'cnnkit':>28s} {'literal':>28s} {'speed-up':>9s} {'% peak':>7s}")
     for row in rows:
-        unit, scale = ("ms", 1e3)
+        scale = 1e3
         c, lit = row["cnnkit_s"], row["literal_s"]
         share = f"{100 * row['cnnkit_peak_share']:.1f}" if "cnnkit_peak_share" in row else "-"
         print(
             f"{row['task']:10s} "
-            f"{c['median'] * scale:8.1f} {unit} ({c['min'] * scale:.0f}-{c['max'] * scale:.0f})"
-            f"{row['cnnkit_img_s']:7.0f}/s "
-            f"{lit['median'] * scale:8.1f} {unit} ({lit['min'] * scale:.0f}-{lit['max'] * scale:.0f})"
-            f"{row['literal_img_s']:7.1f}/s {row['speedup']:8.1f}x {share:>7s}"
+            f"{_span(c, scale)} {row['cnnkit_img_s']:7.0f}/s "
+            f"{_span(lit, scale)} {row['literal_img_s']:7.1f}/s {row['speedup']:8.1f}x {share:>7s}"
         )
     print("\ncnnkit training step by layer (forward + backward, median):")
     for name, part in breakdown.items():

@@ -5,9 +5,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from cnnkit import analysis
+from cnnkit import analysis, tables
 from cnnkit.models import build, from_name, list_presets
-from cnnkit.models.presets import LENET5_C3_TABLE
 from tests.models.test_spec import random_specs
 
 
@@ -76,19 +75,10 @@ def test_lenet5_counts_layer_by_layer():
     assert model(torch.randn(3, 1, 32, 32)).shape == (3, 10)
 
 
-def test_lenet5_c3_table_is_the_published_one():
-    # LeCun et al. 1998, Table I: rows are S2 maps, an X where a C3 map reads it.
-    published = [
-        "X   XXX  XXXX XX",
-        "XX   XXX  XXXX X",
-        "XXX   XXX  X XXX",
-        " XXX  XXXX  X XX",
-        "  XXX  XXXX XX X",
-        "   XXX  XXXX XXX",
-    ]
-    expected = {(i, o) for i, row in enumerate(published) for o, c in enumerate(row) if c == "X"}
-    assert set(LENET5_C3_TABLE) == expected
-    assert len(LENET5_C3_TABLE) == 60
+def test_lenet5_preset_uses_the_published_c3_table():
+    # tests/test_tables.py pins tables.lenet5_c3() against the paper's Table I.
+    model = build(from_name("lenet5"))
+    assert torch.equal(model.stage2.filters.table, tables.lenet5_c3())
 
 
 @pytest.mark.parametrize("name", list_presets())

@@ -84,6 +84,8 @@ def test_round_trip_restores_weights_and_optimizer_state(tmp_path: Path, kind: s
 def test_stale_sidecar_is_rewritten_from_the_checkpoint(saved: Path) -> None:
     sidecar_path(saved).write_text('{"epoch": 1}')
     assert read_checkpoint(saved).meta["epoch"] == 2
+    assert json.loads(sidecar_path(saved).read_text())["epoch"] == 1  # readers do not write
+    assert read_checkpoint(saved, repair_sidecar=True).meta["epoch"] == 2
     assert json.loads(sidecar_path(saved).read_text())["epoch"] == 2
 
 

@@ -520,7 +520,8 @@ class _ContrastNorm(torch.autograd.Function):
                 return torch.autograd.grad(again, x, grad, create_graph=True)[0], *[None] * 4
         maps = y.shape[1]
         r = den.reciprocal()
-        g_den = (grad * y).sum(dim=1, keepdim=True).mul_(r).neg_()  # (N, 1, H, W)
+        work = grad * y  # (N, C, H, W), reused for g_v below
+        g_den = work.sum(dim=1, keepdim=True).mul_(r).neg_()  # (N, 1, H, W)
         zero = torch.zeros((), dtype=g_den.dtype, device=g_den.device)
         if threshold == "mean":
             half = torch.where(sigma == c, g_den / 2, g_den)
@@ -533,7 +534,7 @@ class _ContrastNorm(torch.autograd.Function):
         tiny = torch.finfo(variance.dtype).tiny
         g_var = torch.where(variance >= tiny, g_sigma / (2 * sigma), zero)
         k = 2 * den * smoother._adjoint(g_var.squeeze(1), maps).unsqueeze(1)  # (N, 1, H, W)
-        g_v = (grad * r).addcmul_(y, k)  # (N, C, H, W)
+        g_v = torch.mul(grad, r, out=work).addcmul_(y, k)  # (N, C, H, W)
         g_a = g_v.sub_(smoother._adjoint(g_v.sum(dim=1), maps).unsqueeze(1))
         if ctx.rectify:
             g_a = g_a.mul_(x.sgn())

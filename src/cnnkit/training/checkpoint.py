@@ -11,8 +11,7 @@ A checkpoint is one ``NAME.safetensors`` file, self-contained and written atomic
 
 Next to it, ``NAME.json`` repeats ``meta`` for people and tools (the *sidecar*). The copy
 inside the ``.safetensors`` file is the one that counts: a kill between the two writes
-leaves a complete checkpoint whose sidecar is one save behind, and reading the checkpoint
-rewrites a stale sidecar.
+leaves a complete checkpoint whose sidecar is one save behind, which resuming rewrites.
 
 Reading parses the header with a few lines of Python, then hands the bytes to
 safetensors' loader (which only ever copies numbers), then recomputes the digest. A
@@ -113,11 +112,13 @@ def _sidecar_text(path: Path, header: Mapping[str, str]) -> str:
     return json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
+def read_checkpoint(path: str | Path, *, repair_sidecar: bool = False) -> Checkpoint:
     """Read and verify a checkpoint written by :func:`save_checkpoint`.
 
     Raises ``FileNotFoundError`` if there is no file, and :class:`CheckpointError`
     (a ``ValueError``) for anything that is not a complete, intact cnnkit checkpoint.
+    ``repair_sidecar`` rewrites a missing or stale ``.json`` sidecar from the checkpoint
+    (resuming does this; readers leave the folder untouched).
     """
     path = Path(path)
     if not path.is_file():
@@ -141,7 +142,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         meta = None
     if not isinstance(meta, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} is damaged: unreadable meta data")
-    _refresh_sidecar(path, header)
+    if repair_sidecar:
+        _refresh_sidecar(path, header)
     model = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     optimizer = {
         k[len(OPTIMIZER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(OPTIMIZER_PREFIX)
@@ -183,10 +185,7 @@ def _refresh_sidecar(path: Path, header: Mapping[str, str]) -> None:
             return
     except (OSError, UnicodeDecodeError):
         pass
-    try:
-        write_atomic(sidecar, text)
-    except OSError:  # a read-only run folder can still be evaluated
-        pass
+    write_atomic(sidecar, text)
 
 
 def read_sidecar(path: str | Path) -> dict[str, Any]:

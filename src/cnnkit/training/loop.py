@@ -405,7 +405,7 @@ def resume(
         options["threads"] = threads
     config = TrainConfig.from_dict(options)
     last = run.checkpoint("last")
-    checkpoint = read_checkpoint(last) if last.exists() else None
+    checkpoint = read_checkpoint(last, repair_sidecar=True) if last.exists() else None
     report = Progress(progress)
     done = _Position.from_meta(checkpoint.meta, checkpoint.path).epoch if checkpoint else 0
     write_metrics(run, [row for row in read_metrics(run) if row["epoch"] <= done])
