@@ -139,7 +139,7 @@ def test_lecture_layer3_shapes():
 
 
 def test_auto_choices_at_the_lecture_shapes():
-    # pinned to the measurements in docs/performance-table-conv.md
+    # pinned to the measurements in docs/performance.md (connection-table filter bank)
     f32, one = torch.float32, (1, 1)
     assert _choose((64, 64, 14, 14), (4096, 9, 9), 256, one, f32) == "fourier"  # layer 3
     assert _choose((1, 64, 14, 14), (4096, 9, 9), 256, one, f32) == "dense"  # one image

@@ -41,7 +41,8 @@ Three exact methods; ``method="auto"`` picks one from the shapes:
   small maps with large kernels -- the lecture's layer 3, where a 9x9 kernel covers
   most of a 14x14 map -- it needs far fewer multiply-adds than any direct method.
 
-The measurements behind the choice are in ``docs/performance-table-conv.md``.
+The measurements behind the choice are in ``docs/performance.md`` (connection-table
+filter bank).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ METHODS = ("auto", "dense", "depthwise", "fourier")
 # multiply-adds. The library convolution ran each multiply-add about 2.2x faster than the
 # Fourier method's smaller products and transforms on shapes around the lecture's; the
 # margin above that keeps "auto" off every Fourier call that measured slower than dense
-# (docs/performance-table-conv.md).
+# (docs/performance.md, connection-table filter bank).
 _FOURIER_MARGIN = 3.5
 # "auto" takes "depthwise" for one-input-per-output tables from this many input maps on:
 # below it the dense convolution wastes little and runs faster than a grouped one.

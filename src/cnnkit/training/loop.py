@@ -566,9 +566,7 @@ def _train(
             f"resuming {run.path} at epoch {at.epoch + 1}, batch {at.batch} (step {at.step})"
         )
     else:
-        report.note(
-            f"training {run.path}: {n} images, {steps_per_epoch} steps per epoch, on {device}"
-        )
+        report.note(_start_line(run, model, data, steps_per_epoch, device))
 
     def save_last() -> None:
         meta = {
@@ -618,6 +616,25 @@ def _train(
         last_save = time.monotonic()
     report.finish(run.path, rows, at.best, time.monotonic() - wall_start)
     return run.path
+
+
+def _start_line(
+    run: RunFolder, model: nn.Module, data: DataSplits, steps: int, device: torch.device
+) -> str:
+    spec = getattr(model, "spec", None)
+    name = spec.name if isinstance(spec, ArchitectureSpec) else type(model).__name__
+    weights = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sizes = f"{len(data.train)} train / {len(data.val)} val"
+    if data.test is not None:
+        sizes += f" / {len(data.test)} test"
+    threads = torch.get_num_threads()
+    where = (
+        f"{device}, {threads} thread{'s' * (threads != 1)}" if device.type == "cpu" else str(device)
+    )
+    return (
+        f"training {name} ({weights:,} weights) on {data.source}: {sizes} images, "
+        f"{steps} steps per epoch, {where} -> {run.path}"
+    )
 
 
 def _end_epoch(
