@@ -239,13 +239,39 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help=argparse.SUPPRESS,
     )
     parser.add_argument("--checkpoint-every-steps", type=_int_at_least(1), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--nproc",
+        type=_int_at_least(1),
+        default=1,
+        metavar="N",
+        help="train in N processes on this machine (starts torchrun; see docs/distributed.md)",
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from cnnkit.training.distributed import DistributedError
+
+    try:
+        return _run_train(args)
+    except DistributedError as error:
+        print(f"cnnkit: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _run_train(args: argparse.Namespace) -> int:
     from cnnkit import data as datasets
     from cnnkit import training
     from cnnkit.runtime import tune_runtime
+    from cnnkit.training import distributed
 
+    if args.nproc > 1:
+        if "WORLD_SIZE" in os.environ:
+            raise ValueError(
+                "--nproc starts its own processes; it cannot be given to a process that "
+                "torchrun started (WORLD_SIZE is set)"
+            )
+        argv = getattr(args, "argv", None) or sys.argv[1:]
+        return distributed.launch(args.nproc, distributed.strip_option(argv, "--nproc"))
     tune_runtime(args.threads)
     if args.resume is not None:
         given = [
@@ -280,7 +306,9 @@ def run_train(args: argparse.Namespace) -> int:
             seed=config.seed,
         )
     invocation = {
-        key: value for key, value in vars(args).items() if key not in ("verb", "progress", "resume")
+        key: value
+        for key, value in vars(args).items()
+        if key not in ("verb", "progress", "resume", "argv", "nproc")
     }
     try:
         training.fit(
@@ -552,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.verb is None:
         parser.print_help()
         return 0

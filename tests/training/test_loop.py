@@ -187,3 +187,17 @@ def test_shift_moves_the_content_and_repeats_the_border() -> None:
     )  # down by 1, left by 2
     assert torch.equal(moved[0, 0], expected)
     assert torch.equal(shift_images(image, torch.zeros(1, 2, dtype=torch.int64)), image)
+
+
+def test_training_works_after_evaluating_the_lecture_network() -> None:
+    from cnnkit.data.splits import ImageSet
+    from cnnkit.models import build, from_name
+    from cnnkit.training import evaluate, train_step
+
+    torch.manual_seed(0)
+    model = build(from_name("lecun83", classes=3))
+    images = ImageSet(torch.rand(3, 1, 83, 83), torch.tensor([0, 1, 2]), ["a", "b", "c"])
+    assert evaluate(model, images).images == 3
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss, correct = train_step(model, optimizer, images.images, images.labels, lr=0.01)
+    assert loss > 0 and 0 <= correct <= 3

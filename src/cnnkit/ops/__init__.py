@@ -2,7 +2,13 @@
 
 from cnnkit.ops.activation import rectify, relu
 from cnnkit.ops.convolution import convolve, correlate
-from cnnkit.ops.normalization import contrast_norm, divisive_norm, gaussian_window, subtractive_norm
+from cnnkit.ops.normalization import (
+    contrast_norm,
+    divisive_norm,
+    gaussian_window,
+    rectified_contrast_norm,
+    subtractive_norm,
+)
 from cnnkit.ops.pooling import pool2d, pool_subsample2d, subsample2d
 from cnnkit.ops.table_conv import table_conv2d
 
@@ -14,6 +20,7 @@ __all__ = [
     "gaussian_window",
     "pool2d",
     "pool_subsample2d",
+    "rectified_contrast_norm",
     "rectify",
     "relu",
     "subsample2d",

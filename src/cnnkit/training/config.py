@@ -62,7 +62,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
-    eval_batch_size: int = 256
+    eval_batch_size: int = 64
     checkpoint_every_s: float = 120.0
     checkpoint_every_steps: int | None = None
 

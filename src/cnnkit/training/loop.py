@@ -211,18 +211,21 @@ class Evaluation:
         }
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     data: ImageSet,
     *,
-    batch_size: int = 256,
+    batch_size: int = 64,
     device: torch.device | str | None = None,
 ) -> Evaluation:
     """Mean cross-entropy, accuracy and confusion matrix of ``model`` on ``data``.
 
     The model is put in eval mode. ``device`` defaults to where the model's parameters are.
     """
+    # no_grad rather than inference_mode: a layer may cache a tensor made here (a transform
+    # basis, say) that a later training step must save for backward, which an inference
+    # tensor cannot be.
     if device is None:
         device = next(model.parameters()).device
     model.eval()

@@ -57,7 +57,7 @@ class LoadedRun:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(N, classes)`` for prepared inputs ``(N, maps, H, W)``."""
         self.model.eval()
