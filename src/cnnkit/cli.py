@@ -218,6 +218,18 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest norm of the gradient (5; 0 turns clipping off)",
     )
     parser.add_argument("--augment", choices=("shift", "none"), help="training-image shifts")
+    parser.add_argument(
+        "--weight-sharing",
+        choices=("shared", "averaged"),
+        help="shared kernels (default), or a kernel at every position tied by averaging "
+        "after each step (the lecture's Section 3; see docs/tying.md)",
+    )
+    parser.add_argument(
+        "--averaged-step",
+        choices=("scaled", "literal"),
+        help="with --weight-sharing averaged: scale each group's step by its size so it "
+        "trains like shared (default), or keep the lecture's literal mean step",
+    )
     parser.add_argument("--seed", type=_int_at_least(0), help="seed of everything random (0)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train")
     parser.add_argument("--threads", type=_int_at_least(1), help="CPU threads to use")
@@ -248,6 +260,20 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _with_weight_sharing(spec, args: argparse.Namespace):
+    """The spec with ``--weight-sharing`` / ``--averaged-step`` applied."""
+    import dataclasses
+
+    changes = {}
+    if args.weight_sharing is not None:
+        changes["weight_sharing"] = args.weight_sharing
+    if args.averaged_step is not None:
+        if (args.weight_sharing or spec.weight_sharing) != "averaged":
+            raise ValueError("--averaged-step applies only with --weight-sharing averaged")
+        changes["averaged_step"] = args.averaged_step
+    return dataclasses.replace(spec, **changes) if changes else spec
+
+
 def run_train(args: argparse.Namespace) -> int:
     from cnnkit.training.distributed import DistributedError
 
@@ -276,7 +302,11 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         given = [
             f"--{name.replace('_', '-')}"
-            for name in (*_TRAIN_OPTIONS, "preset", "spec", "data", "val_fraction", "out")
+            for name in (
+                *_TRAIN_OPTIONS,
+                *("preset", "spec", "data", "val_fraction", "out"),
+                *("weight_sharing", "averaged_step"),
+            )
             if name not in ("device", "threads") and getattr(args, name) is not None
         ]
         if given:
@@ -291,11 +321,15 @@ def _run_train(args: argparse.Namespace) -> int:
             print(f"cnnkit: error: {error}", file=sys.stderr)
             return 1
         return 0
-    spec = _load_spec(args)
+    spec = _with_weight_sharing(_load_spec(args), args)
     options = {
         name: getattr(args, name) for name in _TRAIN_OPTIONS if getattr(args, name) is not None
     }
     if options.get("grad_clip") == 0:
+        options["grad_clip"] = None
+    if spec.weight_sharing == "averaged" and args.grad_clip is None:
+        # Clipping would measure the stored, size-scaled gradients of every position,
+        # not the shared kernel's gradient: off unless asked for.
         options["grad_clip"] = None
     config = training.TrainConfig(**options)
     with _data_warnings_as_lines():

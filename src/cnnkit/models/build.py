@@ -40,6 +40,13 @@ class Network(nn.Module):
         for number, stage in enumerate(stages, start=1):
             self.add_module(f"stage{number}", stage)
         self.classifier = classifier
+        banks = self.untied_banks
+        self._ties = tying.convolution_groups(*banks).renamed(self) if banks else None
+        self._tie_scaling = None
+        if self._ties is not None and spec.averaged_step == "scaled":
+            # Each tied entry's gradient times its group's size: the group's mean gradient
+            # becomes the sum a shared weight receives, so averaged trains like shared.
+            self._tie_scaling = tying.scale_gradients_by_group_size(self._ties)
 
     @property
     def stages(self) -> list[nn.Sequential]:
@@ -61,21 +68,17 @@ class Network(nn.Module):
 
     def tie_groups(self) -> tying.TieGroups | None:
         """Tie groups making every untied bank a convolution; None when weights are shared."""
-        banks = self.untied_banks
-        return tying.convolution_groups(*banks).renamed(self) if banks else None
+        return self._ties
 
-    def tie_to(self, optimizer: torch.optim.Optimizer) -> tying.TieHandle | None:
-        """Keep untied banks tied by averaging after every step of ``optimizer``.
+    def project_ties(self) -> None:
+        """Replace every tied group by its mean (the lecture's rule); call after each step.
 
-        Does nothing (returns None) for a shared-weight network. With
-        ``spec.averaged_step == "scaled"`` each tied entry's gradient is multiplied by its
-        group's size first, so the averaged network trains like the shared one.
+        The training loop calls it after every optimizer step; a hand-written loop can
+        call it, or use ``tying.tie_after_step(optimizer, model.tie_groups())``. Does
+        nothing for a shared-weight network.
         """
-        groups = self.tie_groups()
-        if groups is None:
-            return None
-        scaled = self.spec.averaged_step == "scaled"
-        return tying.tie_after_step(optimizer, groups, scale_gradients=scaled)
+        if self._ties is not None:
+            tying.project_(self._ties)
 
     def intermediates(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Every layer's output by name (``"stage1.filters"``, ..., ``"classifier"``)."""

@@ -130,7 +130,7 @@ class World:
             raise ValueError(
                 f"batch_size {batch_size} cannot be split among {self.size} processes: "
                 f"each takes an equal share of every batch, so the batch size must be a "
-                f"multiple of the world size {self.size} (e.g. {self.size * max(1, batch_size // self.size)})"
+                f"multiple of the world size {self.size}"
             )
 
     def shard(self, index: torch.Tensor) -> torch.Tensor:

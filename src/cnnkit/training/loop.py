@@ -49,6 +49,13 @@ from cnnkit.training.checkpoint import (
     save_checkpoint,
 )
 from cnnkit.training.config import TrainConfig, lr_at, make_optimizer, warmup_steps
+from cnnkit.training.distributed import (
+    SINGLE,
+    DistributedError,
+    World,
+    process_group,
+    threads_per_process,
+)
 from cnnkit.training.progress import Progress
 from cnnkit.training.run_folder import (
     CONFIG_FORMAT,
@@ -130,6 +137,9 @@ def train_step(
     labels: torch.Tensor,
     lr: float,
     clip: float | None = None,
+    *,
+    world: World | None = None,
+    batch_images: int | None = None,
 ) -> tuple[float, int]:
     """One gradient step on a batch; returns ``(mean loss, number correct)``.
 
@@ -137,7 +147,16 @@ def train_step(
     parameters together is scaled down to a Euclidean norm of at most ``clip`` before the
     step. If the loss or the gradient's norm is NaN or infinite, the step is not taken
     and :class:`NonFiniteLossError` is raised (the caller adds where).
+
+    With a ``world`` of several processes, ``images`` ``(n, C, H, W)`` is this process's
+    share of a global batch of ``batch_images`` images (default ``n`` times the number of
+    processes; ``n`` may be 0): the cross-entropy summed over the share and divided by
+    ``batch_images`` is differentiated, the gradients are summed over the processes, so
+    every process steps with the gradient of the whole batch's mean loss; the returned
+    loss and count are the whole batch's.
     """
+    if world is not None and world.active:
+        return _shared_step(model, optimizer, images, labels, lr, clip, world, batch_images)
     model.train()
     logits = model(images)
     loss = F.cross_entropy(logits, labels)
@@ -156,6 +175,46 @@ def train_step(
     _after_step(model)
     correct = int((logits.detach().argmax(dim=1) == labels).sum())
     return value, correct
+
+
+def _shared_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    lr: float,
+    clip: float | None,
+    world: World,
+    batch_images: int | None,
+) -> tuple[float, int]:
+    """:func:`train_step` for one process's share of a batch (see there)."""
+    model.train()
+    total = len(labels) * world.size if batch_images is None else batch_images
+    device = next(model.parameters()).device
+    loss_sum = None
+    stats = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, correct)
+    if len(labels):
+        logits = model(images)
+        loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+        stats[0] = loss_sum.detach().double()
+        stats[1] = (logits.detach().argmax(dim=1) == labels).sum()
+    world.all_reduce_sum(stats, "summing the batch's loss")
+    value = float(stats[0]) / total
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"the loss is {value}")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    if loss_sum is not None:
+        (loss_sum / total).backward()
+    world.all_reduce_gradients(model.parameters(), "summing the gradients")
+    if clip is not None:
+        norm = float(nn.utils.clip_grad_norm_(model.parameters(), clip))
+        if not math.isfinite(norm):
+            raise NonFiniteLossError(f"the gradient's norm is {norm}")
+    optimizer.step()
+    _after_step(model)
+    return value, int(stats[1])
 
 
 def _after_step(model: nn.Module) -> None:
@@ -343,6 +402,11 @@ def fit(
 
     Raises :class:`NonFiniteLossError` if the loss becomes NaN or infinite; the
     checkpoints saved before stay on disk.
+
+    Started by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), every process calls
+    ``fit`` with the same arguments: see :mod:`cnnkit.training.distributed`. The batch
+    size must then be a multiple of the number of processes; only process 0 writes the
+    run folder and reports progress; all return the run folder's path.
     """
     config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
@@ -352,6 +416,30 @@ def fit(
     device = resolve_device(config.device)
     model, spec = _model_and_spec(model_or_spec, data, config.seed)
     _check_fits(spec, data)
+    with process_group(device.type) as world:
+        world.check_batch(config.batch_size)
+        _check_same_data(world, data)
+        path = _on_main_first(
+            world,
+            "creating the run folder",
+            lambda: _new_run(out, model, spec, data, config, invocation),
+        )
+        report = Progress(progress if world.is_main else "none")
+        with _threads(_threads_for(config, world)):
+            return _train(
+                RunFolder(path), model, data, config, world.device(device), None, report, world
+            )
+
+
+def _new_run(
+    out: str | Path | None,
+    model: nn.Module,
+    spec: ArchitectureSpec | None,
+    data: DataSplits,
+    config: TrainConfig,
+    invocation: Mapping[str, Any] | None,
+) -> str:
+    """Create and fill a new run folder (before the first step); return its path."""
     run = prepare_new_run(out)
     clean_leftovers(run)
     if spec is not None:
@@ -375,8 +463,47 @@ def fit(
         },
     )
     write_metrics(run, [])
-    with _threads(config.threads):
-        return _train(run, model, data, config, device, None, Progress(progress))
+    return str(run.path)
+
+
+def _check_same_data(world: World, data: DataSplits) -> None:
+    """Require every process to hold the data process 0 holds (same digest)."""
+    main = world.broadcast_object(data.digest, "comparing the data's digests")
+    if main != data.digest:
+        raise ValueError(
+            f"process {world.rank} loaded other data than process 0 (digest "
+            f"{data.digest[:12]}…, process 0: {str(main)[:12]}…); every machine must see "
+            "the same images at the same path"
+        )
+
+
+def _threads_for(config: TrainConfig, world: World) -> int | None:
+    """``config.threads``; unset with several processes: the CPUs shared among this
+    machine's processes."""
+    if config.threads is None and world.active:
+        return threads_per_process(world.local_size)
+    return config.threads
+
+
+def _on_main_first(world: World, what: str, action: Any) -> str:
+    """Run ``action`` (returning a string) on process 0 only and give every process its
+    result; if it raises, process 0 raises that error and the others a
+    :class:`DistributedError` quoting it."""
+    if not world.active:
+        return action()
+    result, failure = None, None
+    if world.is_main:
+        try:
+            result = action()
+        except Exception as error:
+            failure = error
+    text = None if failure is None else f"{type(failure).__name__}: {failure}"
+    result, text = world.broadcast_object((result, text), what)
+    if failure is not None:
+        raise failure
+    if text is not None:
+        raise DistributedError(f"process {world.rank}: process 0 failed {what}: {text}")
+    return result
 
 
 def resume(
@@ -399,7 +526,6 @@ def resume(
     checkpoint's epoch.
     """
     run = open_run(run_dir)
-    clean_leftovers(run)
     recorded = read_config(run)
     options = dict(recorded["training"])
     if device is not None:
@@ -407,18 +533,37 @@ def resume(
     if threads is not None:
         options["threads"] = threads
     config = TrainConfig.from_dict(options)
+    with process_group(resolve_device(config.device).type) as world:
+        world.check_batch(config.batch_size)
+        return _resume(run, recorded, config, world, data, model, progress)
+
+
+def _resume(
+    run: RunFolder,
+    recorded: dict[str, Any],
+    config: TrainConfig,
+    world: World,
+    data: DataSplits | None,
+    model: nn.Module | None,
+    progress: str,
+) -> Path:
+    """:func:`resume` once the processes are joined: every process reads ``last``;
+    process 0 alone cleans up and rewrites files."""
+    if world.is_main:
+        clean_leftovers(run)
     last = run.checkpoint("last")
-    checkpoint = read_checkpoint(last, repair_sidecar=True) if last.exists() else None
-    report = Progress(progress)
+    checkpoint = read_checkpoint(last, repair_sidecar=world.is_main) if last.exists() else None
+    report = Progress(progress if world.is_main else "none")
     done = _Position.from_meta(checkpoint.meta, checkpoint.path).epoch if checkpoint else 0
-    write_metrics(run, [row for row in read_metrics(run) if row["epoch"] <= done])
+    if world.is_main:
+        write_metrics(run, [row for row in read_metrics(run) if row["epoch"] <= done])
     if done == config.epochs:
         report.note(
             f"run {run.path} already finished ({config.epochs} of {config.epochs} epochs); "
             "nothing to do"
         )
         return run.path
-    torch_device = resolve_device(config.device)
+    torch_device = world.device(resolve_device(config.device))
     data = _reload_data(recorded["data"], data)
     if model is None:
         if not run.spec.is_file():
@@ -430,8 +575,9 @@ def resume(
         _check_fits(spec, data)
         torch.manual_seed(config.seed)
         model = build(spec)
-    with _threads(config.threads):
-        return _train(run, model, data, config, torch_device, checkpoint, report)
+    world.barrier("waiting for every process to read the checkpoint")
+    with _threads(_threads_for(config, world)):
+        return _train(run, model, data, config, torch_device, checkpoint, report, world)
 
 
 def _reload_data(recorded: Mapping[str, Any], data: DataSplits | None) -> DataSplits:
@@ -543,9 +689,12 @@ def _train(
     device: torch.device,
     checkpoint: Checkpoint | None,
     report: Progress,
+    world: World = SINGLE,
 ) -> Path:
     wall_start = time.monotonic()
     model.to(device)
+    if checkpoint is None:
+        world.broadcast_parameters(model, "copying process 0's initial weights")
     optimizer = make_optimizer(model, config)
     at = _Position()
     if checkpoint is not None:
@@ -569,9 +718,11 @@ def _train(
             f"resuming {run.path} at epoch {at.epoch + 1}, batch {at.batch} (step {at.step})"
         )
     else:
-        report.note(_start_line(run, model, data, steps_per_epoch, device))
+        report.note(_start_line(run, model, data, steps_per_epoch, device, world))
 
     def save_last() -> None:
+        if not world.is_main:
+            return
         meta = {
             **at.to_meta(),
             "kind": "last",
@@ -591,15 +742,23 @@ def _train(
         for batch in range(at.batch, steps_per_epoch):
             tick = time.monotonic()
             index = order[batch * config.batch_size : (batch + 1) * config.batch_size]
-            images = data.train.images[index]
+            mine = world.shard(index)  # this process's share of the batch
+            images = data.train.images[mine]
             if shifts is not None:
-                images = shift_images(images, shifts[index])
-            labels = data.train.labels[index]
+                images = shift_images(images, shifts[mine])
+            labels = data.train.labels[mine]
             torch.manual_seed(derived_seed(config.seed, "step", at.step))
             lr = schedule(at.step)
             try:
                 loss, correct = train_step(
-                    model, optimizer, images.to(device), labels.to(device), lr, config.grad_clip
+                    model,
+                    optimizer,
+                    images.to(device),
+                    labels.to(device),
+                    lr,
+                    config.grad_clip,
+                    world=world,
+                    batch_images=len(index),
                 )
             except NonFiniteLossError as error:
                 report.close()
@@ -612,7 +771,7 @@ def _train(
             if at.batch < steps_per_epoch and (due or late):
                 save_last()
                 last_save = time.monotonic()
-        row = _end_epoch(run, model, data, config, device, at, schedule(at.step - 1), rows)
+        row = _end_epoch(run, model, data, config, device, at, schedule(at.step - 1), rows, world)
         report.end_epoch(row, config.epochs)
         at.next_epoch()
         save_last()
@@ -622,7 +781,12 @@ def _train(
 
 
 def _start_line(
-    run: RunFolder, model: nn.Module, data: DataSplits, steps: int, device: torch.device
+    run: RunFolder,
+    model: nn.Module,
+    data: DataSplits,
+    steps: int,
+    device: torch.device,
+    world: World = SINGLE,
 ) -> str:
     spec = getattr(model, "spec", None)
     name = spec.name if isinstance(spec, ArchitectureSpec) else type(model).__name__
@@ -634,6 +798,8 @@ def _start_line(
     where = (
         f"{device}, {threads} thread{'s' * (threads != 1)}" if device.type == "cpu" else str(device)
     )
+    if world.active:
+        where += f", {world.size} processes ({world.backend})"
     return (
         f"training {name} ({weights:,} weights) on {data.source}: {sizes} images, "
         f"{steps} steps per epoch, {where} -> {run.path}"
@@ -649,8 +815,12 @@ def _end_epoch(
     at: _Position,
     lr: float,
     rows: list[dict[str, Any]],
+    world: World = SINGLE,
 ) -> dict[str, Any]:
-    """Evaluate, append the metrics row, and save ``best`` if validation improved."""
+    """Evaluate, append the metrics row, and save ``best`` if validation improved.
+
+    Every process evaluates the whole sets (identical weights, identical results), so
+    all agree on ``best``; only process 0 writes."""
     eval_start = time.monotonic()
     val = evaluate(model, data.val, batch_size=config.eval_batch_size, device=device)
     test = None
@@ -670,7 +840,8 @@ def _end_epoch(
         "seconds": at.train_seconds + time.monotonic() - eval_start,
     }
     rows.append(row)
-    write_metrics(run, rows)
+    if world.is_main:
+        write_metrics(run, rows)
     best = at.best
     better = not best or (val.accuracy, -val.loss) > (best["val_accuracy"], -best["val_loss"])
     if better:
@@ -682,7 +853,8 @@ def _end_epoch(
             "saved": _utc_now(),
             "scalars": {k: v for k, v in row.items() if k != "epoch"},
         }
-        save_checkpoint(run.checkpoint("best"), model.state_dict(), meta)
+        if world.is_main:
+            save_checkpoint(run.checkpoint("best"), model.state_dict(), meta)
     return row
 
 
