@@ -1,8 +1,9 @@
 """Benchmark: ``cnnkit train`` with its defaults (lecun83 on the bundled digits).
 
 Runs the command as a user would, in a fresh process, then reads the run folder and
-reports the test accuracy of the best checkpoint, the wall time of the whole command and
-the training speed in images per second. Target on a 2-core CPU: >= 98.5% test accuracy
+reports the test accuracy after the last epoch and at the best checkpoint (best
+validation accuracy), the wall time of the whole command and the training speed in
+images per second. Target on a 2-core CPU: >= 98.5% test accuracy
 within 10 minutes.
 
 Run from the repository root::
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "best_epoch": best["epoch"],
         "test_accuracy": best_row["test_accuracy"],
         "val_accuracy": best_row["val_accuracy"],
+        "last_test_accuracy": rows[-1]["test_accuracy"],
         "wall_seconds": wall,
         "epoch_seconds": train_seconds / len(rows),
         "images_per_s_median": sorted(images_per_s)[len(images_per_s) // 2],
@@ -63,14 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         "processor": platform.processor() or platform.machine(),
     }
     (run_dir.parent / f"train-{stamp}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    accuracy = summary["test_accuracy"]
-    accuracy_text = "–" if accuracy is None else f"{100 * accuracy:.2f}%"
     print(
-        f"test accuracy {accuracy_text} (best epoch {best['epoch']} of {len(rows)}), "
-        f"wall time {wall / 60:.1f} min, {summary['epoch_seconds']:.1f} s per epoch, "
-        f"{summary['images_per_s_median']:.0f} img/s (median over epochs)"
+        f"test accuracy {_percent(summary['last_test_accuracy'])} after the last epoch, "
+        f"{_percent(summary['test_accuracy'])} at the best checkpoint (epoch {best['epoch']} "
+        f"of {len(rows)}); wall time {wall / 60:.1f} min, {summary['epoch_seconds']:.1f} s "
+        f"per epoch, {summary['images_per_s_median']:.0f} img/s (median over epochs)"
     )
     return 0
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}%"
 
 
 if __name__ == "__main__":

@@ -151,7 +151,8 @@ def test_train_prints_epoch_lines_and_a_summary(
     assert main(argv) == 0  # stderr is not a terminal here: plain lines
     out = capsys.readouterr().out.splitlines()
     assert out[1].startswith("epoch 1/1  train loss ")
-    assert out[-1].startswith("done: test accuracy ") and "wall time" in out[-1]
+    assert out[-1].startswith("done in ") and ": test accuracy " in out[-1]
+    assert "after epoch 1 (the last), also the best checkpoint; run folder" in out[-1]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["invocation"]["spec"] == str(tiny_files["spec"])
 
@@ -174,6 +175,6 @@ def test_train_on_an_image_folder_warns_about_unreadable_files(
     assert "broken.jpg" in captured.err and "readme.txt" in captured.err
     (row,) = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()[1:]]
     assert row[5:7] == ["", ""]  # no test split: empty test columns
-    assert "done: validation accuracy" in captured.out
+    assert ": validation accuracy " in captured.out and "(no test split)" in captured.out
     assert main(["evaluate", str(out), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["split"] == "val"

@@ -277,6 +277,10 @@ def test_lecun83_one_epoch_on_digits_two_processes(tmp_path: Path) -> None:
     args = ["fit", str(spec_path), "digits", str(tmp_path / "shared"), json.dumps(options)]
     results = run_ranks(args, cwd=tmp_path)
     assert [r.returncode for r in results] == [0, 0], results[0].stderr + results[1].stderr
+    # 100 steps at 83×83: the float32 gradients of a half batch summed over two processes
+    # differ from the whole batch's by ~1e-5 relative (sums over 32×75×75 positions taken
+    # in another order), which grows to at most 2.7e-4 after the epoch (measured); 1e-4
+    # is out of reach in float32.
     assert_close_checkpoints(
-        tmp_path / "shared" / "last.safetensors", single / "last.safetensors", 1e-4
+        tmp_path / "shared" / "last.safetensors", single / "last.safetensors", 1e-3
     )

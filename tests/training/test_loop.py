@@ -162,7 +162,7 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(
     message = str(caught.value)
     assert "the loss is nan at epoch 2, step 19 (batch 3)" in message
     assert "learning rate" in message and "try a lower --lr" in message
-    assert "(after 1 epochs and 0 batches) is kept" in message
+    assert "last.safetensors (end of epoch 1) is kept" in message
     assert model.calls == 19  # stopped at once
     assert read_checkpoint(tmp_path / "run" / "last.safetensors").meta["epoch"] == 1
     assert [r["epoch"] for r in metrics(tmp_path / "run")] == ["1"]

@@ -30,7 +30,7 @@ SCHEDULES = ("cosine", "step", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 AUGMENTATIONS = ("none", "shift")
 DEFAULT_LR = {"sgd": 0.02, "adam": 0.001}
-DEFAULT_EPOCHS = 6
+DEFAULT_EPOCHS = 15
 
 
 @dataclass(frozen=True)

@@ -864,10 +864,9 @@ def _blow_up_message(
     last = run.checkpoint("last")
     try:
         saved = read_sidecar(last)
-        kept = (
-            f"the last good checkpoint {last} (after {saved.get('epoch')} epochs and "
-            f"{saved.get('batch_in_epoch')} batches) is kept"
-        )
+        done, batches = saved.get("epoch"), saved.get("batch_in_epoch")
+        where = f"end of epoch {done}" if not batches else f"epoch {done + 1}, batch {batches}"
+        kept = f"the last good checkpoint {last} ({where}) is kept"
     except (OSError, ValueError):
         kept = "no checkpoint had been saved yet"
     return (

@@ -112,21 +112,41 @@ class Progress:
         best: Mapping[str, Any],
         wall_seconds: float,
     ) -> None:
-        """The summary line: accuracy of the ``best`` checkpoint, epochs, wall time."""
+        """The summary line: test accuracy of the last epoch and of the best checkpoint
+        (validation accuracy when there is no test split), wall time, run folder."""
         self.close()
-        by_epoch = {r["epoch"]: r for r in rows}
-        row = by_epoch.get(best.get("epoch"))
-        if row is None:
-            self.note(f"done in {format_seconds(wall_seconds)}: {run_dir}")
-            return
+        self.note(summary_line(run_dir, rows, best, wall_seconds))
+
+
+def summary_line(
+    run_dir: Path,
+    rows: Sequence[Mapping[str, Any]],
+    best: Mapping[str, Any],
+    wall_seconds: float,
+) -> str:
+    """E.g. ``done in 3m41s: test accuracy 98.70% after epoch 15 (the last); best
+    checkpoint: epoch 13 (validation 98.50%, test 98.70%); run folder runs/001``.
+
+    Without a test split, the validation accuracy stands in for the test accuracy.
+    """
+    head = f"done in {format_seconds(wall_seconds)}"
+    if not rows:
+        return f"{head}; run folder {run_dir}"
+    last = rows[-1]
+    if last.get("test_accuracy") is not None:
+        result = f"test accuracy {_percent(last['test_accuracy'])}"
+    else:
+        result = f"validation accuracy {_percent(last['val_accuracy'])} (no test split)"
+    text = f"{head}: {result} after epoch {last['epoch']} (the last)"
+    row = {r["epoch"]: r for r in rows}.get(best.get("epoch"))
+    if row is not None and row is not last:
+        scores = f"validation {_percent(row['val_accuracy'])}"
         if row.get("test_accuracy") is not None:
-            result = f"test accuracy {_percent(row['test_accuracy'])}"
-        else:
-            result = f"validation accuracy {_percent(row['val_accuracy'])} (no test split)"
-        self.note(
-            f"done: {result} (best checkpoint, epoch {row['epoch']} of {len(rows)}), "
-            f"wall time {format_seconds(wall_seconds)}, run folder {run_dir}"
-        )
+            scores += f", test {_percent(row['test_accuracy'])}"
+        text += f"; best checkpoint: epoch {row['epoch']} ({scores})"
+    elif row is last:
+        text += ", also the best checkpoint"
+    return f"{text}; run folder {run_dir}"
 
 
 def _is_terminal(stream: TextIO) -> bool:

@@ -110,7 +110,7 @@ def prepare_new_run(out: str | os.PathLike[str] | None) -> RunFolder:
 
 
 def open_run(path: str | os.PathLike[str]) -> RunFolder:
-    """An existing run folder, cleaned of leftovers; a clear error if it is not one."""
+    """An existing run folder (one with a config.json); a clear error if it is not one."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"run folder {str(path)!r} does not exist")
