@@ -264,6 +264,10 @@ def test_cli_nproc_launches_torchrun(tiny_files: dict[str, Path], tmp_path: Path
     not os.environ.get("CNNKIT_SLOW"), reason="minutes on 2 CPUs; set CNNKIT_SLOW=1 to run"
 )
 def test_lecun83_one_epoch_on_digits_two_processes(tmp_path: Path) -> None:
+    # One epoch (100 steps) of lecun83 at batch 32 amplifies float32 summation-order
+    # differences to ~1e-2 in the weights: one process on 1 thread and on 2 threads differ
+    # that much already (measured: 0.09 on stage-1 biases). So two processes must agree
+    # with one process as closely as two thread counts of one process agree.
     from cnnkit.data import load
     from cnnkit.models import from_name
     from cnnkit.training import fit
@@ -273,14 +277,15 @@ def test_lecun83_one_epoch_on_digits_two_processes(tmp_path: Path) -> None:
     spec.save(str(spec_path))
     options = {"epochs": 1, "batch_size": 32, "optimizer": "sgd", "threads": 1, "device": "cpu"}
     data = load("digits", (spec.input.height, spec.input.width))
-    single = fit(spec, data, TrainConfig(**options), out=tmp_path / "single")
+    one = fit(spec, data, TrainConfig(**options), out=tmp_path / "one")
+    threads = fit(spec, data, TrainConfig(**{**options, "threads": 2}), out=tmp_path / "two")
     args = ["fit", str(spec_path), "digits", str(tmp_path / "shared"), json.dumps(options)]
     results = run_ranks(args, cwd=tmp_path)
     assert [r.returncode for r in results] == [0, 0], results[0].stderr + results[1].stderr
-    # 100 steps at 83×83: the float32 gradients of a half batch summed over two processes
-    # differ from the whole batch's by ~1e-5 relative (sums over 32×75×75 positions taken
-    # in another order), which grows to at most 2.7e-4 after the epoch (measured); 1e-4
-    # is out of reach in float32.
-    assert_close_checkpoints(
-        tmp_path / "shared" / "last.safetensors", single / "last.safetensors", 1e-3
-    )
+    a = read_checkpoint(one / "last.safetensors").model
+    b = read_checkpoint(threads / "last.safetensors").model
+    c = read_checkpoint(tmp_path / "shared" / "last.safetensors").model
+    assert a.keys() == c.keys()
+    for key in a:
+        noise = float((a[key] - b[key]).abs().max())
+        assert float((a[key] - c[key]).abs().max()) <= 2 * noise + 1e-6, key
