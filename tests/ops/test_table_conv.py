@@ -308,3 +308,16 @@ def test_error_names_input_map_70_of_64():
     x = torch.zeros(1, 64, 5, 5)
     with pytest.raises(ValueError, match="table row 0 names input map 70, but only 64 input maps"):
         table_conv2d(x, table, torch.zeros(1, 3, 3))
+
+
+def test_cached_fourier_basis_survives_inference_mode():
+    from cnnkit.ops.table_conv import _inverse_basis
+
+    _inverse_basis.cache_clear()
+    table = tables.random(8, 16, 4, seed=0)
+    weight = torch.randn(len(table), 9, 9, requires_grad=True)
+    x = torch.randn(2, 8, 14, 14)
+    with torch.inference_mode():
+        table_conv2d(x, table, weight.detach(), method="fourier")
+    table_conv2d(x, table, weight, method="fourier").sum().backward()
+    assert weight.grad is not None

@@ -261,6 +261,21 @@ def _inverse_basis(
     where ``m_v = 2`` counts the mirrored column ``w - v``, and ``m_v = 1`` for ``v = 0``
     and ``v = w/2``, which have no mirror.
     """
+    # The basis is cached across calls: it must be an ordinary tensor even when first
+    # built under inference_mode, or a later training step could not save it for backward.
+    with torch.inference_mode(False):
+        return _build_inverse_basis(h, w, h_out, w_out, stride, dtype, device)
+
+
+def _build_inverse_basis(
+    h: int,
+    w: int,
+    h_out: int,
+    w_out: int,
+    stride: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
     f64 = torch.float64
     u = torch.arange(h, dtype=f64).view(1, 1, h, 1)
     v = torch.arange(w // 2 + 1, dtype=f64).view(1, 1, 1, -1)
