@@ -17,8 +17,9 @@ In one process, after ``cnnkit.tune_runtime()`` (which both variants get):
    with each one's share;
 5. the peak resident memory of a training step, each variant in a fresh process.
 
-Prints a table and writes JSON to ``benchmarks/results/``. Useful work (the issue's
-count): 82 MFLOP per image forward, 188 MFLOP per image for a training step.
+Prints a table and writes JSON to ``benchmarks/results/``. Useful work (two FLOP per
+multiply-add of the two filter banks): 82 MFLOP per image forward, 188 MFLOP
+per image for a training step.
 """
 
 from __future__ import annotations

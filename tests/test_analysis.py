@@ -28,7 +28,7 @@ def test_lecun83_rows(summary):
     assert summary.row("stage2.pool").units == 256
     assert summary.parameters == 363_237
     assert summary.kernels == 64 + 4096
-    # Issue figure: 41.1 M useful multiply-adds per image in the two filter banks.
+    # 41.1 M useful multiply-adds per image in the two filter banks.
     assert round((first.multiply_adds + third.multiply_adds) / 1e6, 1) == 41.1
 
 
