@@ -35,6 +35,7 @@ convolution. Other windows, or a window that requires grad, go through ``conv2d`
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 
@@ -290,7 +291,7 @@ def _prepare(
 # ---------------------------------------------------------------------------------------
 
 
-class _Smoother:
+class _Smoother(abc.ABC):
     """``z -> sum_{i,p,q} w_ipq z_{i,j+p,k+q}`` (over the inside mass for renormalize).
 
     Maps ``(N, C, H, W)`` to ``(N, 1, H, W)``. ``centre=True`` may smooth the map-reduced
@@ -299,8 +300,9 @@ class _Smoother:
     renormalize whenever its map sum is exact (integer pixel values, for instance).
     """
 
+    @abc.abstractmethod
     def __call__(self, z: torch.Tensor, centre: bool) -> torch.Tensor:
-        raise NotImplementedError
+        """Smooth ``z`` ``(N, C, H, W)`` into ``(N, 1, H, W)``."""
 
     def squares(self, z: torch.Tensor) -> torch.Tensor:
         """The smoothed ``z^2``: ``sum_{i,p,q} w_ipq z^2_{i,j+p,k+q}``, ``(N, 1, H, W)``."""
