@@ -13,6 +13,7 @@ from torch import nn
 
 from cnnkit import reference, tying
 from cnnkit.nn.locally_connected import LocallyConnected2d, untie_filter_banks
+from tests.conftest import torch_threads
 
 # ---------------------------------------------------------------------------------------
 # project_
@@ -314,12 +315,10 @@ POSITIONS = 24 * 24  # N: a 5x5 kernel on 28x28 digits is used at 24x24 position
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def one_thread_for_the_module():
     # Many tiny ops: extra threads only add overhead here, a lot of it on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

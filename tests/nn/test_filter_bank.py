@@ -101,15 +101,6 @@ def test_in_maps_beyond_the_table():
     assert repr(full_of_three) == "FilterBank(4->2, kernel 3x3, table fan-in 3 (6 kernels))"
 
 
-@pytest.fixture
-def one_thread():
-    # gradcheck runs thousands of tiny calls; threads only add barrier waits to them
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_gradcheck_through_the_module(one_thread):
     bank = FilterBank(tables.random(3, 4, 2, seed=2), (2, 3)).double()
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)

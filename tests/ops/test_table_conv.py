@@ -201,15 +201,6 @@ def test_table_of_another_integer_dtype():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_thread():
-    # gradcheck runs thousands of tiny calls; threads only add barrier waits to them
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(
     "method, table, stride",
     [

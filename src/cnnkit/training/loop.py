@@ -167,12 +167,7 @@ def train_step(
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if clip is not None:
-        norm = float(nn.utils.clip_grad_norm_(model.parameters(), clip))
-        if not math.isfinite(norm):
-            raise NonFiniteLossError(f"the gradient's norm is {norm}")
-    optimizer.step()
-    _after_step(model)
+    _clip_and_step(model, optimizer, clip)
     correct = int((logits.detach().argmax(dim=1) == labels).sum())
     return value, correct
 
@@ -208,13 +203,18 @@ def _shared_step(
     if loss_sum is not None:
         (loss_sum / total).backward()
     world.all_reduce_gradients(model.parameters(), "summing the gradients")
+    _clip_and_step(model, optimizer, clip)
+    return value, int(stats[1])
+
+
+def _clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip: float | None) -> None:
+    """Clip the gradient's norm (a non-finite norm stops training), step, re-tie weights."""
     if clip is not None:
         norm = float(nn.utils.clip_grad_norm_(model.parameters(), clip))
         if not math.isfinite(norm):
             raise NonFiniteLossError(f"the gradient's norm is {norm}")
     optimizer.step()
     _after_step(model)
-    return value, int(stats[1])
 
 
 def _after_step(model: nn.Module) -> None:

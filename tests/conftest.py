@@ -1,0 +1,24 @@
+"""Fixtures shared by the whole suite."""
+
+import contextlib
+
+import pytest
+import torch
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run the block with ``count`` torch threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    # gradcheck runs thousands of tiny calls; extra threads only add barrier waits to them
+    with torch_threads(1):
+        yield
