@@ -188,6 +188,7 @@ _TRAIN_OPTIONS = (
     "seed",
     "device",
     "threads",
+    "dtype",
     "checkpoint_every_steps",
 )
 
@@ -233,6 +234,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=_int_at_least(0), help="seed of everything random (0)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train")
     parser.add_argument("--threads", type=_int_at_least(1), help="CPU threads to use")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float64"),
+        help="precision of weights and arithmetic (float32; float64 is ~2x slower)",
+    )
     parser.add_argument(
         "--val-fraction",
         type=_open_fraction,

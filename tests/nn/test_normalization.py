@@ -46,7 +46,7 @@ def test_module_equals_function_and_keywords_reach_it(cls, kwargs):
     x = torch.randn(2, 4, 7, 6, dtype=torch.float64)
     module = cls(4, **kwargs).double()
     size = kwargs.get("window", 9)
-    window = gaussian_window(size, kwargs.get("sigma", size / 4), 4).double()
+    window = gaussian_window(size, kwargs.get("sigma", size / 4), 4, dtype=torch.float64)
     assert torch.equal(module.window, window)
     expected = _function_call(cls, x, window, kwargs)
     torch.testing.assert_close(module(x), expected, rtol=0, atol=1e-12)
@@ -64,6 +64,21 @@ def test_window_is_a_buffer_not_a_parameter(cls):
     assert list(module.state_dict()) == ["window"]
     assert module.sigma == 2.25  # window / 4
     assert module.double().window.dtype == torch.float64
+
+
+@pytest.mark.parametrize("cls", MODULES)
+def test_a_wider_dtype_recomputes_the_gaussian_but_keeps_a_changed_window(cls):
+    module = cls(3, window=5).double()
+    # not the float32 window widened: that one is not separable to float64 precision
+    exact = gaussian_window(5, 1.25, 3, dtype=torch.float64)
+    assert torch.equal(module.window, exact)
+    assert not torch.equal(gaussian_window(5, 1.25, 3).double(), exact)
+    assert torch.equal(module.float().window, gaussian_window(5, 1.25, 3))
+    changed = cls(3, window=5)
+    with torch.no_grad():
+        changed.window[0, 2, 2] += 0.25
+    kept = changed.window.double()
+    assert torch.equal(changed.double().window, kept)
 
 
 @pytest.mark.parametrize("cls", MODULES)

@@ -60,6 +60,7 @@ def test_default_learning_rate_follows_the_optimizer() -> None:
         ({"schedule": "linear"}, ValueError, "schedule must be one of"),
         ({"device": "tpu"}, ValueError, "device must be one of 'auto', 'cpu', 'cuda'"),
         ({"threads": 0}, ValueError, "threads must be a positive integer, got 0"),
+        ({"dtype": "float16"}, ValueError, "dtype must be one of 'float32', 'float64'"),
     ],
 )
 def test_bad_options_are_refused_by_name(options: dict, error: type, message: str) -> None:

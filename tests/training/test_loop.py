@@ -28,7 +28,7 @@ from cnnkit.training import (
 from cnnkit.training.loop import epoch_order, epoch_shifts, shift_images
 from cnnkit.training.run_folder import METRICS_COLUMNS
 
-from .conftest import CLASS_NAMES, TINY_CONFIG
+from .conftest import CLASS_NAMES, TINY_CONFIG, train_tiny
 
 CONFIG = TrainConfig(**TINY_CONFIG)
 
@@ -113,6 +113,30 @@ def test_load_run_gives_model_classes_transform_and_metadata(trained: Path, tmp_
     assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
     assert broken.error and "not a readable image" in broken.error
     assert missing.error and "does not exist" in missing.error
+
+
+def test_float64_training_keeps_float64_everywhere_and_tracks_float32(
+    tiny_files: dict[str, Path], tmp_path: Path
+) -> None:
+    options = {**TINY_CONFIG, "epochs": 2}
+    wide = train_tiny(tiny_files, TrainConfig(**options, dtype="float64"), tmp_path / "f64")
+    narrow = train_tiny(tiny_files, TrainConfig(**options), tmp_path / "f32")
+    saved = read_checkpoint(wide / "last.safetensors").model
+    reference = read_checkpoint(narrow / "last.safetensors").model
+    for key, value in saved.items():
+        if value.is_floating_point():
+            assert value.dtype == torch.float64, key
+            # same trajectory; float32 rounding alone separates the two runs
+            torch.testing.assert_close(value.float(), reference[key], rtol=0, atol=1e-4)
+    run = load_run(wide, "last")
+    assert next(run.model.parameters()).dtype == torch.float64
+    result = evaluate_run(wide, "last")
+    assert result.result.accuracy == float(metrics(wide)[-1]["test_accuracy"])
+    assert result.result.loss == pytest.approx(float(metrics(wide)[-1]["test_loss"]), rel=1e-12)
+    image = tmp_path / "stripe.png"
+    Image.fromarray(np.full((12, 12), 40, dtype=np.uint8)).save(image)
+    (answer,) = predict(run, [image], top_k=4)
+    assert answer.error is None and sum(p for _, p in answer.top) == pytest.approx(1.0)
 
 
 def test_resuming_a_finished_run_changes_nothing(

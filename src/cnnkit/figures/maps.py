@@ -152,6 +152,7 @@ def feature_maps(model: Network, image: Any, *, split_pooling: bool = True) -> l
     output labelled ``"subsample"``, which equals subsampling those maps.
     """
     x = prepare_input(model, image)
+    x = x.to(next(model.parameters()).dtype)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -51,6 +51,22 @@ class _LocalNorm(nn.Module):
         self.border = check_choice("border", border, BORDERS)
         self.register_buffer("window", gaussian_window(window, self.sigma, maps))
 
+    def _gaussian(self, like: torch.Tensor) -> torch.Tensor:
+        return gaussian_window(
+            self.window_size, self.sigma, self.maps, dtype=like.dtype, device=like.device
+        )
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (torch's signature)
+        # Converting the window to a wider dtype would keep the narrower dtype's rounding
+        # (a float32 Gaussian in float64 is no longer exactly separable, which sends the
+        # sums down a much slower path): an unmodified window is computed afresh instead.
+        before = self.window
+        gaussian = before.is_floating_point() and torch.equal(before, self._gaussian(before))
+        super()._apply(fn, recurse)
+        if gaussian and self.window.dtype != before.dtype and self.window.is_floating_point():
+            self.window = self._gaussian(self.window)
+        return self
+
     def _settings(self) -> list[tuple[str, object, object]]:
         """(name, value, default) for ``extra_repr``."""
         return [

@@ -10,11 +10,22 @@ single process would use in that step (the order is a function of ``(seed, epoch
 process ``r`` of ``W`` takes the contiguous share ``r`` of it (``B / W`` images; ``W``
 must divide ``B``; the last, shorter batch of an epoch is split as evenly as it goes,
 and a share may then be empty). Each process sums the cross-entropy over its share and
-divides by the global batch's size; the gradients are then summed over the processes
-(one all-reduce of all gradients, flattened). The sum of the shares' gradients is the
-gradient of the mean over the whole batch, so every process holds the single-process
-gradient (up to floating-point summation order) and takes the same optimizer step:
-the weights stay identical on every process without being sent again.
+divides by the global batch's size. The model is wrapped in
+:class:`~torch.nn.parallel.DistributedDataParallel` (:meth:`World.data_parallel`),
+which sums the gradients over the processes while the backward pass still runs (a
+communication hook makes it sum rather than average). The sum of the shares' gradients
+is the gradient of the mean over the whole batch, so every process holds the
+single-process gradient (up to floating-point summation order) and takes the same
+optimizer step: the weights stay identical on every process without being sent again.
+A step in which some share is empty (only possible on an epoch's last batch, when it
+holds fewer images than processes) runs outside the wrapper's synchronization and sums
+the gradients with one explicit all-reduce instead, since the wrapper needs every
+process to run the model.
+
+Why not :class:`torch.utils.data.DistributedSampler`: it deals the epoch's order out
+round-robin and pads the last batch with repeated images, so on an uneven epoch end the
+processes together would train on images a single process does not. Contiguous shares
+of the single-process batch keep every global batch identical to it.
 
 Only process 0 writes the run folder, the logs and the progress; every process can
 read the same checkpoint to resume. Every collective waits at most
@@ -35,6 +46,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 DEFAULT_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "CNNKIT_DIST_TIMEOUT"
@@ -150,13 +163,15 @@ class World:
             return torch.device("cuda", self.local_rank)
         return device
 
-    def _collective(self, what: str) -> contextlib.AbstractContextManager[None]:
+    def collective(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """Context for communication (``what`` it does, for the message): a peer that
+        stopped or timed out becomes a :class:`DistributedError`."""
         return _stopped_peer(self, what)
 
     def all_reduce_sum(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
         """Sum ``tensor`` over all processes, in place; returns it."""
         if self.active:
-            with self._collective(what):
+            with self.collective(what):
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
@@ -176,31 +191,57 @@ class World:
             p.grad.copy_(flat[start : start + p.numel()].view_as(p.grad))
             start += p.numel()
 
+    def data_parallel(self, model: nn.Module) -> nn.Module:
+        """``model`` wrapped for training on every process: a
+        :class:`~torch.nn.parallel.DistributedDataParallel` whose gradient all-reduce sums
+        over the processes (instead of averaging); ``model`` itself with one process.
+
+        Wrapping copies process 0's parameters and buffers to every process; buffers
+        are not sent again at each forward pass (the networks' buffers are constants). Reach the
+        model through ``.module``; its ``state_dict`` keys carry no wrapper prefix.
+        """
+        if not self.active:
+            return model
+        device = next(model.parameters()).device
+        with self.collective("copying process 0's initial weights"):
+            wrapped = DistributedDataParallel(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                forward_sync_buffers=False,
+            )
+        wrapped.register_comm_hook(None, _sum_bucket)
+        return wrapped
+
     def broadcast_object(self, value: Any, what: str) -> Any:
         """Process 0's ``value`` (picklable, small), on every process."""
         if not self.active:
             return value
         box = [value if self.is_main else None]
-        with self._collective(what):
+        with self.collective(what):
             dist.broadcast_object_list(box, src=0)
         return box[0]
-
-    def broadcast_parameters(self, module: torch.nn.Module, what: str) -> None:
-        """Copy process 0's parameters and buffers to every process."""
-        if not self.active:
-            return
-        with self._collective(what), torch.no_grad():
-            for tensor in [*module.parameters(), *module.buffers()]:
-                dist.broadcast(tensor.data, src=0)
 
     def barrier(self, what: str) -> None:
         """Wait until every process gets here."""
         if self.active:
-            with self._collective(what):
+            with self.collective(what):
                 dist.barrier()
 
 
 SINGLE = World()
+
+
+def _sum_bucket(state: object, bucket):
+    """DistributedDataParallel communication hook: sum a bucket of gradients over all
+    processes (the built-in one divides by the number of processes).
+
+    ``bucket`` is a :class:`torch.distributed.GradBucket` and the result a
+    ``torch.futures.Future[torch.Tensor]``; neither is annotated because the wrapper
+    compares the annotations with those types, and this module's postponed annotations
+    would make them strings.
+    """
+    work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True)
+    return work.get_future().then(lambda done: done.value()[0])
 
 
 @contextlib.contextmanager
@@ -236,7 +277,8 @@ def process_group(device_type: str) -> Iterator[World]:
     - a process group already initialized (by the caller): used as it is, left open;
     - ``WORLD_SIZE`` unset or 1: :data:`SINGLE`, nothing is set up;
     - otherwise: ``init_process_group`` with ``env://``, backend :func:`backend_for`
-      ``device_type``, timeout :func:`timeout_seconds`; destroyed after the block.
+      ``device_type``, timeout :func:`timeout_seconds`; when the block ends normally
+      every process waits for the others, then the group is destroyed.
 
     A rendezvous that cannot be reached in time raises :class:`DistributedError` naming
     ``MASTER_ADDR:MASTER_PORT``.
@@ -279,6 +321,9 @@ def process_group(device_type: str) -> Iterator[World]:
     world = World(rank, size, local_rank, local_size, backend, timeout)
     try:
         yield world
+        # Leave together: a process that tears its connections down while another
+        # still works (process 0 writing the last files) can abort in the library.
+        world.barrier("waiting for every process to finish")
     finally:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()

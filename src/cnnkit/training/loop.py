@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from cnnkit.data.images import InputTransform
 from cnnkit.data.splits import DataSplits, ImageSet
@@ -153,7 +154,8 @@ def train_step(
     processes; ``n`` may be 0): the cross-entropy summed over the share and divided by
     ``batch_images`` is differentiated, the gradients are summed over the processes, so
     every process steps with the gradient of the whole batch's mean loss; the returned
-    loss and count are the whole batch's.
+    loss and count are the whole batch's. ``model`` is then best the wrapper from
+    :meth:`World.data_parallel`, which sums the gradients during the backward pass.
     """
     if world is not None and world.active:
         return _shared_step(model, optimizer, images, labels, lr, clip, world, batch_images)
@@ -182,28 +184,38 @@ def _shared_step(
     world: World,
     batch_images: int | None,
 ) -> tuple[float, int]:
-    """:func:`train_step` for one process's share of a batch (see there)."""
-    model.train()
+    """:func:`train_step` for one process's share of a batch (see there). ``model`` is
+    :meth:`World.data_parallel`'s wrapper, or a plain module (then the gradients are
+    summed by one all-reduce after the backward pass)."""
+    wrapped = isinstance(model, DistributedDataParallel)
+    module = model.module if wrapped else model
+    module.train()
     total = len(labels) * world.size if batch_images is None else batch_images
-    device = next(model.parameters()).device
-    loss_sum = None
+    # the wrapper needs every process to run the model; a share is empty only when the
+    # batch holds fewer images than there are processes
+    synced = wrapped and total >= world.size
+    device = next(module.parameters()).device
     stats = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, correct)
-    if len(labels):
-        logits = model(images)
-        loss_sum = F.cross_entropy(logits, labels, reduction="sum")
-        stats[0] = loss_sum.detach().double()
-        stats[1] = (logits.detach().argmax(dim=1) == labels).sum()
-    world.all_reduce_sum(stats, "summing the batch's loss")
-    value = float(stats[0]) / total
-    if not math.isfinite(value):
-        raise NonFiniteLossError(f"the loss is {value}")
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    if loss_sum is not None:
-        (loss_sum / total).backward()
-    world.all_reduce_gradients(model.parameters(), "summing the gradients")
-    _clip_and_step(model, optimizer, clip)
+    with model.no_sync() if wrapped and not synced else contextlib.nullcontext():
+        loss_sum = None
+        if len(labels):
+            logits = model(images)
+            loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+            stats[0] = loss_sum.detach().double()
+            stats[1] = (logits.detach().argmax(dim=1) == labels).sum()
+        world.all_reduce_sum(stats, "summing the batch's loss")
+        value = float(stats[0]) / total
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"the loss is {value}")
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        if loss_sum is not None:
+            with world.collective("summing the gradients"):
+                (loss_sum / total).backward()
+    if not synced:
+        world.all_reduce_gradients(module.parameters(), "summing the gradients")
+    _clip_and_step(module, optimizer, clip)
     return value, int(stats[1])
 
 
@@ -280,19 +292,20 @@ def evaluate(
 ) -> Evaluation:
     """Mean cross-entropy, accuracy and confusion matrix of ``model`` on ``data``.
 
-    The model is put in eval mode. ``device`` defaults to where the model's parameters are.
+    The model is put in eval mode. ``device`` defaults to where the model's parameters
+    are; the images are converted to the parameters' dtype.
     """
     # no_grad rather than inference_mode: a layer may cache a tensor made here (a transform
     # basis, say) that a later training step must save for backward, which an inference
     # tensor cannot be.
-    if device is None:
-        device = next(model.parameters()).device
+    parameter = next(model.parameters())
+    device = parameter.device if device is None else device
     model.eval()
     classes = len(data.class_names)
     confusion = torch.zeros(classes * classes, dtype=torch.int64)
     loss_sum = 0.0
     for start in range(0, len(data), batch_size):
-        images = data.images[start : start + batch_size].to(device)
+        images = data.images[start : start + batch_size].to(device, parameter.dtype)
         labels = data.labels[start : start + batch_size].to(device)
         logits = model(images).float()
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
@@ -692,9 +705,8 @@ def _train(
     world: World = SINGLE,
 ) -> Path:
     wall_start = time.monotonic()
-    model.to(device)
-    if checkpoint is None:
-        world.broadcast_parameters(model, "copying process 0's initial weights")
+    model.to(device=device, dtype=config.torch_dtype)
+    replica = world.data_parallel(model)  # process 0's weights on every process
     optimizer = make_optimizer(model, config)
     at = _Position()
     if checkpoint is not None:
@@ -751,9 +763,9 @@ def _train(
             lr = schedule(at.step)
             try:
                 loss, correct = train_step(
-                    model,
+                    replica,
                     optimizer,
-                    images.to(device),
+                    images.to(device=device, dtype=config.torch_dtype),
                     labels.to(device),
                     lr,
                     config.grad_clip,
@@ -800,6 +812,9 @@ def _start_line(
     )
     if world.active:
         where += f", {world.size} processes ({world.backend})"
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        where += f", {str(dtype).removeprefix('torch.')}"
     return (
         f"training {name} ({weights:,} weights) on {data.source}: {sizes} images, "
         f"{steps} steps per epoch, {where} -> {run.path}"

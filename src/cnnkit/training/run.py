@@ -61,7 +61,8 @@ class LoadedRun:
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(N, classes)`` for prepared inputs ``(N, maps, H, W)``."""
         self.model.eval()
-        return torch.softmax(self.model(images.to(self.device)).float(), dim=1).cpu()
+        dtype = next(self.model.parameters()).dtype
+        return torch.softmax(self.model(images.to(self.device, dtype)).float(), dim=1).cpu()
 
 
 def load_run(
@@ -102,6 +103,7 @@ def load_run(
                 f"but classes.json names {len(class_names)}"
             )
         model = build(spec)
+    model.to(dtype=getattr(torch, config["training"].get("dtype", "float32")))
     saved = read_checkpoint(path)
     load_model_state(model, saved)
     model.to(resolve_device(device)).eval()
