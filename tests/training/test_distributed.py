@@ -35,7 +35,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(args: list[str], cwd: Path, size: int = 2) -> list[subprocess.CompletedProcess]:
+def run_ranks(
+    args: list[str], cwd: Path, size: int = 2, timeout: float = 120
+) -> list[subprocess.CompletedProcess]:
     """Run the worker as ``size`` processes, as torchrun would start them."""
     port = free_port()
     processes = []
@@ -62,7 +64,7 @@ def run_ranks(args: list[str], cwd: Path, size: int = 2) -> list[subprocess.Comp
         )
     done = []
     for process in processes:
-        out, err = process.communicate(timeout=120)
+        out, err = process.communicate(timeout=timeout)
         done.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
     return done
 
@@ -275,7 +277,7 @@ def test_cli_nproc_launches_torchrun(tiny_files: dict[str, Path], tmp_path: Path
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not os.environ.get("CNNKIT_SLOW"), reason="minutes on 2 CPUs; set CNNKIT_SLOW=1 to run"
+    not os.environ.get("CNNKIT_SLOW"), reason="3-4 minutes on 2 CPUs; set CNNKIT_SLOW=1 to run"
 )
 def test_lecun83_one_epoch_on_digits_two_processes(tmp_path: Path) -> None:
     # One epoch (100 steps) of lecun83 at batch 32 amplifies summation-order differences
@@ -283,6 +285,7 @@ def test_lecun83_one_epoch_on_digits_two_processes(tmp_path: Path) -> None:
     # by ~1e-2 in the weights. float64 leaves room for that amplification.
     from cnnkit.data import load
     from cnnkit.models import from_name
+    from cnnkit.training import fit
 
     spec = from_name("lecun83")
     spec_path = tmp_path / "lecun83.toml"
@@ -296,11 +299,9 @@ def test_lecun83_one_epoch_on_digits_two_processes(tmp_path: Path) -> None:
         "dtype": "float64",
     }
     data = load("digits", (spec.input.height, spec.input.width))
-    from cnnkit.training import fit
-
     one = fit(spec, data, TrainConfig(**options), out=tmp_path / "one")
     args = ["fit", str(spec_path), "digits", str(tmp_path / "shared"), json.dumps(options)]
-    results = run_ranks(args, cwd=tmp_path)
+    results = run_ranks(args, cwd=tmp_path, timeout=1800)
     assert [r.returncode for r in results] == [0, 0], results[0].stderr + results[1].stderr
     assert_close_checkpoints(
         tmp_path / "shared" / "last.safetensors", one / "last.safetensors", 1e-4
