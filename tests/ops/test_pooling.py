@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
 
 from cnnkit import reference
+from cnnkit.ops import pooling
 from cnnkit.ops.pooling import pool2d, pool_subsample2d, subsample2d
 
 KINDS = ("max", "avg", "lp")
@@ -264,6 +265,34 @@ def test_max_pool_tie_goes_to_first_in_row_major_order(channels_last: bool) -> N
     want[0, 2] = 1.0
     assert torch.equal(x.grad[0, 0], want)
     assert torch.equal(x.grad[0, 1], want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_max_pool_runs_channels_last_and_equals_the_literal_form_on_ties(dtype) -> None:
+    # The lecture's layer-2 shapes, with values in {0, 1, 2}: every window has ties.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 3, (3, 5, 75, 75), generator=g).to(dtype)
+    assert x.numel() >= pooling._CHANNELS_LAST_MIN_NUMEL
+    grad = torch.randn(3, 5, 14, 14, generator=g, dtype=dtype)
+    a = x.clone().requires_grad_()
+    b = x.clone().requires_grad_()
+    fused = pool_subsample2d(a, "max", 10, 5)
+    literal = torch.nn.functional.max_pool2d(b, 10, 1)[..., ::5, ::5]  # torch's own kernel
+    assert fused.is_contiguous() and torch.equal(fused, literal)
+    (fused * grad).sum().backward()
+    (literal * grad).sum().backward()
+    assert torch.equal(a.grad, b.grad)
+    unbatched = pool_subsample2d(x[0], "max", 10, 5)
+    assert torch.equal(unbatched, literal[0].detach())
+
+
+def test_channels_last_max_pool_gradcheck_and_gradgradcheck(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pooling, "_CHANNELS_LAST_MIN_NUMEL", 0)
+    x = _distinct(2, 3, 9, 8, seed=7).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: pool2d(t, "max", (4, 3), (2, 3)), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: pool2d(t, "max", (4, 3), (2, 3)), (x,))
 
 
 def test_max_pool_on_a_plateau_credits_each_window_top_left() -> None:
