@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnnkit import reference
+from cnnkit.ops import normalization
 from cnnkit.ops.normalization import (
     BORDERS,
     _prepare,
@@ -461,3 +462,26 @@ def test_reflect_accepts_a_window_as_large_as_the_map():
     w = gaussian_window(5, 1.25, 2, dtype=F64)
     _close(subtractive_norm(x, w, "reflect"), _ref_sub(x, w, "reflect"))
     assert math.isfinite(contrast_norm(x, w, border="reflect").sum().item())
+
+
+def test_a_windows_smoother_is_reused_until_the_window_changes_or_dies():
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    window = gaussian_window(5, 1.25, 3, dtype=torch.float64)
+    with torch.inference_mode():  # first built here, then used by a training step
+        first = contrast_norm(x, window)
+    assert normalization._smoother(window, "renormalize", 7, 6, x) is normalization._smoother(
+        window, "renormalize", 7, 6, x
+    )
+    leaf = x.clone().requires_grad_()
+    contrast_norm(leaf, window).sum().backward()
+    assert leaf.grad is not None
+    torch.testing.assert_close(contrast_norm(x, window), first, rtol=0, atol=0)
+    with torch.no_grad():
+        window[:, 2, 2] += 0.5  # changed in place: the cached smoother must not be used
+    changed = contrast_norm(x, window)
+    fresh = contrast_norm(x, window.clone())  # a window never seen before
+    torch.testing.assert_close(changed, fresh, rtol=0, atol=1e-14)
+    assert not torch.allclose(changed, first)
+    held = len(normalization._SMOOTHERS)
+    del window
+    assert len(normalization._SMOOTHERS) < held

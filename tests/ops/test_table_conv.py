@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnnkit import reference, tables
-from cnnkit.ops.table_conv import _choose, table_conv2d
+from cnnkit.ops.table_conv import _choose, plan_table, table_conv2d
 
-METHODS = ["auto", "dense", "fourier"]
+METHODS = ["auto", "dense", "fourier", "unfold"]
 F64 = torch.float64
 
 
@@ -142,7 +142,9 @@ def test_auto_choices_at_the_lecture_shapes():
     # pinned to the measurements in docs/performance.md (connection-table filter bank)
     f32, one = torch.float32, (1, 1)
     assert _choose((64, 64, 14, 14), (4096, 9, 9), 256, one, f32) == "fourier"  # layer 3
-    assert _choose((1, 64, 14, 14), (4096, 9, 9), 256, one, f32) == "dense"  # one image
+    assert _choose((1, 64, 14, 14), (4096, 9, 9), 256, one, f32) == "unfold"  # one image
+    assert _choose((8, 64, 14, 14), (4096, 9, 9), 256, one, f32) == "unfold"  # 8 images
+    assert _choose((16, 64, 14, 14), (4096, 9, 9), 256, one, f32) == "dense"
     assert _choose((64, 1, 83, 83), (64, 9, 9), 64, one, f32) == "dense"  # layer 1, full
     assert _choose((64, 64, 14, 14), (64, 9, 9), 64, one, f32) == "depthwise"  # one-to-one
     assert _choose((64, 64, 14, 14), (4096, 9, 9), 256, one, torch.bfloat16) == "dense"
@@ -210,6 +212,8 @@ def test_table_of_another_integer_dtype():
         ("fourier", tables.random(3, 4, 2, seed=1), (2, 1)),
         ("fourier", tables.lenet5_c3(), 1),
         ("depthwise", tables.one_to_one(3), (1, 2)),
+        ("unfold", tables.random(3, 4, 2, seed=1), 1),
+        ("unfold", tables.lenet5_c3(), (2, 1)),
     ],
 )
 def test_gradcheck(method, table, stride, one_thread):
@@ -312,3 +316,28 @@ def test_cached_fourier_basis_survives_inference_mode():
         table_conv2d(x, table, weight.detach(), method="fourier")
     table_conv2d(x, table, weight, method="fourier").sum().backward()
     assert weight.grad is not None
+
+
+def test_a_plan_stands_for_its_table_and_pads_uneven_inputs():
+    # random(5, 4, 3): 12 rows over 5 input maps, so some maps feed more outputs than others
+    table = tables.random(5, 4, 3, seed=3)
+    plan = plan_table(table)
+    counts = torch.bincount(table[:, 0], minlength=5)
+    assert plan.slot_rows.shape == (5, int(counts.max()))
+    for i in range(5):  # each input map lists its rows, then padding
+        listed = plan.slot_rows[i][plan.slot_rows[i] < len(table)]
+        assert sorted(listed.tolist()) == torch.nonzero(table[:, 0] == i).flatten().tolist()
+        assert plan.slot_outputs[i][: len(listed)].tolist() == table[listed, 1].tolist()
+        assert (plan.slot_outputs[i][len(listed) :] == plan.out_maps).all()
+    x, weight, bias = make(table, size=(9, 9), kernel=(4, 4))
+    for method in METHODS:
+        torch.testing.assert_close(
+            table_conv2d(x, plan, weight, bias, method=method),
+            table_conv2d(x, table, weight, bias, method=method),
+            rtol=0,
+            atol=1e-12,
+        )
+    with pytest.raises(ValueError, match="at least the 5 input maps the table was planned"):
+        table_conv2d(x[:, :4], plan, weight, bias)
+    with pytest.raises(ValueError, match="row 2 names input map 4, but only 4 input maps exist"):
+        plan_table(table, in_maps=4)

@@ -7,7 +7,7 @@ from torch import nn
 
 from cnnkit import tables
 from cnnkit._validation import check_maps, check_positive_int, pair
-from cnnkit.ops.table_conv import table_conv2d
+from cnnkit.ops.table_conv import TablePlan, plan_table, table_conv2d
 
 __all__ = ["FilterBank"]
 
@@ -94,7 +94,15 @@ class FilterBank(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_maps("x", x, maps=self.in_maps)
-        return table_conv2d(x, self.table, self.weight, self.bias, self.stride)
+        return table_conv2d(x, self._plan(), self.weight, self.bias, self.stride)
+
+    def _plan(self) -> TablePlan:
+        """The table's plan, checked and built again only when the table changes."""
+        key = (self.table.data_ptr(), self.table._version, self.table.device)
+        if getattr(self, "_plan_key", None) != key:
+            self._table_plan = plan_table(self.table, self.in_maps)
+            self._plan_key = key
+        return self._table_plan
 
     def extra_repr(self) -> str:
         kh, kw = self.kernel_size

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import abc
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -279,11 +280,37 @@ def _prepare(
             f"border='reflect' needs a window no larger than the map, got a {size_h}x{size_w}"
             f" window on {height}x{width} maps; use border='renormalize' or 'zero'"
         )
-    window = window.to(dtype=x4.dtype, device=x4.device)
-    factors = None if window.requires_grad else _factorize(window)
-    if factors is None:
-        return _ConvSmoother(window, border, height, width), x4, unbatched
-    return _SeparableSmoother.build(factors, border, height, width, x4), x4, unbatched
+    return _smoother(window, border, height, width, x4), x4, unbatched
+
+
+# id(window) -> (weak reference to it, its version, (border, H, W, dtype, device), smoother)
+_SMOOTHERS: dict[int, tuple[weakref.ref, int, tuple, _Smoother]] = {}
+
+
+def _smoother(
+    window: torch.Tensor, border: str, height: int, width: int, like: torch.Tensor
+) -> _Smoother:
+    """The smoother of ``window`` for maps of ``height x width`` like ``like``.
+
+    A window that does not require grad is factorized, and its banded matrices built,
+    once per border, size, dtype and device while it lives unchanged (a module's window
+    buffer): the cache holds it weakly and checks its version counter.
+    """
+    key = (border, height, width, like.dtype, like.device)
+    entry = _SMOOTHERS.get(id(window))
+    if entry and entry[0]() is window and entry[1] == window._version and entry[2] == key:
+        return entry[3]
+    # built outside inference mode: a later training step may save the cached tensors
+    with torch.inference_mode(False):
+        cast = window.to(dtype=like.dtype, device=like.device)
+        factors = None if window.requires_grad else _factorize(cast)
+        if factors is None:
+            return _ConvSmoother(cast, border, height, width)
+        smoother = _SeparableSmoother.build(factors, border, height, width, like)
+    identity = id(window)
+    forget = weakref.ref(window, lambda _: _SMOOTHERS.pop(identity, None))
+    _SMOOTHERS[identity] = (forget, window._version, key, smoother)
+    return smoother
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ in, 256 maps of 6x6 out, 4096 kernels.
 
 How it is computed
 ------------------
-Three exact methods; ``method="auto"`` picks one from the shapes:
+Four exact methods; ``method="auto"`` picks one from the shapes:
 
 - ``"dense"``: scatter the K kernels into a zero ``(C_out, C_in, kh, kw)`` weight (a
   differentiable ``index_put``, so the gradient flows back to the K kernels) and make
@@ -32,6 +32,13 @@ Three exact methods; ``method="auto"`` picks one from the shapes:
   the library's convolution; a full table has no zeros at all.
 - ``"depthwise"``: when every output map has exactly one input map (``one_to_one`` and
   its relatives), gather those inputs and make one ``F.conv2d(groups=C_out)`` call.
+- ``"unfold"``: group the kernels by input map. The patches of every input map
+  (``F.unfold``, ``kh * kw`` values per output position) are multiplied by the matrix of
+  that map's kernels (``S x kh kw``, ``S`` the most kernels any input map has, shorter
+  lists padded with zero kernels), and each product row is added into its output map.
+  It does the table's useful multiply-adds only (plus the padding) in one batched
+  matrix product; the batch of small products pays off only for a few images at a time
+  (a single image: about half the time of ``"dense"`` at the lecture's layer 3).
 - ``"fourier"``: the correlation theorem on the ``H x W`` grid (after trimming ``x`` to
   the rows and columns the output reads): with ``^`` the 2-D discrete Fourier transform,
   ``y_o^ = sum_r x_{in(r)}^ * conj(w_r^)`` at every frequency. The valid outputs never
@@ -49,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +64,9 @@ import torch.nn.functional as F
 from cnnkit import tables
 from cnnkit._validation import check_choice, check_floating, check_maps, pair
 
-__all__ = ["METHODS", "table_conv2d"]
+__all__ = ["METHODS", "TablePlan", "plan_table", "table_conv2d"]
 
-METHODS = ("auto", "dense", "depthwise", "fourier")
+METHODS = ("auto", "dense", "depthwise", "fourier", "unfold")
 
 # "auto" takes "fourier" when the dense convolution needs this many times more
 # multiply-adds. The library convolution ran each multiply-add about 2.2x faster than the
@@ -66,14 +74,76 @@ METHODS = ("auto", "dense", "depthwise", "fourier")
 # margin above that keeps "auto" off every Fourier call that measured slower than dense
 # (docs/performance.md, connection-table filter bank).
 _FOURIER_MARGIN = 3.5
+# "auto" takes "unfold" for tables with at most this share of the dense weight's kernels
+# when the batch has at most _UNFOLD_MAX_POSITIONS output positions per map in all
+# (measured at the lecture's layer 3: 1.8x faster than dense for 1 image, even at 8,
+# slower from 16 on, where "fourier" wins; docs/performance.md).
+_UNFOLD_MAX_FILL = 0.5
+_UNFOLD_MAX_POSITIONS = 512
 # "auto" takes "depthwise" for one-input-per-output tables from this many input maps on:
 # below it the dense convolution wastes little and runs faster than a grouped one.
 _DEPTHWISE_MIN_MAPS = 8
 
 
+@dataclass(frozen=True)
+class TablePlan:
+    """A connection table checked once, with the index tensors :func:`table_conv2d`
+    needs; pass it instead of the table to skip both on every call (a module holding a
+    fixed table does).
+
+    Attributes:
+        table: the ``(K, 2)`` ``int64`` table.
+        in_maps: the number of input maps it was checked against.
+        out_maps: ``n_outputs(table)``.
+        slot_rows: ``(in_maps, S)``, the table rows reading each input map, padded with
+            ``K`` (a zero kernel); ``S`` is the most rows any input map has.
+        slot_outputs: ``(in_maps, S)``, the output map of each of those rows, padded
+            with ``out_maps`` (a discarded extra map).
+    """
+
+    table: torch.Tensor
+    in_maps: int
+    out_maps: int
+    slot_rows: torch.Tensor
+    slot_outputs: torch.Tensor
+
+    def to(self, device: torch.device) -> TablePlan:
+        """The plan with its tensors on ``device``."""
+        if self.table.device == device:
+            return self
+        return TablePlan(
+            self.table.to(device),
+            self.in_maps,
+            self.out_maps,
+            self.slot_rows.to(device),
+            self.slot_outputs.to(device),
+        )
+
+
+def plan_table(table: torch.Tensor, in_maps: int | None = None) -> TablePlan:
+    """Check ``table`` (:func:`cnnkit.tables.check`, against ``in_maps`` input maps,
+    default ``n_inputs(table)``) and build its :class:`TablePlan`."""
+    tables.check(table, n_in=in_maps)
+    table = table.detach().to(dtype=torch.int64)
+    rows = table.shape[0]
+    in_maps = tables.n_inputs(table) if in_maps is None else in_maps
+    out_maps = int(table[:, 1].max()) + 1
+    order = torch.argsort(table[:, 0], stable=True)  # rows grouped by input map
+    inputs = table[order, 0]
+    counts = torch.bincount(inputs, minlength=in_maps)  # (in_maps,)
+    first = torch.cumsum(counts, 0) - counts  # position of each map's first row in order
+    slot = torch.arange(rows, device=table.device) - first[inputs]
+    slots = int(counts.max())
+    slot_rows = torch.full((in_maps, slots), rows, dtype=torch.int64, device=table.device)
+    slot_rows[inputs, slot] = order
+    slot_outputs = torch.full_like(slot_rows, out_maps)
+    slot_outputs[inputs, slot] = table[order, 1]
+    return TablePlan(table, in_maps, out_maps, slot_rows, slot_outputs)
+
+
 def table_conv2d(
     x: torch.Tensor,
-    table: torch.Tensor,
+    table: torch.Tensor | TablePlan,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     stride: int | tuple[int, int] = 1,
@@ -86,12 +156,12 @@ def table_conv2d(
         x: ``(N, C_in, H, W)`` or ``(C_in, H, W)``; every input map the table names must
             exist (``C_in > max input map``).
         table: ``(K, 2)`` integer rows of (input map, output map), valid for
-            :func:`cnnkit.tables.check`.
+            :func:`cnnkit.tables.check`; or its :class:`TablePlan` (checked already).
         weight: ``(K, kh, kw)``, kernel ``r`` belonging to table row ``r``.
         bias: ``(C_out,)`` with ``C_out = n_outputs(table)``, or ``None``.
         stride: an int or ``(stride_h, stride_w)``.
-        method: ``"auto"`` (default), ``"dense"``, ``"depthwise"`` or ``"fourier"``; all
-            compute the same values (see the module notes).
+        method: ``"auto"`` (default), ``"dense"``, ``"depthwise"``, ``"fourier"`` or
+            ``"unfold"``; all compute the same values (see the module notes).
 
     Returns:
         ``(N, C_out, (H - kh) // stride_h + 1, (W - kw) // stride_w + 1)``, or the same
@@ -101,7 +171,16 @@ def table_conv2d(
     """
     unbatched = check_maps("x", x)
     c_in, height, width = x.shape[-3:]
-    tables.check(table, n_in=c_in)
+    if isinstance(table, TablePlan):
+        if table.in_maps > c_in:
+            raise ValueError(
+                f"x must have at least the {table.in_maps} input maps the table was planned "
+                f"for, got {c_in}"
+            )
+        plan = table.to(x.device)
+    else:
+        plan = plan_table(table, c_in).to(x.device)
+    table = plan.table
     check_floating("weight", weight)
     rows = table.shape[0]
     if weight.dim() != 3 or weight.shape[0] != rows:
@@ -117,7 +196,7 @@ def table_conv2d(
             f"weight kernels of {kh}x{kw} do not fit in x maps of {height}x{width}: "
             "a valid correlation needs the kernel inside the map"
         )
-    c_out = int(table[:, 1].max()) + 1  # n_outputs(table), without checking it twice
+    c_out = plan.out_maps
     if bias is not None:
         check_floating("bias", bias)
         if bias.dtype != x.dtype:
@@ -130,7 +209,6 @@ def table_conv2d(
     stride = pair("stride", stride)
     check_choice("method", method, METHODS)
 
-    table = table.to(device=x.device, dtype=torch.int64)
     batch = x.unsqueeze(0) if unbatched else x  # (N, C_in, H, W)
     if method == "auto":
         method = _choose(batch.shape, weight.shape, c_out, stride, x.dtype)
@@ -138,6 +216,8 @@ def table_conv2d(
         y = _depthwise(batch, table, weight, bias, stride, c_out)
     elif method == "fourier":
         y = _fourier(batch, table, weight, bias, stride, c_out)
+    elif method == "unfold":
+        y = _unfold(batch, plan, weight, bias, stride)
     else:
         y = _dense(batch, table, weight, bias, stride, c_out)
     return y.squeeze(0) if unbatched else y
@@ -155,9 +235,12 @@ def _choose(
     rows, kh, kw = weight_shape
     if rows == c_out and c_in >= _DEPTHWISE_MIN_MAPS:  # each output has exactly one input
         return "depthwise"
+    h_out, w_out = (height - kh) // stride[0] + 1, (width - kw) // stride[1] + 1
+    sparse = rows <= _UNFOLD_MAX_FILL * c_in * c_out
+    if sparse and n * h_out * w_out <= _UNFOLD_MAX_POSITIONS:
+        return "unfold"
     if dtype not in (torch.float32, torch.float64):  # no half-precision FFT on every device
         return "dense"
-    h_out, w_out = (height - kh) // stride[0] + 1, (width - kw) // stride[1] + 1
     dense = n * c_out * c_in * h_out * w_out * kh * kw
     h, w = (h_out - 1) * stride[0] + kh, (w_out - 1) * stride[1] + kw
     spectrum = 2 * h * (w // 2 + 1)  # real numbers per map in the half spectrum
@@ -182,6 +265,32 @@ def _dense(
     dense = weight.new_zeros(c_out, x.shape[1], kh, kw)  # (C_out, C_in, kh, kw)
     dense = dense.index_put((table[:, 1], table[:, 0]), weight)  # rows are distinct
     return F.conv2d(x, dense, bias, stride)
+
+
+def _unfold(
+    x: torch.Tensor,
+    plan: TablePlan,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+) -> torch.Tensor:
+    n = x.shape[0]
+    rows, kh, kw = weight.shape
+    h_out = (x.shape[2] - kh) // stride[0] + 1
+    w_out = (x.shape[3] - kw) // stride[1] + 1
+    positions = h_out * w_out
+    c_in, slots = plan.slot_rows.shape
+    x = x[:, :c_in]  # maps beyond the table's are never read
+    padded = torch.cat([weight.reshape(rows, kh * kw), weight.new_zeros(1, kh * kw)])
+    kernels = padded[plan.slot_rows]  # (C_in, S, kh kw)
+    patches = F.unfold(x, (kh, kw), stride=stride).view(n, c_in, kh * kw, positions)
+    products = torch.matmul(kernels, patches)  # (N, C_in, S, L)
+    sums = products.new_zeros(n, plan.out_maps + 1, positions)  # last map: the padding's
+    sums = sums.index_add(1, plan.slot_outputs.view(-1), products.view(n, c_in * slots, -1))
+    y = sums[:, : plan.out_maps].view(n, plan.out_maps, h_out, w_out)
+    if bias is not None:
+        return y + bias.view(-1, 1, 1)
+    return y.contiguous()
 
 
 def _depthwise(
