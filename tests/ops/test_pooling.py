@@ -286,6 +286,24 @@ def test_large_max_pool_runs_channels_last_and_equals_the_literal_form_on_ties(d
     assert torch.equal(unbatched, literal[0].detach())
 
 
+def test_channels_last_scratch_is_reused_in_and_out_of_inference_mode() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 30, 30, generator=g)
+    with torch.inference_mode():
+        first = pool_subsample2d(x, "max", 4, 2)
+    buffer = pooling._scratch.buffer
+    leaf = x.clone().requires_grad_()
+    again = pool_subsample2d(leaf, "max", 4, 2)  # the same buffer, now under autograd
+    assert pooling._scratch.buffer is buffer
+    again.sum().backward()
+    other = pool_subsample2d(x * 2, "max", 4, 2)  # overwrites the scratch copy...
+    assert torch.equal(again.detach(), first)  # ...which nothing returned refers to
+    assert torch.equal(other, 2 * first)
+    reference_leaf = x.clone().requires_grad_()
+    torch.nn.functional.max_pool2d(reference_leaf, 4, 2).sum().backward()
+    assert torch.equal(leaf.grad, reference_leaf.grad)
+
+
 def test_channels_last_max_pool_gradcheck_and_gradgradcheck(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

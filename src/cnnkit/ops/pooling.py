@@ -28,6 +28,8 @@ into ``weight[c] * y + bias[c]`` (Torch7's ``SpatialSubSampling``, LeNet-5's S-l
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -153,6 +155,24 @@ def _max_pool(x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int])
     return out.squeeze(0) if x.dim() == 3 else out
 
 
+_scratch = threading.local()  # per thread: the last channels-last copy's buffer
+
+
+def _channels_last_copy(x: torch.Tensor) -> torch.Tensor:
+    """``x`` copied into a channels-last buffer that the calling thread reuses while the
+    shape, dtype and device stay the same. A fresh map-sized buffer would cost more than
+    the copy (its pages are faulted in on first touch) unless the allocator keeps large
+    blocks (``tune_runtime``). The copy is scratch: nothing returned or saved refers to it.
+    """
+    buffer = getattr(_scratch, "buffer", None)
+    like = (x.shape, x.dtype, x.device)
+    if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != like:
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            buffer = torch.empty_like(x, memory_format=torch.channels_last)
+        _scratch.buffer = buffer
+    return buffer.copy_(x)
+
+
 class _ChannelsLastMaxPool(torch.autograd.Function):
     """Max pooling of ``(N, C, H, W)`` computed in channels-last layout, returned contiguous.
 
@@ -165,8 +185,7 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, window, stride):
-        copy = x.contiguous(memory_format=torch.channels_last)
-        out, index = F.max_pool2d(copy, window, stride, return_indices=True)
+        out, index = F.max_pool2d(_channels_last_copy(x), window, stride, return_indices=True)
         ctx.save_for_backward(index)
         ctx.input_shape = x.shape
         return out.contiguous()
