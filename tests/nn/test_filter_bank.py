@@ -163,3 +163,34 @@ def test_wrong_number_of_input_maps():
         bank(torch.randn(2, 63, 14, 14))
     with pytest.raises(ValueError, match="weight kernels of 9x9 do not fit in x maps of 6x6"):
         bank(torch.randn(64, 6, 6))
+
+
+def test_the_table_plan_follows_the_table():
+    torch.manual_seed(0)
+    bank = FilterBank(tables.random(4, 6, 2, seed=1), 3).double()
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    before = bank(x)
+    rewired = tables.random(4, 6, 2, seed=7)
+    assert not torch.equal(rewired, bank.table)
+    with torch.no_grad():
+        bank.table.copy_(rewired)  # edited in place, after the plan was made
+    after = bank(x)
+    torch.testing.assert_close(after, table_conv2d(x, rewired, bank.weight, bank.bias))
+    assert not torch.allclose(after, before)
+    other = FilterBank(tables.random(4, 6, 2, seed=9), 3).double()
+    bank.load_state_dict(other.state_dict())
+    torch.testing.assert_close(bank(x), other(x), rtol=0, atol=0)
+
+
+def test_a_bank_made_or_first_run_under_inference_mode_still_trains():
+    x = torch.randn(2, 64, 14, 14)
+    with torch.inference_mode():
+        made = FilterBank(tables.random(64, 256, 16), 9)  # its table is an inference tensor
+        made(x[:1])
+    trained = FilterBank(tables.random(64, 256, 16), 9)
+    with torch.inference_mode():
+        trained(x[:1])  # plans the table, and caches the plan, here
+    for bank in (made, trained):
+        leaf = x[:1].clone().requires_grad_()
+        bank(leaf).sum().backward()  # batch 1: the "unfold" method indexes with the plan
+        assert leaf.grad is not None and torch.isfinite(leaf.grad).all()

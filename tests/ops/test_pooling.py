@@ -291,10 +291,12 @@ def test_channels_last_scratch_is_reused_in_and_out_of_inference_mode() -> None:
     x = torch.randn(2, 4, 30, 30, generator=g)
     with torch.inference_mode():
         first = pool_subsample2d(x, "max", 4, 2)
-    buffer = pooling._scratch.buffer
+    key = (tuple(x.shape), x.dtype, x.device)
+    buffer = pooling._scratch.buffers[key]
+    pool_subsample2d(torch.randn(1, 8, 40, 40), "max", 4, 2)  # another shape: its own buffer
     leaf = x.clone().requires_grad_()
     again = pool_subsample2d(leaf, "max", 4, 2)  # the same buffer, now under autograd
-    assert pooling._scratch.buffer is buffer
+    assert pooling._scratch.buffers[key] is buffer
     again.sum().backward()
     other = pool_subsample2d(x * 2, "max", 4, 2)  # overwrites the scratch copy...
     assert torch.equal(again.detach(), first)  # ...which nothing returned refers to

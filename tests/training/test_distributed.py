@@ -110,14 +110,15 @@ def test_two_processes_train_the_single_process_model(
 def test_three_processes_equal_one_in_float64_even_with_an_empty_share(
     tiny_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    # batch 9 over 128 images: 14 full steps, then 2 images for 3 processes, so process 2
-    # has none and that step leaves the wrapper for one explicit all-reduce
-    options = {"batch_size": 9, "epochs": 1, "dtype": "float64"}
+    # batch 126 over 128 images: one full step, then 2 images for 3 processes, so process 2
+    # has none and that step leaves the wrapper for one explicit all-reduce; it comes
+    # right after the wrapper's first synchronized step (when it rebuilds its buckets)
+    options = {"batch_size": 126, "epochs": 2, "dtype": "float64"}
     single = train_tiny(tiny_files, TrainConfig(**{**OPTIONS, **options}), tmp_path / "single")
     run = tmp_path / "shared"
     results = run_ranks(fit_args(tiny_files, str(run), **options), cwd=tmp_path, size=3)
     assert [r.returncode for r in results] == [0, 0, 0], "".join(r.stderr for r in results)
-    assert read_checkpoint(run / "last.safetensors").meta["step"] == 15
+    assert read_checkpoint(run / "last.safetensors").meta["step"] == 4
     assert_close_checkpoints(run / "last.safetensors", single / "last.safetensors", 1e-12)
 
 

@@ -97,7 +97,12 @@ class FilterBank(nn.Module):
         return table_conv2d(x, self._plan(), self.weight, self.bias, self.stride)
 
     def _plan(self) -> TablePlan:
-        """The table's plan, checked and built again only when the table changes."""
+        """The table's plan, checked and built again only when the table changes (seen
+        through its version counter, so an edit through ``.data`` goes unseen: edit the
+        table in place, or assign a new one). A table made under inference mode has no
+        version counter and is planned on every call."""
+        if self.table.is_inference():
+            return plan_table(self.table, self.in_maps)
         key = (self.table.data_ptr(), self.table._version, self.table.device)
         if getattr(self, "_plan_key", None) != key:
             self._table_plan = plan_table(self.table, self.in_maps)

@@ -57,11 +57,15 @@ class _LocalNorm(nn.Module):
         )
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (torch's signature)
-        # Converting the window to a wider dtype would keep the narrower dtype's rounding
-        # (a float32 Gaussian in float64 is no longer exactly separable, which sends the
-        # sums down a much slower path): an unmodified window is computed afresh instead.
+        # A window converted to another dtype keeps the old dtype's rounding (a float32
+        # Gaussian in float64 is no longer exactly separable, which sends the sums down a
+        # much slower path): an unmodified window is computed afresh in the new dtype.
         before = self.window
-        gaussian = before.is_floating_point() and torch.equal(before, self._gaussian(before))
+        gaussian = (
+            before.is_floating_point()
+            and before.device.type != "meta"
+            and torch.equal(before, self._gaussian(before))
+        )
         super()._apply(fn, recurse)
         if gaussian and self.window.dtype != before.dtype and self.window.is_floating_point():
             self.window = self._gaussian(self.window)

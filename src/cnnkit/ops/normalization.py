@@ -294,10 +294,13 @@ def _smoother(
 
     A window that does not require grad is factorized, and its banded matrices built,
     once per border, size, dtype and device while it lives unchanged (a module's window
-    buffer): the cache holds it weakly and checks its version counter.
+    buffer): the cache holds it weakly and checks its version counter, which an edit
+    through ``.data`` does not move (edit the window itself, or make a new one). A window
+    made under inference mode has no version counter and is not cached.
     """
     key = (border, height, width, like.dtype, like.device)
-    entry = _SMOOTHERS.get(id(window))
+    cacheable = not window.is_inference()
+    entry = _SMOOTHERS.get(id(window)) if cacheable else None
     if entry and entry[0]() is window and entry[1] == window._version and entry[2] == key:
         return entry[3]
     # built outside inference mode: a later training step may save the cached tensors
@@ -307,9 +310,10 @@ def _smoother(
         if factors is None:
             return _ConvSmoother(cast, border, height, width)
         smoother = _SeparableSmoother.build(factors, border, height, width, like)
-    identity = id(window)
-    forget = weakref.ref(window, lambda _: _SMOOTHERS.pop(identity, None))
-    _SMOOTHERS[identity] = (forget, window._version, key, smoother)
+    if cacheable:
+        identity = id(window)
+        ref = weakref.ref(window, lambda _: _SMOOTHERS.pop(identity, None))
+        _SMOOTHERS[identity] = (ref, window._version, key, smoother)
     return smoother
 
 

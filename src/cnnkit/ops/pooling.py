@@ -28,6 +28,7 @@ into ``weight[c] * y + bias[c]`` (Torch7's ``SpatialSubSampling``, LeNet-5's S-l
 
 from __future__ import annotations
 
+import collections
 import threading
 
 import torch
@@ -155,21 +156,28 @@ def _max_pool(x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int])
     return out.squeeze(0) if x.dim() == 3 else out
 
 
-_scratch = threading.local()  # per thread: the last channels-last copy's buffer
+_scratch = threading.local()  # per thread: channels-last buffers by (shape, dtype, device)
+_SCRATCH_BUFFERS = 4  # one per pooling layer of a network, and an odd last batch
 
 
 def _channels_last_copy(x: torch.Tensor) -> torch.Tensor:
-    """``x`` copied into a channels-last buffer that the calling thread reuses while the
-    shape, dtype and device stay the same. A fresh map-sized buffer would cost more than
-    the copy (its pages are faulted in on first touch) unless the allocator keeps large
-    blocks (``tune_runtime``). The copy is scratch: nothing returned or saved refers to it.
+    """``x`` copied into a channels-last buffer that the calling thread reuses for inputs
+    of the same shape, dtype and device (the last few kinds are kept). A fresh map-sized
+    buffer at every call would cost more than the copy (its pages are faulted in on
+    first touch) unless the allocator keeps large blocks (``tune_runtime``). The copy is
+    scratch: nothing returned or saved refers to it.
     """
-    buffer = getattr(_scratch, "buffer", None)
-    like = (x.shape, x.dtype, x.device)
-    if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != like:
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = collections.OrderedDict()
+    key = (tuple(x.shape), x.dtype, x.device)
+    buffer = buffers.pop(key, None)
+    if buffer is None:
         with torch.inference_mode(False):  # usable in and out of inference mode
             buffer = torch.empty_like(x, memory_format=torch.channels_last)
-        _scratch.buffer = buffer
+        while len(buffers) >= _SCRATCH_BUFFERS:
+            buffers.popitem(last=False)
+    buffers[key] = buffer  # now the most recently used
     return buffer.copy_(x)
 
 

@@ -76,8 +76,8 @@ METHODS = ("auto", "dense", "depthwise", "fourier", "unfold")
 _FOURIER_MARGIN = 3.5
 # "auto" takes "unfold" for tables with at most this share of the dense weight's kernels
 # when the batch has at most _UNFOLD_MAX_POSITIONS output positions per map in all
-# (measured at the lecture's layer 3: 1.8x faster than dense for 1 image, even at 8,
-# slower from 16 on, where "fourier" wins; docs/performance.md).
+# (measured at the lecture's layer 3, forward + backward: 2.2x faster than dense for 1
+# image, 1.2x for 8, 1.1x for 16 where "fourier" is 1.5x; docs/performance.md).
 _UNFOLD_MAX_FILL = 0.5
 _UNFOLD_MAX_POSITIONS = 512
 # "auto" takes "depthwise" for one-input-per-output tables from this many input maps on:
@@ -85,7 +85,7 @@ _UNFOLD_MAX_POSITIONS = 512
 _DEPTHWISE_MIN_MAPS = 8
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TablePlan:
     """A connection table checked once, with the index tensors :func:`table_conv2d`
     needs; pass it instead of the table to skip both on every call (a module holding a
@@ -124,7 +124,13 @@ def plan_table(table: torch.Tensor, in_maps: int | None = None) -> TablePlan:
     """Check ``table`` (:func:`cnnkit.tables.check`, against ``in_maps`` input maps,
     default ``n_inputs(table)``) and build its :class:`TablePlan`."""
     tables.check(table, n_in=in_maps)
-    table = table.detach().to(dtype=torch.int64)
+    # ordinary tensors even under inference_mode: a later training step indexes with them
+    with torch.inference_mode(False):
+        return _build_plan(table.detach().clone(), in_maps)
+
+
+def _build_plan(table: torch.Tensor, in_maps: int | None) -> TablePlan:
+    table = table.to(dtype=torch.int64)
     rows = table.shape[0]
     in_maps = tables.n_inputs(table) if in_maps is None else in_maps
     out_maps = int(table[:, 1].max()) + 1

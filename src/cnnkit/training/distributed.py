@@ -323,7 +323,7 @@ def process_group(device_type: str) -> Iterator[World]:
         yield world
         # Leave together: a process that tears its connections down while another
         # still works (process 0 writing the last files) can abort in the library.
-        world.barrier("waiting for every process to finish")
+        world.barrier("waiting for every process to finish (one may have failed)")
     finally:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()

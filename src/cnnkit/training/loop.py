@@ -154,7 +154,7 @@ def train_step(
     processes; ``n`` may be 0): the cross-entropy summed over the share and divided by
     ``batch_images`` is differentiated, the gradients are summed over the processes, so
     every process steps with the gradient of the whole batch's mean loss; the returned
-    loss and count are the whole batch's. ``model`` is then best the wrapper from
+    loss and count are the whole batch's. ``model`` should then be the wrapper from
     :meth:`World.data_parallel`, which sums the gradients during the backward pass.
     """
     if world is not None and world.active:
@@ -196,10 +196,13 @@ def _shared_step(
     synced = wrapped and total >= world.size
     device = next(module.parameters()).device
     stats = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, correct)
+    # Unsynchronized, the model runs unwrapped: the wrapper's forward may communicate
+    # (it rebuilds its buckets after the first step), which a process without images
+    # would not match.
     with model.no_sync() if wrapped and not synced else contextlib.nullcontext():
         loss_sum = None
         if len(labels):
-            logits = model(images)
+            logits = (model if synced else module)(images)
             loss_sum = F.cross_entropy(logits, labels, reduction="sum")
             stats[0] = loss_sum.detach().double()
             stats[1] = (logits.detach().argmax(dim=1) == labels).sum()

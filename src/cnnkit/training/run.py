@@ -12,11 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnkit._validation import check_positive_int
+from cnnkit._validation import check_choice, check_positive_int
 from cnnkit.data.images import InputTransform, load_image
 from cnnkit.data.splits import DataSplits, ImageSet
 from cnnkit.models.spec import ArchitectureSpec
 from cnnkit.training.checkpoint import load_model_state, read_checkpoint
+from cnnkit.training.config import DTYPES
 from cnnkit.training.loop import Evaluation, evaluate, resolve_device
 from cnnkit.training.run_folder import (
     open_run,
@@ -76,7 +77,8 @@ def load_run(
 
     The checkpoint is verified (digest, tensor names and shapes against ``spec.toml``)
     before its weights are copied; anything wrong is a ``ValueError`` naming the file.
-    ``model`` is needed only for runs of a custom module (no ``spec.toml``).
+    ``model`` is needed only for runs of a custom module (no ``spec.toml``); it is
+    converted in place to the run's dtype (``float64`` for a run trained so).
     """
     run = open_run(run_dir)
     path = run.checkpoint(checkpoint)
@@ -103,7 +105,8 @@ def load_run(
                 f"but classes.json names {len(class_names)}"
             )
         model = build(spec)
-    model.to(dtype=getattr(torch, config["training"].get("dtype", "float32")))
+    dtype = check_choice("the run's dtype", config["training"].get("dtype", "float32"), DTYPES)
+    model.to(dtype=getattr(torch, dtype))
     saved = read_checkpoint(path)
     load_model_state(model, saved)
     model.to(resolve_device(device)).eval()
