@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -229,6 +230,13 @@ def table_conv2d(
     return y.squeeze(0) if unbatched else y
 
 
+def _valid_size(
+    size: Sequence[int], kernel: tuple[int, int], stride: tuple[int, int]
+) -> tuple[int, int]:
+    """``(H_out, W_out)`` of a valid correlation: ``(H - kh) // stride_h + 1``, likewise W."""
+    return tuple((n - k) // s + 1 for n, k, s in zip(size, kernel, stride, strict=True))
+
+
 def _choose(
     x_shape: torch.Size,
     weight_shape: torch.Size,
@@ -241,7 +249,7 @@ def _choose(
     rows, kh, kw = weight_shape
     if rows == c_out and c_in >= _DEPTHWISE_MIN_MAPS:  # each output has exactly one input
         return "depthwise"
-    h_out, w_out = (height - kh) // stride[0] + 1, (width - kw) // stride[1] + 1
+    h_out, w_out = _valid_size((height, width), (kh, kw), stride)
     sparse = rows <= _UNFOLD_MAX_FILL * c_in * c_out
     if sparse and n * h_out * w_out <= _UNFOLD_MAX_POSITIONS:
         return "unfold"
@@ -282,8 +290,7 @@ def _unfold(
 ) -> torch.Tensor:
     n = x.shape[0]
     rows, kh, kw = weight.shape
-    h_out = (x.shape[2] - kh) // stride[0] + 1
-    w_out = (x.shape[3] - kw) // stride[1] + 1
+    h_out, w_out = _valid_size(x.shape[2:], (kh, kw), stride)
     positions = h_out * w_out
     c_in, slots = plan.slot_rows.shape
     x = x[:, :c_in]  # maps beyond the table's are never read
@@ -327,8 +334,7 @@ def _fourier(
 ) -> torch.Tensor:
     n, c_in = x.shape[:2]
     rows, kh, kw = weight.shape
-    h_out = (x.shape[2] - kh) // stride[0] + 1
-    w_out = (x.shape[3] - kw) // stride[1] + 1
+    h_out, w_out = _valid_size(x.shape[2:], (kh, kw), stride)
     h, w = (h_out - 1) * stride[0] + kh, (w_out - 1) * stride[1] + kw
     freqs = h * (w // 2 + 1)
     x = x[:, :, :h, :w]  # the rows and columns the output reads
