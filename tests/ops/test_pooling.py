@@ -287,23 +287,79 @@ def test_large_max_pool_runs_channels_last_and_equals_the_literal_form_on_ties(d
 
 
 def test_channels_last_scratch_is_reused_in_and_out_of_inference_mode() -> None:
+    # A window of 5 at stride 2 is not a whole number of strides: no block pooling, so
+    # inference takes the channels-last path too.
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 4, 30, 30, generator=g)
     with torch.inference_mode():
-        first = pool_subsample2d(x, "max", 4, 2)
+        first = pool_subsample2d(x, "max", 5, 2)
     key = (tuple(x.shape), x.dtype, x.device)
     buffer = pooling._scratch.buffers[key]
-    pool_subsample2d(torch.randn(1, 8, 40, 40), "max", 4, 2)  # another shape: its own buffer
+    pool_subsample2d(torch.randn(1, 8, 40, 40), "max", 5, 2)  # another shape: its own buffer
     leaf = x.clone().requires_grad_()
-    again = pool_subsample2d(leaf, "max", 4, 2)  # the same buffer, now under autograd
+    again = pool_subsample2d(leaf, "max", 5, 2)  # the same buffer, now under autograd
     assert pooling._scratch.buffers[key] is buffer
     again.sum().backward()
-    other = pool_subsample2d(x * 2, "max", 4, 2)  # overwrites the scratch copy...
+    other = pool_subsample2d(x * 2, "max", 5, 2)  # overwrites the scratch copy...
     assert torch.equal(again.detach(), first)  # ...which nothing returned refers to
     assert torch.equal(other, 2 * first)
     reference_leaf = x.clone().requires_grad_()
-    torch.nn.functional.max_pool2d(reference_leaf, 4, 2).sum().backward()
+    torch.nn.functional.max_pool2d(reference_leaf, 5, 2).sum().backward()
     assert torch.equal(leaf.grad, reference_leaf.grad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    blocks_h=st.integers(1, 3),
+    blocks_w=st.integers(1, 3),
+    s_h=st.integers(1, 5),
+    s_w=st.integers(1, 5),
+    extra_h=st.integers(0, 12),
+    extra_w=st.integers(0, 12),
+    values=st.sampled_from(["random", "ties", "nan"]),
+    double=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_max_pool_without_a_gradient_by_blocks_equals_torch(
+    blocks_h, blocks_w, s_h, s_w, extra_h, extra_w, values, double, seed
+) -> None:
+    window, stride = (blocks_h * s_h, blocks_w * s_w), (s_h, s_w)
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, 8, max(16, window[0] + extra_h), max(16, window[1] + extra_w))
+    dtype = torch.float64 if double else torch.float32
+    if values == "ties":
+        x = torch.randint(0, 3, shape, generator=g).to(dtype)
+    else:
+        x = torch.randn(shape, generator=g, dtype=dtype)
+        if values == "nan":
+            x.view(-1)[torch.randint(0, x.numel(), (5,), generator=g)] = float("nan")
+    want = torch.nn.functional.max_pool2d(x, window, stride)
+    with torch.no_grad():
+        got = pool2d(x, "max", window, stride)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(pool2d(x[0], "max", window, stride), want[0], equal_nan=True)
+
+
+def test_block_max_pool_runs_only_when_no_gradient_is_recorded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = []
+    block = pooling._block_max_pool
+    monkeypatch.setattr(pooling, "_block_max_pool", lambda *a: calls.append(1) or block(*a))
+    x = torch.randn(2, 4, 75, 75)
+    pool_subsample2d(x, "max", 10, 5)  # x needs no gradient
+    assert len(calls) == 1
+    leaf = x.clone().requires_grad_()
+    with torch.no_grad():
+        pool_subsample2d(leaf, "max", 10, 5)
+    assert len(calls) == 2
+    out = pool_subsample2d(leaf, "max", 10, 5)  # recorded: the path with indices
+    assert len(calls) == 2 and out.grad_fn is not None
+    pool_subsample2d(x, "max", 10, 4)  # 10 is not a whole number of strides of 4
+    pool_subsample2d(x.to(memory_format=torch.channels_last), "max", 10, 5)
+    assert len(calls) == 2
 
 
 def test_channels_last_max_pool_gradcheck_and_gradgradcheck(

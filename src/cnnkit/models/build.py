@@ -5,10 +5,10 @@ Layers get stable names a reader can use to pull feature maps: ``stage1.filters`
 ``stage1.pool`` (and ``stage1.subsample`` when pooling is not fused), ``stage1.pool_act``,
 then ``classifier``.
 
-Speed: ``Network.forward`` runs a rectification followed by a contrast normalization as
-one fused op (:meth:`ContrastNorm.forward_rectified`; same values and gradients) unless
-either layer has hooks; ``intermediates`` and calling a stage directly run every layer
-on its own.
+Speed: ``Network.forward`` runs each stage through :func:`cnnkit.models.stages.run_stage`:
+a rectification followed by a contrast normalization as one fused op, and, on a CPU, a
+stage with large maps a few images at a time (same values; hooks turn both off);
+``intermediates`` and calling a stage directly run every layer on its own.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import nn
 
 from cnnkit import tables, tying
 from cnnkit.models.spec import ArchitectureSpec, FilterBankSpec, NormSpec, PoolSpec, StageSpec
+from cnnkit.models.stages import run_stage
 from cnnkit.nn.activation import Rectify, ReLU
 from cnnkit.nn.classifier import Classifier
 from cnnkit.nn.filter_bank import FilterBank
@@ -55,7 +56,7 @@ class Network(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's maps, ``(N, C, H, W)``, before the classifier."""
         for stage in self.stages:
-            x = _run_fused(stage, x)
+            x = run_stage(stage, x)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,30 +90,6 @@ class Network(nn.Module):
                 out[f"stage{number}.{name}"] = x
         out["classifier"] = self.classifier(x)
         return out
-
-
-def _hooked(layer: nn.Module) -> bool:
-    return bool(layer._forward_hooks or layer._forward_pre_hooks)
-
-
-def _run_fused(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """``stage(x)``, with each ``Rectify`` -> ``ContrastNorm`` pair as one fused op."""
-    layers = list(stage.children())
-    index = 0
-    while index < len(layers):
-        layer = layers[index]
-        following = layers[index + 1] if index + 1 < len(layers) else None
-        if (
-            type(layer) is Rectify
-            and type(following) is ContrastNorm
-            and not (_hooked(layer) or _hooked(following))
-        ):
-            x = following.forward_rectified(x)
-            index += 2
-        else:
-            x = layer(x)
-            index += 1
-    return x
 
 
 def make_table(bank: FilterBankSpec, in_maps: int) -> torch.Tensor:

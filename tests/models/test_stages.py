@@ -1,0 +1,82 @@
+"""run_stage: a stage with large maps runs a few images at a time, with the same result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import cnnkit.models
+from cnnkit.models import stages
+
+
+def _lecun83(dtype: torch.dtype = torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    return cnnkit.models.build(cnnkit.models.from_name("lecun83", classes=5)).to(dtype)
+
+
+def _batches_seen(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Record (first layer's type, batch size) of every call that runs layers."""
+    seen: list[tuple[str, int]] = []
+    run = stages._run_fused
+
+    def spy(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        seen.append((type(next(iter(stage.children()))).__name__, x.shape[0]))
+        return run(stage, x)
+
+    monkeypatch.setattr(stages, "_run_fused", spy)
+    return seen
+
+
+def test_lecun83_first_stage_runs_in_slices_of_four_images(monkeypatch) -> None:
+    # 64 maps of 75x75 float32 are 1.44 MB per image: 4 fit in the 6 MiB slice.
+    assert stages.SLICE_BYTES // (64 * 75 * 75 * 4) == 4
+    model = _lecun83(torch.float32)
+    seen = _batches_seen(monkeypatch)
+    model(torch.randn(9, 1, 83, 83))
+    assert seen == [("FilterBank", 4), ("FilterBank", 4), ("FilterBank", 1), ("FilterBank", 9)]
+    seen.clear()
+    model.double()(torch.randn(9, 1, 83, 83, dtype=torch.float64))  # 2.9 MB per image
+    assert [n for _, n in seen] == [2, 2, 2, 2, 1, 9]
+
+
+def test_sliced_forward_and_gradients_equal_the_whole_batch(monkeypatch) -> None:
+    model = _lecun83()
+    x = torch.randn(5, 1, 83, 83, dtype=torch.float64)
+    sliced = model(x)
+    g_sliced = torch.autograd.grad(sliced.square().sum(), list(model.parameters()))
+    monkeypatch.setattr(stages, "SLICE_BYTES", 2**40)  # one slice: the whole batch
+    seen = _batches_seen(monkeypatch)
+    whole = model(x)
+    assert [n for _, n in seen] == [5, 5]
+    g_whole = torch.autograd.grad(whole.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(sliced, whole, rtol=1e-12, atol=1e-14)
+    for a, b in zip(g_sliced, g_whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    with torch.no_grad():
+        monkeypatch.undo()
+        torch.testing.assert_close(model(x), whole.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_hooks_and_batch_statistics_keep_the_whole_batch(monkeypatch) -> None:
+    model = _lecun83(torch.float32)
+    x = torch.randn(6, 1, 83, 83)
+    seen_by_hook = []
+    handle = model.stage1.norm.register_forward_hook(
+        lambda module, args, out: seen_by_hook.append(out.shape[0])
+    )
+    batches = _batches_seen(monkeypatch)
+    model(x)
+    assert seen_by_hook == [6] and [n for _, n in batches] == [6, 6]
+    handle.remove()
+    model.stage1.append(nn.BatchNorm2d(64))  # statistics over the batch: never sliced
+    batches.clear()
+    model(x)
+    assert [n for _, n in batches] == [6, 6]
+
+
+def test_a_stage_with_small_maps_is_not_sliced() -> None:
+    model = _lecun83(torch.float32)
+    x = torch.randn(3, 64, 14, 14)
+    assert stages._slice_images(model.stage2, x) >= 3
+    assert stages._slice_images(model.stage1, torch.randn(3, 1, 83, 83)) == 4
