@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnnkit import reference
-from cnnkit.ops import normalization
+from cnnkit.ops import _derived, normalization
 from cnnkit.ops.normalization import (
     BORDERS,
     _prepare,
@@ -482,9 +482,9 @@ def test_a_windows_smoother_is_reused_until_the_window_changes_or_dies():
     fresh = contrast_norm(x, window.clone())  # a window never seen before
     torch.testing.assert_close(changed, fresh, rtol=0, atol=1e-14)
     assert not torch.allclose(changed, first)
-    held = len(normalization._SMOOTHERS)
+    held = len(_derived._ENTRIES)
     del window
-    assert len(normalization._SMOOTHERS) < held
+    assert len(_derived._ENTRIES) < held
 
 
 def test_a_window_made_under_inference_mode_is_used_without_caching():
@@ -492,7 +492,7 @@ def test_a_window_made_under_inference_mode_is_used_without_caching():
     with torch.inference_mode():
         window = gaussian_window(5, 1.25, 3, dtype=torch.float64)
         inside = contrast_norm(x, window)
-    held = len(normalization._SMOOTHERS)
+    held = len(_derived._ENTRIES)
     outside = contrast_norm(x, window)
-    assert len(normalization._SMOOTHERS) == held
+    assert len(_derived._ENTRIES) == held
     torch.testing.assert_close(outside, inside, rtol=0, atol=0)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import abc
 import math
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +50,7 @@ from cnnkit._validation import (
     check_positive_float,
     check_positive_int,
 )
+from cnnkit.ops._derived import derived
 
 __all__ = [
     "BORDERS",
@@ -260,9 +260,13 @@ def _check_window(window: object) -> torch.Tensor:
             "window must have at least one map and odd sides so that it has a centre "
             f"pixel, got shape {tuple(window.shape)}"
         )
+    return window
+
+
+def _check_finite(window: torch.Tensor) -> None:
+    """Checked when a smoother is built (once per window for a cached one)."""
     if not torch.isfinite(window).all():
         raise ValueError("window must hold finite numbers, got NaN or infinity")
-    return window
 
 
 def _prepare(
@@ -283,38 +287,38 @@ def _prepare(
     return _smoother(window, border, height, width, x4), x4, unbatched
 
 
-# id(window) -> (weak reference to it, its version, (border, H, W, dtype, device), smoother)
-_SMOOTHERS: dict[int, tuple[weakref.ref, int, tuple, _Smoother]] = {}
-
-
 def _smoother(
     window: torch.Tensor, border: str, height: int, width: int, like: torch.Tensor
 ) -> _Smoother:
     """The smoother of ``window`` for maps of ``height x width`` like ``like``.
 
-    A window that does not require grad is factorized, and its banded matrices built,
-    once per border, size, dtype and device while it lives unchanged (a module's window
-    buffer): the cache holds it weakly and checks its version counter, which an edit
-    through ``.data`` does not move (edit the window itself, or make a new one). A window
-    made under inference mode has no version counter and is not cached.
+    A window that does not require grad (a module's window buffer) is checked,
+    factorized, and its banded matrices built, once per border, size, dtype and device
+    while it lives unchanged (:func:`cnnkit.ops._derived.derived`; an edit through
+    ``.data`` goes unseen). A window that requires grad gets a convolution, built on
+    every call so that the gradient reaches it.
     """
-    key = (border, height, width, like.dtype, like.device)
-    cacheable = not window.is_inference()
-    entry = _SMOOTHERS.get(id(window)) if cacheable else None
-    if entry and entry[0]() is window and entry[1] == window._version and entry[2] == key:
-        return entry[3]
-    # built outside inference mode: a later training step may save the cached tensors
-    with torch.inference_mode(False):
-        cast = window.to(dtype=like.dtype, device=like.device)
-        factors = None if window.requires_grad else _factorize(cast)
-        if factors is None:
-            return _ConvSmoother(cast, border, height, width)
-        smoother = _SeparableSmoother.build(factors, border, height, width, like)
-    if cacheable:
-        identity = id(window)
-        ref = weakref.ref(window, lambda _: _SMOOTHERS.pop(identity, None))
-        _SMOOTHERS[identity] = (ref, window._version, key, smoother)
-    return smoother
+    if window.requires_grad:
+        _check_finite(window)
+        return _ConvSmoother(window.to(dtype=like.dtype, device=like.device), border, height, width)
+    params = (border, height, width, like.dtype, like.device)
+    return derived(window, "smoother", params, lambda: _build_smoother(window, *params))
+
+
+def _build_smoother(
+    window: torch.Tensor,
+    border: str,
+    height: int,
+    width: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> _Smoother:
+    _check_finite(window)
+    cast = window.to(dtype=dtype, device=device, copy=True)  # kept: must not be the window
+    factors = _factorize(cast)
+    if factors is None:
+        return _ConvSmoother(cast, border, height, width)
+    return _SeparableSmoother.build(factors, border, height, width, dtype, device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,9 +406,15 @@ class _SeparableSmoother(_Smoother):
 
     @classmethod
     def build(
-        cls, factors: tuple[np.ndarray, ...], border: str, height: int, width: int, like
+        cls,
+        factors: tuple[np.ndarray, ...],
+        border: str,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> _SeparableSmoother:
-        """The smoother for ``factors`` from :func:`_factorize`, in ``like``'s dtype and device."""
+        """The smoother for ``factors`` from :func:`_factorize`, in ``dtype`` on ``device``."""
         a, u, v = factors
         total = a.sum()
         if border == "renormalize":
@@ -416,10 +426,10 @@ class _SeparableSmoother(_Smoother):
                 mass = float(total)
             else:
                 mass = np.outer(rows.sum(axis=1), columns.sum(axis=1))  # (H, W)
-        uniform = np.ptp(a) <= 16 * torch.finfo(like.dtype).eps * np.abs(a).max()
+        uniform = np.ptp(a) <= 16 * torch.finfo(dtype).eps * np.abs(a).max()
 
         def cast(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(array).to(dtype=like.dtype, device=like.device)
+            return torch.from_numpy(array).to(dtype=dtype, device=device)
 
         return cls(
             alpha=None if uniform else cast(a / total),
