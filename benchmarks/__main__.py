@@ -12,7 +12,9 @@ In one process, after ``cnnkit.tune_runtime()`` (which both variants get):
    weights must give the same logits to 1e-4 relative, or nothing is timed;
 3. lecun83 forward at batch 64, batch-1 latency, and training steps at batch 64 (SGD
    with momentum, cross-entropy), cnnkit and literal interleaved, the median of
-   ``--repeats`` runs after warm-up with the min and max;
+   ``--repeats`` runs after warm-up with the min and max. Latency is timed warm (a run
+   is 20 single-image calls in a row, per call) and cold (one call, right after the
+   other network's, which leaves the caches full of its own data);
 4. cnnkit's training step by layer (forward + backward of each, and the optimizer),
    with each one's share;
 5. the peak resident memory of a training step, each variant in a fresh process.
@@ -60,16 +62,17 @@ def _summary(times: list[float]) -> dict[str, float]:
 
 
 def interleaved(
-    variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+    variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, calls: int = 1
 ) -> dict[str, dict[str, float]]:
-    """Median, min and max seconds of each variant, one run of each in turn."""
+    """Median, min and max seconds per call of each variant, one run of each in turn;
+    a run makes ``calls`` calls in a row and counts their mean."""
     for _ in range(warmup):
         for fn in variants.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            times[name].append(_timed(fn))
+            times[name].append(_timed(lambda fn=fn: [fn() for _ in range(calls)]) / calls)
     return {name: _summary(t) for name, t in times.items()}
 
 
@@ -242,11 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         {"cnnkit": make_forward(model, x), "literal": make_forward(literal, x)}, args.repeats
     )
     print("forward done", flush=True)
-    results["latency"] = interleaved(
-        {"cnnkit": make_forward(model, x1), "literal": make_forward(literal, x1)},
-        max(args.repeats, 20),
-        warmup=3,
-    )
+    single = {"cnnkit": make_forward(model, x1), "literal": make_forward(literal, x1)}
+    # warm: 20 images in a row per run (a server's steady state); cold: each image right
+    # after the other network's, which has evicted the caches
+    results["latency"] = interleaved(single, max(args.repeats, 20), warmup=3, calls=20)
+    results["latency, cold"] = interleaved(single, max(args.repeats, 20), warmup=3)
     results["train"] = interleaved(
         {"cnnkit": make_step(model, x, y), "literal": make_step(literal, x, y)}, args.repeats
     )
@@ -260,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         ("forward", FORWARD_FLOP, BATCH),
         ("train", TRAIN_FLOP, BATCH),
         ("latency", 0, 1),
+        ("latency, cold", 0, 1),
     ):
         c, lit = results[task]["cnnkit"], results[task]["literal"]
         row = {
@@ -278,13 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         f"\nlecun83, batch {BATCH}, {torch.get_num_threads()} threads; "
         f"median (min-max) of {args.repeats}"
     )
-    print(f"{'':10s} {'cnnkit':>28s} {'literal':>28s} {'speed-up':>9s} {'% peak':>7s}")
+    print(f"{'':13s} {'cnnkit':>28s} {'literal':>28s} {'speed-up':>9s} {'% peak':>7s}")
     for row in rows:
         scale = 1e3
         c, lit = row["cnnkit_s"], row["literal_s"]
         share = f"{100 * row['cnnkit_peak_share']:.1f}" if "cnnkit_peak_share" in row else "-"
         print(
-            f"{row['task']:10s} "
+            f"{row['task']:13s} "
             f"{_span(c, scale)} {row['cnnkit_img_s']:7.0f}/s "
             f"{_span(lit, scale)} {row['literal_img_s']:7.1f}/s {row['speedup']:8.1f}x {share:>7s}"
         )

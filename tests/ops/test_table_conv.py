@@ -343,7 +343,7 @@ def test_a_plan_stands_for_its_table_and_pads_uneven_inputs():
         plan_table(table, in_maps=4)
 
 
-@pytest.mark.parametrize("method", ["fourier", "unfold"])
+@pytest.mark.parametrize("method", ["dense", "fourier", "unfold"])
 def test_weights_transformed_once_without_a_gradient_and_again_after_an_edit(method):
     from cnnkit.ops import _derived
 
@@ -358,8 +358,8 @@ def test_weights_transformed_once_without_a_gradient_and_again_after_an_edit(met
         weight[0].mul_(-3.0)  # an in-place edit: the kept kernels must not be used
         edited = table_conv2d(x, plan, weight, bias, method=method)
     torch.testing.assert_close(
-        edited, table_conv2d(x, plan, weight, bias, method="dense"), rtol=0, atol=1e-12
-    )
+        edited, table_conv2d(x, plan, weight.clone(), bias, method="dense"), rtol=0, atol=1e-12
+    )  # a clone: its own entry, gone with it
     assert not torch.allclose(edited, first)
     leaf = weight.clone().requires_grad_()  # recorded: transformed on each call, not kept
     table_conv2d(x, plan, leaf, bias, method=method).square().sum().backward()

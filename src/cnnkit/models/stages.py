@@ -60,6 +60,8 @@ def run_stage(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 def _slice_images(stage: nn.Sequential, x: torch.Tensor) -> int:
     """How many images to run at a time: all of them unless slicing pays (module notes)."""
     everything = x.shape[0] if x.dim() == 4 else 1
+    if everything == 1:
+        return everything
     layers = list(stage.children())
     if (
         x.dim() != 4

@@ -75,7 +75,7 @@ class FilterBank(nn.Module):
 
     @property
     def out_maps(self) -> int:
-        return int(self.table[:, 1].max()) + 1
+        return self._plan().out_maps
 
     @property
     def kernel_size(self) -> tuple[int, int]:

@@ -227,7 +227,7 @@ def table_conv2d(
     elif method == "unfold":
         y = _unfold(batch, plan, weight, bias, stride)
     else:
-        y = _dense(batch, table, weight, bias, stride, c_out)
+        y = _dense(batch, plan, weight, bias, stride)
     return y.squeeze(0) if unbatched else y
 
 
@@ -270,16 +270,21 @@ def _choose(
 
 def _dense(
     x: torch.Tensor,
-    table: torch.Tensor,
+    plan: TablePlan,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     stride: tuple[int, int],
-    c_out: int,
 ) -> torch.Tensor:
-    kh, kw = weight.shape[1:]
-    dense = weight.new_zeros(c_out, x.shape[1], kh, kw)  # (C_out, C_in, kh, kw)
-    dense = dense.index_put((table[:, 1], table[:, 0]), weight)  # rows are distinct
+    c_in = x.shape[1]
+    dense = _from_weight(weight, "dense", (plan, c_in), lambda w: _dense_weight(w, plan, c_in))
     return F.conv2d(x, dense, bias, stride)
+
+
+def _dense_weight(weight: torch.Tensor, plan: TablePlan, c_in: int) -> torch.Tensor:
+    """``(C_out, C_in, kh, kw)``: each kernel at its table row's place, zeros elsewhere."""
+    table = plan.table
+    dense = weight.new_zeros(plan.out_maps, c_in, *weight.shape[1:])
+    return dense.index_put((table[:, 1], table[:, 0]), weight)  # rows are distinct
 
 
 def _unfold(
