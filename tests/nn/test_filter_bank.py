@@ -194,3 +194,25 @@ def test_a_bank_made_or_first_run_under_inference_mode_still_trains():
         leaf = x[:1].clone().requires_grad_()
         bank(leaf).sum().backward()  # batch 1: the "unfold" method indexes with the plan
         assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+@pytest.mark.parametrize("batch", [1, 6])  # unfold and Fourier methods for layer 3
+def test_kept_kernels_follow_a_change_of_dtype_and_a_training_step(batch):
+    torch.manual_seed(0)
+    bank = FilterBank(tables.random(16, 32, 4, seed=1), 5)
+    x = torch.randn(batch, 16, 10, 10)
+    with torch.no_grad():
+        bank(x)  # kernels transformed and kept
+    bank.double()  # swaps each parameter's memory, not its version counter
+    with torch.no_grad():
+        y = bank(x.double())
+    expected = table_conv2d(x.double(), bank.table, bank.weight.clone(), bank.bias, method="dense")
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+    optimizer = torch.optim.SGD(bank.parameters(), lr=0.5)
+    bank(x.double()).square().sum().backward()
+    optimizer.step()  # an in-place update
+    with torch.no_grad():
+        after = bank(x.double())
+    expected = table_conv2d(x.double(), bank.table, bank.weight.clone(), bank.bias, method="dense")
+    torch.testing.assert_close(after, expected, rtol=0, atol=1e-12)
+    assert not torch.allclose(after, y)

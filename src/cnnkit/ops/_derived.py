@@ -4,8 +4,9 @@ A module's weights or window are used by every call but change only when trained
 edited; what an op derives from them (a window's banded matrices, a filter bank's
 kernels regrouped or transformed) need not be rebuilt on each call when no gradient
 flows into them. The cache holds its sources weakly and compares their version
-counters, which every in-place edit moves -- but not an edit through ``.data``, which
-goes unseen (edit the tensor itself, or make a new one).
+counters, which every in-place edit moves, and their memory, dtype and shape, which
+``module.to(...)`` changes -- but an in-place edit through ``.data`` goes unseen (edit
+the tensor itself, or make a new one).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ __all__ = ["derived"]
 
 T = TypeVar("T")
 
-# (id(source), kind) -> (weak reference to source, its version, params, value)
-_ENTRIES: dict[tuple[int, str], tuple[weakref.ref, int, Hashable, object]] = {}
+# (id(source), kind) -> (weak reference to source, its state, params, value)
+_ENTRIES: dict[tuple[int, str], tuple[weakref.ref, tuple, Hashable, object]] = {}
 
 
 def derived(source: torch.Tensor, kind: str, params: Hashable, build: Callable[[], T]) -> T:
@@ -38,11 +39,19 @@ def derived(source: torch.Tensor, kind: str, params: Hashable, build: Callable[[
         with torch.inference_mode(False):
             return build()
     key = (id(source), kind)
+    state = _state(source)
     entry = _ENTRIES.get(key)
-    if entry and entry[0]() is source and entry[1] == source._version and entry[2] == params:
+    if entry and entry[0]() is source and entry[1] == state and entry[2] == params:
         return entry[3]
     with torch.inference_mode(False):
         value = build()
     ref = weakref.ref(source, lambda _: _ENTRIES.pop(key, None))
-    _ENTRIES[key] = (ref, source._version, params, value)
+    _ENTRIES[key] = (ref, state, params, value)
     return value
+
+
+def _state(source: torch.Tensor) -> tuple:
+    """What must be unchanged for a kept value to hold: the version counter, and the
+    memory, dtype and shape -- which ``module.to(...)`` swaps under a parameter without
+    moving its version."""
+    return (source._version, source.data_ptr(), source.dtype, source.device, source.shape)
