@@ -80,3 +80,41 @@ def test_a_stage_with_small_maps_is_not_sliced() -> None:
     x = torch.randn(3, 64, 14, 14)
     assert stages._slice_images(model.stage2, x) >= 3
     assert stages._slice_images(model.stage1, torch.randn(3, 1, 83, 83)) == 4
+
+
+def test_empty_and_unbatched_input() -> None:
+    model = _lecun83(torch.float32)
+    with pytest.raises(ValueError, match="x must not be empty"):  # the layers' own check
+        model(torch.empty(0, 1, 83, 83))
+    x = torch.randn(3, 1, 83, 83)
+    with torch.no_grad():
+        torch.testing.assert_close(model.features(x[1]), model.features(x)[1])
+
+
+def test_backward_global_and_stage_hooks_keep_the_whole_batch(monkeypatch) -> None:
+    model = _lecun83(torch.float32)
+    x = torch.randn(6, 1, 83, 83, requires_grad=True)
+    batches = _batches_seen(monkeypatch)
+    grads = []
+    handle = model.stage1.filters.register_full_backward_hook(
+        lambda module, grad_in, grad_out: grads.append(grad_out[0].shape[0])
+    )
+    model(x).sum().backward()
+    assert grads == [6] and [n for _, n in batches] == [6, 6]
+    handle.remove()
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append((type(module).__name__, out.shape[0]))
+    )
+    try:
+        batches.clear()
+        model(x)
+    finally:
+        handle.remove()
+    assert batches == []  # every stage ran as stage(x): whole batch, unfused
+    assert ("Rectify", 6) in seen and {n for _, n in seen} == {6}
+    calls = []
+    model.stage1.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    batches.clear()
+    model(x)
+    assert calls == [6] and [n for _, n in batches] == [6]  # stage 1 ran as stage(x)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
@@ -325,7 +327,7 @@ def test_max_pool_without_a_gradient_by_blocks_equals_torch(
 ) -> None:
     window, stride = (blocks_h * s_h, blocks_w * s_w), (s_h, s_w)
     g = torch.Generator().manual_seed(seed)
-    shape = (2, 8, max(16, window[0] + extra_h), max(16, window[1] + extra_w))
+    shape = (2, 16, max(16, window[0] + extra_h), max(16, window[1] + extra_w))
     dtype = torch.float64 if double else torch.float32
     if values == "ties":
         x = torch.randint(0, 3, shape, generator=g).to(dtype)
@@ -334,14 +336,20 @@ def test_max_pool_without_a_gradient_by_blocks_equals_torch(
         if values == "nan":
             x.view(-1)[torch.randint(0, x.numel(), (5,), generator=g)] = float("nan")
     want = torch.nn.functional.max_pool2d(x, window, stride)
-    with torch.no_grad():
-        got = pool2d(x, "max", window, stride)
-    assert got.is_contiguous()
+    calls = []
+    block = pooling._block_max_pool
+    with mock.patch.object(pooling, "_block_max_pool", lambda *a: calls.append(1) or block(*a)):
+        with torch.no_grad():
+            got = pool2d(x, "max", window, stride)
+        with torch.inference_mode():
+            unbatched = pool2d(x[0], "max", window, stride)
+    assert got.is_contiguous() and unbatched.is_contiguous()
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
-    with torch.inference_mode():
-        torch.testing.assert_close(pool2d(x[0], "max", window, stride), want[0], equal_nan=True)
+    torch.testing.assert_close(unbatched, want[0], rtol=0, atol=0, equal_nan=True)
+    assert len(calls) == (2 if s_h > 1 and s_w > 1 else 0)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_block_max_pool_runs_only_when_no_gradient_is_recorded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -358,7 +366,11 @@ def test_block_max_pool_runs_only_when_no_gradient_is_recorded(
     out = pool_subsample2d(leaf, "max", 10, 5)  # recorded: the path with indices
     assert len(calls) == 2 and out.grad_fn is not None
     pool_subsample2d(x, "max", 10, 4)  # 10 is not a whole number of strides of 4
+    pool2d(x, "max", 10, 1)  # stride 1: no blocks to take maxima of
     pool_subsample2d(x.to(memory_format=torch.channels_last), "max", 10, 5)
+    with forward_ad.dual_level():  # a forward-mode derivative: the path with indices
+        dual = forward_ad.make_dual(x, torch.ones_like(x))
+        assert forward_ad.unpack_dual(pool_subsample2d(dual, "max", 10, 5)).tangent is not None
     assert len(calls) == 2
 
 

@@ -347,26 +347,24 @@ def test_a_plan_stands_for_its_table_and_pads_uneven_inputs():
 def test_weights_transformed_once_without_a_gradient_and_again_after_an_edit(method):
     from cnnkit.ops import _derived
 
+    kind = {"dense": "dense", "fourier": "dense spectra", "unfold": "slot kernels"}[method]
     table = tables.random(6, 8, 3, seed=2)
     plan = plan_table(table)
     x, weight, bias = make(table, size=(10, 10), kernel=(5, 5))
-    held = len(_derived._ENTRIES)
     with torch.no_grad():
         first = table_conv2d(x, plan, weight, bias, method=method)
-        assert len(_derived._ENTRIES) == held + 1  # the transformed kernels, kept
+        assert _derived.kept(weight, kind)
         torch.testing.assert_close(table_conv2d(x, plan, weight, bias, method=method), first)
         weight[0].mul_(-3.0)  # an in-place edit: the kept kernels must not be used
         edited = table_conv2d(x, plan, weight, bias, method=method)
-    torch.testing.assert_close(
-        edited, table_conv2d(x, plan, weight.clone(), bias, method="dense"), rtol=0, atol=1e-12
-    )  # a clone: its own entry, gone with it
+    reference = table_conv2d(x, plan, weight.clone(), bias, method="dense")
+    torch.testing.assert_close(edited, reference, rtol=0, atol=1e-12)
     assert not torch.allclose(edited, first)
     leaf = weight.clone().requires_grad_()  # recorded: transformed on each call, not kept
-    table_conv2d(x, plan, leaf, bias, method=method).square().sum().backward()
-    assert leaf.grad is not None and len(_derived._ENTRIES) == held + 1
+    out = table_conv2d(x, plan, leaf, bias, method=method)
+    assert out.is_contiguous() and not _derived.kept(leaf, kind)
+    out.square().sum().backward()
     expected = torch.autograd.grad(
         table_conv2d(x, plan, leaf, bias, method="dense").square().sum(), leaf
     )[0]
     torch.testing.assert_close(leaf.grad, expected, rtol=1e-10, atol=1e-12)
-    del weight
-    assert len(_derived._ENTRIES) == held

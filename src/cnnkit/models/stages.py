@@ -11,14 +11,19 @@ where the maps are large.
   batch at once; the weight gradients are summed slice by slice, which rounds
   differently, within float rounding of the whole-batch sum.
 
-A layer or stage with hooks is run as it is, on the whole batch: a hook sees what a
-plain ``stage(x)`` would show it.
+A hook of any kind -- on the stage, on one of its layers, or a global module hook --
+turns both off: a hooked stage runs as ``stage(x)``, and a stage with a hooked layer
+runs layer by layer on the whole batch, so that every hook sees what a plain
+``stage(x)`` would show it.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from cnnkit.nn.activation import Rectify, ReLU
 from cnnkit.nn.filter_bank import FilterBank
@@ -49,28 +54,26 @@ _PER_IMAGE = (
 
 
 def run_stage(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """``stage(x)`` for ``x`` of ``(N, C, H, W)``, fused, and in slices of the batch when
-    its maps are large (module notes); the same values as ``stage(x)``."""
-    images = _slice_images(stage, x)
-    if images >= x.shape[0]:
-        return _run_fused(stage, x)
-    return torch.cat([_run_fused(stage, part) for part in x.split(images)])
+    """``stage(x)`` for ``x`` of ``(N, C, H, W)`` or ``(C, H, W)``: fused, and in slices of
+    the batch when its maps are large (module notes); the values of ``stage(x)``, to
+    within rounding."""
+    if _hooked(stage):
+        return stage(x)
+    if x.dim() == 4 and x.shape[0] > 1:
+        images = _slice_images(stage, x)
+        if images < x.shape[0]:
+            return torch.cat([_run_fused(stage, part) for part in x.split(images)])
+    return _run_fused(stage, x)
 
 
 def _slice_images(stage: nn.Sequential, x: torch.Tensor) -> int:
-    """How many images to run at a time: all of them unless slicing pays (module notes)."""
-    everything = x.shape[0] if x.dim() == 4 else 1
-    if everything == 1:
-        return everything
+    """How many images of ``x`` ``(N, C, H, W)`` to run at a time: N unless slicing pays."""
     layers = list(stage.children())
-    if (
-        x.dim() != 4
-        or x.device.type != "cpu"
-        or _hooked(stage)
-        or any(type(layer) not in _PER_IMAGE or _hooked(layer) for layer in layers)
+    if x.device.type != "cpu" or any(
+        type(layer) not in _PER_IMAGE or _hooked(layer) for layer in layers
     ):
-        return everything
-    widest = x[0].numel()
+        return x.shape[0]
+    widest = math.prod(x.shape[1:])
     for layer in layers:
         if isinstance(layer, FilterBank):
             widest = max(widest, layer.out_maps * _valid_area(layer, x.shape[-2:]))
@@ -85,7 +88,20 @@ def _valid_area(bank: FilterBank, size: torch.Size) -> int:
 
 
 def _hooked(layer: nn.Module) -> bool:
-    return bool(layer._forward_hooks or layer._forward_pre_hooks)
+    """Whether a hook may watch ``layer`` run: its own hooks of any kind, or global ones."""
+    hooks = (
+        layer._forward_hooks,
+        layer._forward_pre_hooks,
+        layer._backward_hooks,
+        layer._backward_pre_hooks,
+    )
+    watched = (
+        module_hooks._global_forward_hooks,
+        module_hooks._global_forward_pre_hooks,
+        module_hooks._global_backward_hooks,
+        module_hooks._global_backward_pre_hooks,
+    )
+    return any(hooks) or any(watched)
 
 
 def _run_fused(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

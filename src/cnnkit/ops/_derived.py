@@ -2,56 +2,86 @@
 
 A module's weights or window are used by every call but change only when trained or
 edited; what an op derives from them (a window's banded matrices, a filter bank's
-kernels regrouped or transformed) need not be rebuilt on each call when no gradient
-flows into them. The cache holds its sources weakly and compares their version
-counters, which every in-place edit moves, and their memory, dtype and shape, which
-``module.to(...)`` changes -- but an in-place edit through ``.data`` goes unseen (edit
-the tensor itself, or make a new one).
+kernels regrouped or transformed) need not be rebuilt on each call when no derivative
+flows into them. A kept value is tied to its source's memory (a weak reference to the
+storage, which neither keeps the source alive nor stops ``torch.utils.swap_tensors``)
+and to its version counter, dtype, shape and strides: an in-place edit, an optimizer
+step, ``module.to(...)`` or ``load_state_dict`` all lead to a rebuild. An edit that
+bypasses the version counter goes unseen -- through ``.data``, or through a NumPy array
+sharing the memory: edit the tensor itself, or call :func:`clear`.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Hashable
 from typing import TypeVar
 
 import torch
+import torch.autograd.forward_ad as forward_ad
+from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["derived"]
+__all__ = ["clear", "derivative_recorded", "derived", "has_tangent", "kept"]
 
 T = TypeVar("T")
 
-# (id(source), kind) -> (weak reference to source, its state, params, value)
-_ENTRIES: dict[tuple[int, str], tuple[weakref.ref, tuple, Hashable, object]] = {}
+# (storage address, kind) -> (weak reference to the storage, source state, params, value)
+_ENTRIES: dict[tuple[int, str], tuple[StorageWeakRef, tuple, Hashable, object]] = {}
+
+
+def derivative_recorded(tensor: torch.Tensor) -> bool:
+    """Whether a derivative of ``tensor`` is being recorded: by autograd (grad mode on
+    and ``requires_grad``) or in forward mode (:func:`has_tangent`)."""
+    return (torch.is_grad_enabled() and tensor.requires_grad) or has_tangent(tensor)
+
+
+def has_tangent(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` carries a forward-mode tangent at the current level."""
+    return forward_ad.unpack_dual(tensor).tangent is not None
 
 
 def derived(source: torch.Tensor, kind: str, params: Hashable, build: Callable[[], T]) -> T:
     """``build()``, or the value it gave for the same ``source``, ``kind`` and ``params``
     if ``source`` has not changed since; one value is kept per ``source`` and ``kind``.
 
-    ``build`` runs outside inference mode, so that a later training step may save what it
-    returns for a backward pass. What it returns must not refer to ``source`` (a view,
-    or ``source.to(...)`` when nothing changes), or ``source`` would never be freed. A
-    source made under inference mode has no version counter: its value is built on every
-    call.
+    ``build`` runs outside inference mode and without grad mode, so that what it returns
+    is an ordinary tensor a later training step may use, holding no graph. It must not
+    return a view of ``source``. A source made under inference mode (no version counter),
+    or one without ordinary storage (a functorch-wrapped tensor), is built from each call.
     """
-    if source.is_inference():
-        with torch.inference_mode(False):
+    with torch.inference_mode(False), torch.no_grad():
+        if source.is_inference():
             return build()
-    key = (id(source), kind)
-    state = _state(source)
-    entry = _ENTRIES.get(key)
-    if entry and entry[0]() is source and entry[1] == state and entry[2] == params:
-        return entry[3]
-    with torch.inference_mode(False):
+        try:
+            storage = StorageWeakRef(source.untyped_storage())
+            state = (source._version, source.storage_offset(), source.stride(), source.dtype)
+        except (RuntimeError, NotImplementedError):  # no storage to refer to
+            return build()
+        state += (source.shape, source.device)
+        key = _key(storage, kind)
+        entry = _ENTRIES.get(key)
+        if entry and not entry[0].expired() and entry[1] == state and entry[2] == params:
+            return entry[3]
         value = build()
-    ref = weakref.ref(source, lambda _: _ENTRIES.pop(key, None))
-    _ENTRIES[key] = (ref, state, params, value)
-    return value
+        _drop_expired()
+        _ENTRIES[key] = (storage, state, params, value)
+        return value
 
 
-def _state(source: torch.Tensor) -> tuple:
-    """What must be unchanged for a kept value to hold: the version counter, and the
-    memory, dtype and shape -- which ``module.to(...)`` swaps under a parameter without
-    moving its version."""
-    return (source._version, source.data_ptr(), source.dtype, source.device, source.shape)
+def _key(storage: StorageWeakRef, kind: str) -> tuple[int, str]:
+    return (storage.cdata, kind)
+
+
+def kept(source: torch.Tensor, kind: str) -> bool:
+    """Whether a value of ``kind`` is kept for ``source``'s memory (for tests)."""
+    return _key(StorageWeakRef(source.untyped_storage()), kind) in _ENTRIES
+
+
+def clear() -> None:
+    """Forget every kept value."""
+    _ENTRIES.clear()
+
+
+def _drop_expired() -> None:
+    """Forget the values of sources whose memory has been freed."""
+    for key in [key for key, entry in _ENTRIES.items() if entry[0].expired()]:
+        del _ENTRIES[key]

@@ -50,7 +50,7 @@ from cnnkit._validation import (
     check_positive_float,
     check_positive_int,
 )
-from cnnkit.ops._derived import derived
+from cnnkit.ops._derived import derivative_recorded, derived
 
 __all__ = [
     "BORDERS",
@@ -292,13 +292,13 @@ def _smoother(
 ) -> _Smoother:
     """The smoother of ``window`` for maps of ``height x width`` like ``like``.
 
-    A window that does not require grad (a module's window buffer) is checked,
+    A window whose derivative is not recorded (a module's window buffer) is checked,
     factorized, and its banded matrices built, once per border, size, dtype and device
     while it lives unchanged (:func:`cnnkit.ops._derived.derived`; an edit through
-    ``.data`` goes unseen). A window that requires grad gets a convolution, built on
-    every call so that the gradient reaches it.
+    ``.data`` goes unseen). A window that requires grad (or carries a forward-mode
+    tangent) gets a convolution, built on every call so that the derivative reaches it.
     """
-    if window.requires_grad:
+    if derivative_recorded(window):
         _check_finite(window)
         return _ConvSmoother(window.to(dtype=like.dtype, device=like.device), border, height, width)
     params = (border, height, width, like.dtype, like.device)

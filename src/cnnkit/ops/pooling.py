@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit._validation import check_choice, check_maps, check_positive_float, pair
+from cnnkit.ops._derived import derivative_recorded, has_tangent
 
 __all__ = ["KINDS", "pool2d", "pool_subsample2d", "subsample2d"]
 
@@ -147,15 +148,15 @@ _CHANNELS_LAST_MIN_NUMEL = 4096
 
 def _max_pool(x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
     """``F.max_pool2d`` values and gradients. On a CPU, for contiguous maps: without a
-    gradient to record, by blocks when the window is a multiple of the stride; otherwise
-    from a channels-last copy of ``x``, whose kernel is several times faster than the
-    one for contiguous maps."""
+    derivative to record, by blocks when the window is a multiple (2 or more) of a stride
+    of 2 or more; otherwise from a channels-last copy of ``x``, whose kernel is several
+    times faster than the one for contiguous maps."""
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-    if x.device.type != "cpu" or channels_last or x.numel() < _CHANNELS_LAST_MIN_NUMEL:
-        return F.max_pool2d(x, window, stride)
-    recording = torch.is_grad_enabled() and x.requires_grad
-    tiled = all(k % s == 0 for k, s in zip(window, stride, strict=True))
-    if not recording and tiled and x.is_contiguous():
+    small = x.numel() < _CHANNELS_LAST_MIN_NUMEL
+    if x.device.type != "cpu" or channels_last or small or has_tangent(x):
+        return F.max_pool2d(x, window, stride)  # forward mode: its own derivative rule
+    tiled = all(s > 1 and k % s == 0 for k, s in zip(window, stride, strict=True))
+    if tiled and x.is_contiguous() and not derivative_recorded(x):
         return _block_max_pool(x, window, stride)
     batch = x.unsqueeze(0) if x.dim() == 3 else x
     out = _ChannelsLastMaxPool.apply(batch, window, stride)
@@ -170,7 +171,8 @@ def _block_max_pool(
     reduction over a middle axis, which runs along whole rows), then the running maximum
     of ``m`` neighbouring blocks; then the same along the columns of that smaller
     result. Values only (a maximum does not depend on the order it is taken in), so the
-    same as ``F.max_pool2d``, NaN included; no indices for a backward.
+    same numbers as ``F.max_pool2d``, NaN included (where +0 and -0 tie, either may come
+    out); no indices for a backward.
     """
     for dim, k, s in ((x.dim() - 2, window[0], stride[0]), (x.dim() - 1, window[1], stride[1])):
         out = (x.shape[dim] - k) // s + 1

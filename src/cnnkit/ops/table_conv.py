@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from cnnkit import tables
 from cnnkit._validation import check_choice, check_floating, check_maps, pair
-from cnnkit.ops._derived import derived
+from cnnkit.ops._derived import derivative_recorded, derived
 
 __all__ = ["METHODS", "TablePlan", "plan_table", "table_conv2d"]
 
@@ -308,10 +308,10 @@ def _unfold(
     # Whole rows added along dim 0: much faster than along an inner dim.
     sums = products.new_zeros(plan.out_maps + 1, n * positions)  # last map: the padding's
     sums = sums.index_add(0, plan.slot_outputs.view(-1), products)
-    y = sums[: plan.out_maps].view(plan.out_maps, n, h_out, w_out).transpose(0, 1)
+    y = sums[: plan.out_maps]  # (C_out, N L)
     if bias is not None:
-        return y + bias.view(-1, 1, 1)
-    return y.contiguous()
+        y = y + bias.view(-1, 1)
+    return y.view(plan.out_maps, n, h_out, w_out).transpose(0, 1).contiguous()
 
 
 def _slot_kernels(weight: torch.Tensor, plan: TablePlan) -> torch.Tensor:
@@ -395,11 +395,10 @@ def _from_weight(
     build: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """``build(weight)``; kept between calls while ``weight`` is unchanged when no
-    gradient is recorded for it (evaluation and inference: see :mod:`cnnkit.ops._derived`)."""
-    if torch.is_grad_enabled() and weight.requires_grad:
+    derivative is recorded for it (evaluation and inference: see :mod:`cnnkit.ops._derived`)."""
+    if derivative_recorded(weight):
         return build(weight)
-    with torch.no_grad():
-        return derived(weight, kind, params, lambda: build(weight.detach()))
+    return derived(weight, kind, params, lambda: build(weight.detach()))
 
 
 @functools.lru_cache(maxsize=8)
