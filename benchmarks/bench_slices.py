@@ -10,7 +10,10 @@ turn (one run of each per round) and the medians reported:
    by blocks, on a channels-last copy, and ``F.max_pool2d`` on the contiguous maps, at
    64 images and at 4 (a slice);
 3. the layer-3 table (64 -> 256, 4096 kernels of 9x9) without a gradient, each method,
-   at 1, 4, 14 and 64 images (kept weight transforms included).
+   at 1, 4, 14 and 64 images (kept weight transforms included);
+4. lecun83's forward pass without a gradient, layer by layer (each layer timed alone,
+   on its input from the layer before), for 1 image and for 64 (stage 1 as 16 slices
+   of 4 images), beside the whole network.
 
 Run from the repository root::
 
@@ -117,6 +120,37 @@ def table_methods(repeats: int) -> None:
         _print(f"layer-3 table, {batch} images, no gradient", medians)
 
 
+def forward_parts(repeats: int) -> None:
+    torch.manual_seed(0)
+    model = build(from_name("lecun83", classes=101)).eval()
+    for batch, stage1_slice in ((1, 1), (64, 4)):
+        x = torch.randn(batch, 1, 83, 83)
+        parts: dict[str, Callable[[], object]] = {}
+        h = x
+        for number, stage in enumerate(model.stages, start=1):
+            # stage 1 on one slice, counted once per slice; later stages on the batch
+            slices = batch // stage1_slice if number == 1 else 1
+            inp = h[:stage1_slice] if number == 1 else h
+            for name, layer in (
+                ("filters", stage.filters),
+                ("rectify+norm", stage.norm.forward_rectified),
+                ("pool", stage.pool),
+            ):
+                with torch.no_grad():
+                    out = layer(inp)
+                parts[f"stage{number}.{name} (x{slices})"] = (
+                    lambda layer=layer, inp=inp, slices=slices: [layer(inp) for _ in range(slices)]
+                )
+                inp = out
+            with torch.no_grad():
+                h = stages.run_stage(stage, h)
+        parts["classifier"] = lambda h=h: model.classifier(h)
+        parts["whole network"] = lambda x=x: model(x)
+        with torch.no_grad():
+            medians = _rounds(parts, repeats * (20 if batch == 1 else 1))
+        _print(f"lecun83 forward without a gradient, {batch} image(s), by layer", medians)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -127,6 +161,7 @@ def main() -> None:
     stage_slices(args.repeats)
     max_pooling(args.repeats)
     table_methods(args.repeats)
+    forward_parts(args.repeats)
 
 
 if __name__ == "__main__":
