@@ -23,14 +23,13 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 import cnnkit
+from benchmarks.bench_tying import median_seconds
 from cnnkit import tables
 from cnnkit.models import build, from_name, stages
 from cnnkit.ops import pooling
@@ -41,15 +40,7 @@ SLICES = (1, 2, 4, 8, 16, 64)
 
 def _rounds(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median milliseconds of each variant, one run of each per round, after a warm-up."""
-    for fn in variants.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    return {name: 1e3 * seconds for name, seconds in median_seconds(variants, repeats).items()}
 
 
 def _print(title: str, medians: dict[str, float]) -> None:

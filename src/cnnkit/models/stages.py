@@ -33,8 +33,9 @@ from cnnkit.nn.pooling import Pool, PoolSubsample, Subsample
 __all__ = ["run_stage"]
 
 # A slice of the batch is sized so that the filter bank's output for it fits in about
-# this many bytes: lecun83's first stage then runs 4 images at a time. Slices of 2 and 4
-# images gave the same speed here, 8 less and 16 none (docs/performance.md).
+# this many bytes: lecun83's first stage then runs 4 images at a time, the fastest slice
+# here without a gradient and (with 8) with one; single images are far slower in
+# training (python -m benchmarks.bench_slices; docs/performance.md).
 SLICE_BYTES = 6 * 2**20
 
 # Layers that compute each image on its own (no statistics over the batch).

@@ -148,9 +148,9 @@ _CHANNELS_LAST_MIN_NUMEL = 4096
 
 def _max_pool(x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
     """``F.max_pool2d`` values and gradients. On a CPU, for contiguous maps: without a
-    derivative to record, by blocks when the window is a multiple (2 or more) of a stride
-    of 2 or more; otherwise from a channels-last copy of ``x``, whose kernel is several
-    times faster than the one for contiguous maps."""
+    derivative to record, by blocks when the window is a whole number of strides and the
+    stride is 2 or more; otherwise from a channels-last copy of ``x``, whose kernel is
+    several times faster than the one for contiguous maps."""
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
     small = x.numel() < _CHANNELS_LAST_MIN_NUMEL
     if x.device.type != "cpu" or channels_last or small or has_tangent(x):

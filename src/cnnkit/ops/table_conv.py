@@ -295,7 +295,7 @@ def _unfold(
     stride: tuple[int, int],
 ) -> torch.Tensor:
     n = x.shape[0]
-    rows, kh, kw = weight.shape
+    kh, kw = weight.shape[1:]
     h_out, w_out = _valid_size(x.shape[2:], (kh, kw), stride)
     positions = h_out * w_out
     c_in, slots = plan.slot_rows.shape
