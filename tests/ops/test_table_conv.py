@@ -368,3 +368,27 @@ def test_weights_transformed_once_without_a_gradient_and_again_after_an_edit(met
         table_conv2d(x, plan, leaf, bias, method="dense").square().sum(), leaf
     )[0]
     torch.testing.assert_close(leaf.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_dense_output_is_channels_last_without_a_gradient_for_one_float32_map():
+    torch.manual_seed(0)
+    table = tables.full(1, 8)
+    x32, w32, b32 = (t.float() for t in make(table, size=(20, 20), kernel=(5, 5), batch=3))
+    reference = table_conv2d(x32.double(), table, w32.double(), b32.double(), method="dense")
+    with torch.no_grad():
+        fast = table_conv2d(x32, table, w32, b32, method="dense")
+        unbatched = table_conv2d(x32[0], table, w32, b32, method="dense")
+    assert fast.is_contiguous(memory_format=torch.channels_last) and not fast.is_contiguous()
+    torch.testing.assert_close(fast.double(), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unbatched, fast[0], rtol=1e-6, atol=1e-6)
+    recorded = table_conv2d(x32, table, w32.clone().requires_grad_(), b32, method="dense")
+    assert recorded.is_contiguous()  # a backward to run: the contiguous kernel
+    assert table_conv2d(x32.double(), table, w32.double(), method="dense").is_contiguous()
+    several = tables.full(3, 4)  # channels-last input keeps its layout, else contiguous
+    x, weight, bias = (t.float() for t in make(several, size=(9, 9), kernel=(3, 3)))
+    with torch.no_grad():
+        assert table_conv2d(x, several, weight, bias, method="dense").is_contiguous()
+        last = x.contiguous(memory_format=torch.channels_last)
+        out = table_conv2d(last, several, weight, bias, method="dense")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, table_conv2d(x, several, weight, bias, method="dense"))

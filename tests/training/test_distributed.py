@@ -104,7 +104,11 @@ def test_two_processes_train_the_single_process_model(
     for row, ref in zip(rows[1:], reference[1:], strict=True):
         assert row[0] == ref[0]
         assert abs(float(row[1]) - float(ref[1])) < 1e-5  # train loss
-        assert row[2:7] == ref[2:7]  # accuracies and evaluation losses: same weights
+        # the weights agree to about 1e-7 (summed in another order), not bit for bit:
+        # the same accuracies, and evaluation losses to float32 rounding
+        assert (row[2], row[4], row[6]) == (ref[2], ref[4], ref[6])
+        for column in (3, 5):
+            assert abs(float(row[column]) - float(ref[column])) < 1e-6
 
 
 def test_three_processes_equal_one_in_float64_even_with_an_empty_share(

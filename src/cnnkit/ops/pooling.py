@@ -147,17 +147,19 @@ _CHANNELS_LAST_MIN_NUMEL = 4096
 
 
 def _max_pool(x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
-    """``F.max_pool2d`` values and gradients. On a CPU, for contiguous maps: without a
-    derivative to record, by blocks when the window is a whole number of strides and the
-    stride is 2 or more; otherwise from a channels-last copy of ``x``, whose kernel is
-    several times faster than the one for contiguous maps."""
+    """``F.max_pool2d`` values and gradients. On a CPU: without a derivative to record, by
+    blocks when the window is a whole number of strides and the stride is 2 or more;
+    otherwise ``F.max_pool2d`` for channels-last maps, and for contiguous ones a
+    channels-last copy of ``x``, whose kernel is several times faster."""
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
     small = x.numel() < _CHANNELS_LAST_MIN_NUMEL
-    if x.device.type != "cpu" or channels_last or small or has_tangent(x):
+    if x.device.type != "cpu" or small or has_tangent(x):
         return F.max_pool2d(x, window, stride)  # forward mode: its own derivative rule
     tiled = all(s > 1 and k % s == 0 for k, s in zip(window, stride, strict=True))
-    if tiled and x.is_contiguous() and not derivative_recorded(x):
+    if tiled and (x.is_contiguous() or channels_last) and not derivative_recorded(x):
         return _block_max_pool(x, window, stride)
+    if channels_last:
+        return F.max_pool2d(x, window, stride)
     batch = x.unsqueeze(0) if x.dim() == 3 else x
     out = _ChannelsLastMaxPool.apply(batch, window, stride)
     return out.squeeze(0) if x.dim() == 3 else out
@@ -166,15 +168,20 @@ def _max_pool(x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int])
 def _block_max_pool(
     x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int]
 ) -> torch.Tensor:
-    """Max pooling of contiguous ``(..., H, W)`` maps whose window is ``m`` strides
-    long on each axis, one axis at a time: the maximum of every ``s``-row block (a
+    """Max pooling of contiguous ``(..., H, W)`` maps, or channels-last ``(N, C, H, W)``
+    ones (returned channels-last), whose window is ``m`` strides long on each axis, one
+    axis at a time: the maximum of every ``s``-row block (a
     reduction over a middle axis, which runs along whole rows), then the running maximum
     of ``m`` neighbouring blocks; then the same along the columns of that smaller
     result. Values only (a maximum does not depend on the order it is taken in), so the
     same numbers as ``F.max_pool2d``, NaN included (where +0 and -0 tie, either may come
     out); no indices for a backward.
     """
-    for dim, k, s in ((x.dim() - 2, window[0], stride[0]), (x.dim() - 1, window[1], stride[1])):
+    channels_last = not x.is_contiguous()  # then (N, C, H, W) with channels-last memory
+    if channels_last:  # pool the (N, H, W, C) view, whose memory is contiguous
+        x = x.permute(0, 2, 3, 1)
+    first = 1 if channels_last else x.dim() - 2  # the row axis; columns follow it
+    for dim, k, s in ((first, window[0], stride[0]), (first + 1, window[1], stride[1])):
         out = (x.shape[dim] - k) // s + 1
         blocks = out + k // s - 1  # window j covers blocks j .. j + k/s - 1
         split = (*x.shape[:dim], blocks, s, *x.shape[dim + 1 :])
@@ -182,6 +189,8 @@ def _block_max_pool(
         x = block_max.narrow(dim, 0, out)
         for shift in range(1, k // s):
             x = torch.maximum(x, block_max.narrow(dim, shift, out))
+    if channels_last:
+        return x.contiguous().permute(0, 3, 1, 2)  # channels-last, like the input
     return x.contiguous()
 
 

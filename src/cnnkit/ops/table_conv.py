@@ -276,15 +276,40 @@ def _dense(
     stride: tuple[int, int],
 ) -> torch.Tensor:
     c_in = x.shape[1]
-    dense = _from_weight(weight, "dense", (plan, c_in), lambda w: _dense_weight(w, plan, c_in))
+    layout = _output_layout(x, weight)
+    dense = _from_weight(
+        weight, "dense", (plan, c_in, layout), lambda w: _dense_weight(w, plan, c_in, layout)
+    )
     return F.conv2d(x, dense, bias, stride)
 
 
-def _dense_weight(weight: torch.Tensor, plan: TablePlan, c_in: int) -> torch.Tensor:
-    """``(C_out, C_in, kh, kw)``: each kernel at its table row's place, zeros elsewhere."""
+def _output_layout(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The layout the dense convolution should write: channels-last on a CPU for float32
+    maps when nothing records a derivative and the input is channels-last already, or has
+    one map (both layouts then coincide). The library's channels-last kernel computes
+    the lecture's first filter bank 1.2x faster, and the normalization and pooling after
+    it run at least as fast on its output; with a backward to run, or in float64, it was
+    slower."""
+    channels_last = x.shape[1] == 1 or x.is_contiguous(memory_format=torch.channels_last)
+    if (
+        channels_last
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not (derivative_recorded(x) or derivative_recorded(weight))
+    ):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _dense_weight(
+    weight: torch.Tensor, plan: TablePlan, c_in: int, layout: torch.memory_format
+) -> torch.Tensor:
+    """``(C_out, C_in, kh, kw)`` in ``layout``: each kernel at its table row's place, zeros
+    elsewhere. The convolution writes its output in the layout of this weight."""
     table = plan.table
-    dense = weight.new_zeros(plan.out_maps, c_in, *weight.shape[1:])
-    return dense.index_put((table[:, 1], table[:, 0]), weight)  # rows are distinct
+    shape = (plan.out_maps, c_in, *weight.shape[1:])
+    dense = torch.empty(shape, dtype=weight.dtype, device=weight.device, memory_format=layout)
+    return dense.zero_().index_put((table[:, 1], table[:, 0]), weight)  # rows are distinct
 
 
 def _unfold(
