@@ -175,7 +175,13 @@ def table_conv2d(
         ``(N, C_out, (H - kh) // stride_h + 1, (W - kw) // stride_w + 1)``, or the same
         without ``N`` for unbatched ``x``. Output map ``o`` is ``bias[o]`` plus, for every
         row ``r`` with ``table[r, 1] == o``, the valid correlation of input map
-        ``table[r, 0]`` with ``weight[r]``.
+        ``table[r, 0]`` with ``weight[r]``. Usually contiguous; the dense method returns
+        channels-last maps on a CPU for float32 input that is channels-last or has one
+        map, when no derivative is recorded (a faster kernel; values equal to rounding).
+
+    Without a derivative to record, the transformed kernels are kept between calls
+    while ``weight`` is unchanged (:mod:`cnnkit.ops._derived`; an edit through
+    ``.data`` goes unseen).
     """
     unbatched = check_maps("x", x)
     c_in, height, width = x.shape[-3:]
