@@ -9,6 +9,7 @@ Run from the repository root::
 
     python -m benchmarks.bench_digits_step                 # 30 steps, torch's threads
     python -m benchmarks.bench_digits_step --threads 1
+    python -m benchmarks.bench_digits_step --flush-denormal
 
 To compare two versions of the package, run it once per version with ``PYTHONPATH``
 pointing at each checkout's ``src`` folder, alternating, several times.
@@ -42,8 +43,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="steps timed after 5 warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--flush-denormal",
+        action="store_true",
+        help="treat denormal floats as zero (torch.set_flush_denormal), to see what they cost",
+    )
     args = parser.parse_args()
     cnnkit.tune_runtime(args.threads)
+    torch.set_flush_denormal(args.flush_denormal)
     config = TrainConfig()
     data = load("digits", (83, 83))
     torch.manual_seed(config.seed)
