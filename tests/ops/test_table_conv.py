@@ -392,3 +392,16 @@ def test_dense_output_is_channels_last_without_a_gradient_for_one_float32_map():
         out = table_conv2d(last, several, weight, bias, method="dense")
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, table_conv2d(x, several, weight, bias, method="dense"))
+
+
+def test_one_map_input_with_channels_last_strides_trains_in_the_standard_layout():
+    # One map: contiguous whatever the map's stride, so a (N, H, W, 1) tensor permuted to
+    # (N, 1, H, W) is contiguous with channels-last strides (as shifted images are).
+    x = torch.randn(3, 12, 12, 1).permute(0, 3, 1, 2)
+    assert x.is_contiguous() and x.stride()[1] == 1
+    standard = x.clone(memory_format=torch.contiguous_format)
+    table = tables.full(1, 8)
+    weight = torch.randn(8, 3, 3, requires_grad=True)
+    y = table_conv2d(x, table, weight, method="dense")
+    assert y.is_contiguous()  # the contiguous kernel, as for standard strides
+    assert torch.equal(y, table_conv2d(standard, table, weight, method="dense"))

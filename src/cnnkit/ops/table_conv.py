@@ -283,6 +283,11 @@ def _dense(
 ) -> torch.Tensor:
     c_in = x.shape[1]
     layout = _output_layout(x, weight)
+    if x.is_contiguous():
+        # Standard strides: a contiguous tensor with one map can carry channels-last
+        # strides (the map's stride is free when there is one), and the library's
+        # convolution would then take its channels-last kernels, slower for training.
+        x = x.view(-1).view(x.shape)
     dense = _from_weight(
         weight, "dense", (plan, c_in, layout), lambda w: _dense_weight(w, plan, c_in, layout)
     )
