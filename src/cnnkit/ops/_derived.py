@@ -8,7 +8,7 @@ storage, which neither keeps the source alive nor stops ``torch.utils.swap_tenso
 and to its version counter, dtype, shape and strides: an in-place edit, an optimizer
 step, ``module.to(...)`` or ``load_state_dict`` all lead to a rebuild. An edit that
 bypasses the version counter goes unseen -- through ``.data``, or through a NumPy array
-sharing the memory: edit the tensor itself, or call :func:`clear`.
+sharing the memory: edit the tensor itself, or make a new one.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["clear", "derivative_recorded", "derived", "has_tangent", "kept"]
+__all__ = ["derivative_recorded", "derived", "has_tangent", "kept"]
 
 T = TypeVar("T")
 
@@ -74,11 +74,6 @@ def _key(storage: StorageWeakRef, kind: str) -> tuple[int, str]:
 def kept(source: torch.Tensor, kind: str) -> bool:
     """Whether a value of ``kind`` is kept for ``source``'s memory (for tests)."""
     return _key(StorageWeakRef(source.untyped_storage()), kind) in _ENTRIES
-
-
-def clear() -> None:
-    """Forget every kept value."""
-    _ENTRIES.clear()
 
 
 def _drop_expired() -> None:
