@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     load_start = _load()
     print(
         f"threads {torch.get_num_threads()}, allocator tuned {settings.allocator_tuned}, "
-        f"torch {torch.__version__}, load {load_start}",
+        f"compiled kernels {settings.native_kernels} ({settings.native_seconds:.1f} s to build "
+        f"or load), torch {torch.__version__}, load {load_start}",
         flush=True,
     )
 
@@ -311,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "compiled_kernels": {
+            "used": settings.native_kernels,
+            "build_or_load_seconds": settings.native_seconds,
+        },
         "load": {"start": load_start, "end": load_end},
         "peak": peak,
         "equality_relative": difference,

@@ -304,7 +304,13 @@ def _run_train(args: argparse.Namespace) -> int:
             )
         argv = getattr(args, "argv", None) or sys.argv[1:]
         return distributed.launch(args.nproc, distributed.strip_option(argv, "--nproc"))
-    tune_runtime(args.threads)
+    settings = tune_runtime(args.threads)
+    if settings.native_seconds > 2:
+        print(
+            f"cnnkit: built the compiled CPU kernels in {settings.native_seconds:.0f} s "
+            "(once per machine)",
+            file=sys.stderr,
+        )
     if args.resume is not None:
         given = [
             f"--{name.replace('_', '-')}"

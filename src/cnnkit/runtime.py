@@ -7,7 +7,11 @@ Raising the trim threshold and turning off mmap for large blocks (``M_MMAP_MAX =
 the threshold cannot be raised above 32 MB, and lecun83's first-stage maps are 92 MB
 at batch 64) keeps those pages in the process: a fresh 92 MB tensor then costs ~25 ms
 to fill instead of ~100 ms here. The price is that the process keeps its peak heap.
-The call is idempotent and cheap; the CLI makes it, library users may.
+
+It also readies cnnkit's compiled CPU kernels (:mod:`cnnkit._native`): built once per
+machine, some seconds the first time, loaded in a fraction of a second later; without
+the call they are readied by the first op that uses them.
+The call is idempotent; the CLI makes it, library users may.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cnnkit._native import native_status
+
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -31,10 +37,19 @@ _TRIM_THRESHOLD = 1024 * 1024 * 1024
 
 @dataclass(frozen=True)
 class RuntimeSettings:
-    """What :func:`tune_runtime` applied."""
+    """What :func:`tune_runtime` applied.
+
+    Attributes:
+        threads: torch's intra-op threads.
+        allocator_tuned: glibc's allocator keeps large blocks (Linux).
+        native_kernels: cnnkit's compiled CPU kernels are in use (:mod:`cnnkit._native`).
+        native_seconds: what building (first run on a machine) or loading them took.
+    """
 
     threads: int
     allocator_tuned: bool
+    native_kernels: bool = False
+    native_seconds: float = 0.0
 
 
 _applied: RuntimeSettings | None = None
@@ -68,6 +83,9 @@ def _default_threads() -> int:
 def tune_runtime(threads: int | None = None) -> RuntimeSettings:
     """Apply cnnkit's process settings once; later calls return what was applied.
 
+    Sets torch's threads, tunes the allocator and readies the compiled kernels (module
+    notes); the returned settings say what each gave.
+
     Args:
         threads: intra-op threads for torch; default the CPUs this process may use.
             Passing a different number on a later call changes the thread count.
@@ -83,5 +101,11 @@ def tune_runtime(threads: int | None = None) -> RuntimeSettings:
     tuned = _applied.allocator_tuned if _applied is not None else _tune_allocator()
     if torch.get_num_threads() != wanted:
         torch.set_num_threads(wanted)
-    _applied = RuntimeSettings(threads=wanted, allocator_tuned=tuned)
+    native = native_status()
+    _applied = RuntimeSettings(
+        threads=wanted,
+        allocator_tuned=tuned,
+        native_kernels=native.available,
+        native_seconds=native.seconds,
+    )
     return _applied

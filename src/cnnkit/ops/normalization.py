@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cnnkit._native import native_ops
 from cnnkit._validation import (
     check_choice,
     check_floating,
@@ -208,6 +209,8 @@ def _contrast(
 ) -> torch.Tensor:
     """``_divide(_subtract(|x| or x))``; one autograd node when the smoother allows it."""
     if isinstance(smoother, _SeparableSmoother) and smoother.alpha is None:
+        if not derivative_recorded(x):
+            return _contrast_forward(x, smoother, threshold, floor, rectify)[0]
         return _ContrastNorm.apply(x, smoother, threshold, floor, rectify)
     return _divide(_subtract(x.abs() if rectify else x, smoother), smoother, threshold, floor)
 
@@ -388,6 +391,22 @@ def _band(weights: np.ndarray, n: int, border: str) -> np.ndarray:
     return band
 
 
+def _diagonals(band: np.ndarray, radius: int) -> np.ndarray:
+    """``D`` of ``(2 radius + 1, n)`` with ``D[d, j] = band[j, j + d - radius]`` (0 outside).
+
+    Every :func:`_band` matrix is 0 beyond ``radius`` of its diagonal (a reflected offset
+    lands closer to the row, not farther), so ``D`` holds all of it.
+    """
+    n = band.shape[0]
+    rows = np.arange(n)
+    diagonals = np.zeros((2 * radius + 1, n))
+    for d in range(2 * radius + 1):
+        columns = rows + d - radius
+        inside = (columns >= 0) & (columns < n)
+        diagonals[d, inside] = band[rows[inside], columns[inside]]
+    return diagonals
+
+
 @dataclass
 class _SeparableSmoother(_Smoother):
     """For ``w_ipq = a_i u_p v_q / total^2``: ``B_h (sum_i a_i z_i) B_w^T / total``.
@@ -403,6 +422,9 @@ class _SeparableSmoother(_Smoother):
     rows: torch.Tensor  # (H, H)
     columns_t: torch.Tensor  # (W, W), transposed
     mass: torch.Tensor | float  # (H, W) or a number
+    # For the compiled kernel (alpha None only): the diagonals of B_h, (2 r_h + 1, H),
+    # and of B_w, (2 r_w + 1, W), and the mass as an (H, W) map.
+    diagonals: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(
@@ -431,11 +453,19 @@ class _SeparableSmoother(_Smoother):
         def cast(array: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(array).to(dtype=dtype, device=device)
 
+        diagonals = None
+        if uniform:
+            diagonals = (
+                cast(_diagonals(rows, len(u) // 2)),
+                cast(_diagonals(columns, len(v) // 2)),
+                cast(np.broadcast_to(mass, (height, width)).copy()),
+            )
         return cls(
             alpha=None if uniform else cast(a / total),
             rows=cast(rows),
             columns_t=cast(np.ascontiguousarray(columns.T)),
             mass=cast(mass) if isinstance(mass, np.ndarray) else mass,
+            diagonals=diagonals,
         )
 
     def __call__(self, z: torch.Tensor, centre: bool) -> torch.Tensor:
@@ -512,6 +542,64 @@ class _ConvSmoother(_Smoother):
         return total if self.mass is None else total / self.mass
 
 
+def _contrast_forward(
+    x: torch.Tensor,
+    smoother: _SeparableSmoother,
+    threshold: float | str,
+    floor: float,
+    rectify: bool,
+) -> tuple[torch.Tensor, ...]:
+    """``y`` and what the backward needs: ``den``, ``variance``, ``sigma`` (each
+    ``(N, 1, H, W)``), and for ``threshold="mean"`` the mean sigma and ``c`` (each
+    ``(N, 1, 1, 1)``; else None).
+
+    On a CPU the compiled kernel computes them in three passes over ``x``
+    (:mod:`cnnkit._native`) when it is built; elsewhere the tensor operations below,
+    in the kernel's order, so the two agree to float rounding.
+    """
+    mean_threshold = threshold == "mean"
+    kernels = _native_kernels(x, smoother)
+    if kernels is not None:
+        rows, columns, mass = smoother.diagonals
+        limit = 0.0 if mean_threshold else threshold
+        y, den, variance, sigma, mean_sigma = kernels.contrast_norm_forward(
+            x.detach(), rows, columns, mass, rectify, mean_threshold, limit, floor
+        )
+        den, variance, sigma = den.unsqueeze(1), variance.unsqueeze(1), sigma.unsqueeze(1)
+        if not mean_threshold:
+            return y, den, variance, sigma, None, None
+        mean_sigma = mean_sigma.view(-1, 1, 1, 1)
+        return y, den, variance, sigma, mean_sigma, mean_sigma.clamp_min(floor)
+    maps = x.shape[1]
+    a = x.abs() if rectify else x
+    mean = smoother._smooth(a.sum(dim=1), True, maps)  # (N, 1, H, W)
+    v = a.sub_(mean) if rectify else a - mean  # a - m: bitwise a + (-m)
+    variance = smoother._smooth((v * v).sum(dim=1), False, maps)  # (N, 1, H, W)
+    sigma = variance.clamp_min(torch.finfo(variance.dtype).tiny).sqrt()  # (N, 1, H, W)
+    if mean_threshold:
+        mean_sigma = sigma.mean(dim=(-2, -1), keepdim=True)  # (N, 1, 1, 1)
+        c = mean_sigma.clamp_min(floor)
+        den = torch.maximum(sigma, c)
+    else:
+        mean_sigma = c = None
+        den = sigma.clamp_min(max(threshold, floor))
+    y = v.mul_(den.reciprocal())
+    return y, den, variance, sigma, mean_sigma, c
+
+
+def _native_kernels(x: torch.Tensor, smoother: _SeparableSmoother) -> object | None:
+    """The compiled kernels if they can normalize ``x`` (N, C, H, W), else None."""
+    if (
+        smoother.diagonals is None
+        or x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or x.numel() == 0
+        or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+    ):
+        return None
+    return native_ops()
+
+
 class _ContrastNorm(torch.autograd.Function):
     """Subtractive then divisive normalization (optionally of ``|x|``) as one autograd node.
 
@@ -534,20 +622,9 @@ class _ContrastNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, smoother, threshold, floor, rectify):
-        maps = x.shape[1]
-        a = x.abs() if rectify else x
-        mean = smoother._smooth(a.sum(dim=1), True, maps)  # (N, 1, H, W)
-        v = a.sub_(mean) if rectify else a - mean  # a - m: bitwise a + (-m)
-        variance = smoother._smooth((v * v).sum(dim=1), False, maps)  # (N, 1, H, W)
-        sigma = variance.clamp_min(torch.finfo(variance.dtype).tiny).sqrt()  # (N, 1, H, W)
-        if threshold == "mean":
-            mean_sigma = sigma.mean(dim=(-2, -1), keepdim=True)  # (N, 1, 1, 1)
-            c = mean_sigma.clamp_min(floor)
-            den = torch.maximum(sigma, c)
-        else:
-            mean_sigma = c = None
-            den = sigma.clamp_min(max(threshold, floor))
-        y = v.mul_(den.reciprocal())
+        y, den, variance, sigma, mean_sigma, c = _contrast_forward(
+            x, smoother, threshold, floor, rectify
+        )
         ctx.save_for_backward(x, y, den, variance, sigma, mean_sigma, c)
         ctx.smoother, ctx.threshold, ctx.floor, ctx.rectify = smoother, threshold, floor, rectify
         return y

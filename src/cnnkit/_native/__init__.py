@@ -1,0 +1,115 @@
+"""cnnkit's compiled CPU kernels: built from the C++ sources beside this file on first use.
+
+Some ops are many small tensor operations in eager PyTorch, each a pass over maps that a
+compiled loop makes in one (``contrast_norm.cpp``: local contrast normalization in three
+passes instead of about ten). They are compiled once per machine with PyTorch's
+extension builder (a C++ compiler and ``ninja``; the result is kept under
+``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), which takes some
+seconds; later processes load the built library. Where the build fails -- no compiler,
+for instance -- one warning says why and the ops keep their eager form, which gives the
+same values to float rounding. ``CNNKIT_NATIVE=0`` in the environment turns the kernels
+off.
+
+:func:`native_ops` returns the kernels (``torch.ops.cnnkit_native``) or ``None``;
+:func:`native_status` says what happened.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["NativeStatus", "native_ops", "native_status"]
+
+_SOURCES = ("contrast_norm.cpp",)
+_NAME = "cnnkit_native"
+
+
+@dataclass(frozen=True)
+class NativeStatus:
+    """Whether the compiled kernels are in use, and what loading them cost.
+
+    Attributes:
+        available: the kernels are loaded and used.
+        seconds: time spent building or loading them (0 when never tried).
+        reason: why they are not used (empty when they are).
+    """
+
+    available: bool
+    seconds: float
+    reason: str
+
+
+_lock = threading.Lock()
+_status: NativeStatus | None = None
+
+
+def native_ops() -> object | None:
+    """The compiled kernels' namespace, built or loaded on the first call; ``None`` when
+    turned off (``CNNKIT_NATIVE=0``) or when the build failed (warned once)."""
+    status = _status if _status is not None else _load()
+    return torch.ops.cnnkit_native if status.available else None
+
+
+def native_status() -> NativeStatus:
+    """What loading the kernels gave; loads them first if no call has yet."""
+    return _status if _status is not None else _load()
+
+
+def _load() -> NativeStatus:
+    global _status
+    with _lock:
+        if _status is not None:
+            return _status
+        if os.environ.get("CNNKIT_NATIVE", "1").strip() == "0":
+            _status = NativeStatus(False, 0.0, "turned off by CNNKIT_NATIVE=0")
+            return _status
+        start = time.perf_counter()
+        try:
+            _build()
+        except Exception as error:  # any failure leaves the eager ops, which still work
+            lines = str(error).strip().splitlines()
+            reason = f"{type(error).__name__}: {lines[-1] if lines else ''}"
+            _status = NativeStatus(False, time.perf_counter() - start, reason)
+            warnings.warn(
+                f"cnnkit's compiled CPU kernels could not be built ({reason}); using the "
+                "eager ops, which are slower (set CNNKIT_NATIVE=0 to skip the attempt)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return _status
+        _status = NativeStatus(True, time.perf_counter() - start, "")
+        return _status
+
+
+def _build() -> None:
+    # Imported here: the builder pulls in setuptools, which plain use of cnnkit never needs.
+    from torch.utils import cpp_extension
+
+    here = Path(__file__).parent
+    path = os.environ.get("PATH", "")
+    try:
+        import ninja  # the pip package's binary, for environments that are not activated
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+    except ImportError:
+        pass
+    try:
+        cpp_extension.load(
+            name=_NAME,
+            sources=[str(here / source) for source in _SOURCES],
+            # -fopenmp: ATen's parallel_for is OpenMP in these headers; the library then
+            # shares the OpenMP runtime torch has loaded (same soname).
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    finally:
+        os.environ["PATH"] = path
