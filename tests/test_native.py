@@ -130,3 +130,52 @@ def test_a_failed_build_warns_once_and_leaves_the_eager_ops(monkeypatch):
     window = gaussian_window(3, 1.0, 3, dtype=torch.float64)
     smoother, _, _ = _prepare(x, window, "renormalize")
     assert normalization._native_kernels(x, smoother) is None
+
+
+def _gradients(x, window, threshold, border, rectify, grad, monkeypatch):
+    """The input gradient of the fused op through the kernels and through tensor ops."""
+    results = []
+    for eager in (False, True):
+        with monkeypatch.context() as patch:
+            if eager:
+                patch.setattr(normalization, "_native_kernels", lambda x, smoother: None)
+            leaf = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+            smoother, x4, _ = _prepare(leaf, window, border)
+            y = normalization._ContrastNorm.apply(x4, smoother, threshold, 1e-4, rectify)
+            results.append(torch.autograd.grad(y, leaf, grad)[0])
+    return results
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("border", ["renormalize", "zero", "reflect"])
+@pytest.mark.parametrize("threshold", ["mean", 0.4])
+@pytest.mark.parametrize("rectify", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(3, 5, 9, 8), (1, 64, 17, 15)])
+def test_kernel_backward_equals_the_eager_backward(
+    dtype, border, threshold, rectify, channels_last, shape, monkeypatch
+):
+    gen = torch.Generator().manual_seed(sum(shape) + 1)
+    x = torch.randn(shape, generator=gen, dtype=dtype) * 2 + 0.5
+    x[0, 0, 1, 1] = 0.0  # sign(0) = 0 when rectifying
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(shape, generator=gen, dtype=dtype)
+    window = gaussian_window(5, 1.3, shape[1], dtype=dtype)
+    native, eager = _gradients(x, window, threshold, border, rectify, grad, monkeypatch)
+    rtol = 1e-11 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(native, eager, rtol=rtol, atol=rtol * eager.abs().max())
+
+
+@needs_kernels
+def test_kernel_backward_takes_an_expanded_gradient_and_a_flat_image(monkeypatch):
+    """An expanded gradient (as from ``y.sum()``) and a flat image (variance 0: the
+    root's rule gives it a zero gradient, not NaN)."""
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    x[1] = 2.0
+    window = gaussian_window(3, 1.0, 3, dtype=torch.float64)
+    grad = torch.ones(1, dtype=torch.float64).expand(2, 3, 8, 8)
+    native, eager = _gradients(x, window, "mean", "renormalize", True, grad, monkeypatch)
+    torch.testing.assert_close(native, eager, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(native).all()

@@ -106,7 +106,7 @@ def _build() -> None:
             sources=[str(here / source) for source in _SOURCES],
             # -fopenmp: ATen's parallel_for is OpenMP in these headers; the library then
             # shares the OpenMP runtime torch has loaded (same soname).
-            extra_cflags=["-O3", "-fopenmp"],
+            extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

@@ -12,6 +12,16 @@
 // eager path runs as some twenty tensor operations and ten passes over the maps.
 // Here: pass 1 reads x for S, pass 2 reads x for P, pass 3 reads x and writes y.
 //
+// The backward, from the gradient g of y, with r = 1 / den and S^T the adjoint of the
+// window sum (B_h^T z B_w, from the transposed matrices' diagonals), is
+//
+//   g_den = -r sum_i g_i y_i;  g_sigma, g_var: the threshold's and the root's rules
+//   k = 2 den S^T(g_var) / C;  g_v = g r + k y;  g_a = g_v - S^T(sum_i g_v) / C
+//   g_x = sign(x) g_a (rectifying) or g_a
+//
+// in three passes: sum_i g_i y_i (reads g, y), sum_i g_v (reads g, y), and g_x (reads
+// g, y, x; writes g_x).
+//
 // The banded matrices come as diagonals: diagonals[d][j] = B[j][j + d - r] for
 // d = 0 .. 2r (0 where j + d - r leaves 0 .. n-1), which holds every border rule.
 // Maps are contiguous (N, C, H, W) or channels-last (N, H, W, C).
@@ -28,32 +38,38 @@
 
 namespace {
 
-// torch.maximum's rule: NaN if either is NaN.
+// torch.maximum's rule: NaN if either is NaN (written without branches to vectorize).
 template <typename T>
 inline T nan_max(T a, T b) {
-  if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<T>::quiet_NaN();
-  return a < b ? b : a;
+  T larger = a < b ? b : a;
+  larger = b != b ? b : larger;
+  return a != a ? a : larger;
 }
 
 // out = B_h z B_w^T for (h, w) images; column_pad holds w + 2 r_w values.
 template <typename T>
-void smooth(const T* z, T* out, const T* rows, int64_t r_h, const T* columns, int64_t r_w,
-            int64_t h, int64_t w, std::vector<T>& column_pad) {
+void smooth(const T* __restrict z, T* __restrict out, const T* __restrict rows, int64_t r_h,
+            const T* __restrict columns, int64_t r_w, int64_t h, int64_t w,
+            std::vector<T>& column_pad) {
+  T* __restrict line = column_pad.data() + r_w;  // row j of B_h z, r_w zeros either side
   for (int64_t j = 0; j < h; ++j) {
-    T* line = column_pad.data() + r_w;  // row j of B_h z, with r_w zeros either side
+#pragma omp simd
     for (int64_t k = 0; k < w; ++k) line[k] = T(0);
     for (int64_t d = 0; d <= 2 * r_h; ++d) {
       const int64_t i = j + d - r_h;
       if (i < 0 || i >= h) continue;
       const T weight = rows[d * h + j];
-      const T* source = z + i * w;
+      const T* __restrict source = z + i * w;
+#pragma omp simd
       for (int64_t k = 0; k < w; ++k) line[k] += weight * source[k];
     }
-    T* target = out + j * w;
+    T* __restrict target = out + j * w;
+#pragma omp simd
     for (int64_t k = 0; k < w; ++k) target[k] = T(0);
     for (int64_t d = 0; d <= 2 * r_w; ++d) {
-      const T* weights = columns + d * w;
-      const T* shifted = line + d - r_w;
+      const T* __restrict weights = columns + d * w;
+      const T* __restrict shifted = line + d - r_w;
+#pragma omp simd
       for (int64_t k = 0; k < w; ++k) target[k] += weights[k] * shifted[k];
     }
   }
@@ -146,10 +162,13 @@ void normalize_image(const Image<T>& image, const Window& window, const T* rows,
     sum_over_maps<T, Rectify, ChannelsLast, false>(image, nullptr, begin, end, sums.data());
   });
   double total = 0;
+#pragma omp simd reduction(+ : total)
   for (int64_t p = 0; p < pixels; ++p) total += sums[p];
   const T shift = static_cast<T>(total / pixels);
+#pragma omp simd
   for (int64_t p = 0; p < pixels; ++p) sums[p] -= shift;
   smooth(sums.data(), smoothed.data(), rows, window.r_h, columns, window.r_w, h, w, pad);
+#pragma omp simd
   for (int64_t p = 0; p < pixels; ++p) mean[p] = (smoothed[p] + shift * mass[p]) / maps;
 
   at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
@@ -158,6 +177,7 @@ void normalize_image(const Image<T>& image, const Window& window, const T* rows,
   smooth(sums.data(), smoothed.data(), rows, window.r_h, columns, window.r_w, h, w, pad);
   const T tiny = std::numeric_limits<T>::min();
   double sigma_total = 0;
+#pragma omp simd reduction(+ : sigma_total)
   for (int64_t p = 0; p < pixels; ++p) {
     const T variance = smoothed[p] / maps;
     const T sigma = std::sqrt(nan_max(variance, tiny));
@@ -170,6 +190,7 @@ void normalize_image(const Image<T>& image, const Window& window, const T* rows,
   const T limit = mean_threshold ? nan_max(mean_sigma, static_cast<T>(floor))
                                  : static_cast<T>(std::max(threshold, floor));
   T* scale = smoothed.data();  // now 1 / den
+#pragma omp simd
   for (int64_t p = 0; p < pixels; ++p) {
     den_out[p] = nan_max(sigma_out[p], limit);
     scale[p] = T(1) / den_out[p];
@@ -235,6 +256,178 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_
   return {y, den, variance, sigma, mean_sigma};
 }
 
+// For each pixel p of [begin, end): sums[p] = sum_i g_ip y_ip (Velocity false) or
+// sum_i (g_ip r_p + k_p y_ip) (Velocity true).
+template <typename T, bool ChannelsLast, bool Velocity>
+void sum_products(const T* __restrict g, const T* __restrict y, int64_t maps, int64_t pixels,
+                  const T* __restrict r, const T* __restrict k, int64_t begin, int64_t end,
+                  T* __restrict sums) {
+  if (ChannelsLast) {
+    for (int64_t p = begin; p < end; ++p) {
+      const T* gp = g + p * maps;
+      const T* yp = y + p * maps;
+      const T rp = Velocity ? r[p] : T(0), kp = Velocity ? k[p] : T(0);
+      T total = T(0);
+#pragma omp simd reduction(+ : total)
+      for (int64_t i = 0; i < maps; ++i) total += Velocity ? gp[i] * rp + kp * yp[i] : gp[i] * yp[i];
+      sums[p] = total;
+    }
+  } else {
+    for (int64_t p = begin; p < end; ++p) sums[p] = T(0);
+    for (int64_t i = 0; i < maps; ++i) {
+      const T* gi = g + i * pixels;
+      const T* yi = y + i * pixels;
+#pragma omp simd
+      for (int64_t p = begin; p < end; ++p)
+        sums[p] += Velocity ? gi[p] * r[p] + k[p] * yi[p] : gi[p] * yi[p];
+    }
+  }
+}
+
+template <typename T>
+inline T sign(T value) {
+  return static_cast<T>((value > T(0)) - (value < T(0)));  // 0 for 0 and NaN, as torch.sgn
+}
+
+// g_x_ip = (g_ip r_p + k_p y_ip - a_p) (times sign(x_ip)) for pixels [begin, end).
+template <typename T, bool Rectify, bool ChannelsLast>
+void write_gradient(const T* __restrict g, const T* __restrict y, const T* __restrict x,
+                    T* __restrict out, int64_t maps, int64_t pixels, const T* __restrict r,
+                    const T* __restrict k, const T* __restrict a, int64_t begin, int64_t end) {
+  if (ChannelsLast) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t o = p * maps;
+      const T rp = r[p], kp = k[p], ap = a[p];
+#pragma omp simd
+      for (int64_t i = 0; i < maps; ++i) {
+        const T value = g[o + i] * rp + kp * y[o + i] - ap;
+        out[o + i] = Rectify ? value * sign(x[o + i]) : value;
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < maps; ++i) {
+      const int64_t o = i * pixels;
+#pragma omp simd
+      for (int64_t p = begin; p < end; ++p) {
+        const T value = g[o + p] * r[p] + k[p] * y[o + p] - a[p];
+        out[o + p] = Rectify ? value * sign(x[o + p]) : value;
+      }
+    }
+  }
+}
+
+template <typename T, bool Rectify, bool ChannelsLast>
+void backward_image(const T* g, const T* y, const T* x, T* out, int64_t maps,
+                    const Window& window, const T* rows_t, const T* columns_t, const T* den,
+                    const T* variance, const T* sigma, T mean_sigma, bool mean_threshold,
+                    double threshold, double floor) {
+  const int64_t h = window.h, w = window.w, pixels = h * w;
+  const T count = static_cast<T>(maps);
+  std::vector<T> sums(pixels), r(pixels), k(pixels), g_var(pixels), pad(w + 2 * window.r_w);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, maps));
+
+  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+    sum_products<T, ChannelsLast, false>(g, y, maps, pixels, nullptr, nullptr, begin, end,
+                                         sums.data());
+  });
+  const T tiny = std::numeric_limits<T>::min();
+  const T c = mean_threshold ? nan_max(mean_sigma, static_cast<T>(floor)) : T(0);
+  const T limit = static_cast<T>(std::max(threshold, floor));
+  double g_c = 0;
+#pragma omp simd reduction(+ : g_c)
+  for (int64_t p = 0; p < pixels; ++p) {
+    r[p] = T(1) / den[p];
+    const T g_den = -(sums[p] * r[p]);
+    if (mean_threshold) {
+      const T half = sigma[p] == c ? g_den / T(2) : g_den;
+      g_var[p] = sigma[p] < c ? T(0) : half;  // g_sigma, for now
+      g_c += sigma[p] > c ? T(0) : half;
+    } else {
+      g_var[p] = sigma[p] >= limit ? g_den : T(0);
+    }
+  }
+  const T g_c_share =
+      mean_threshold && mean_sigma >= static_cast<T>(floor) ? static_cast<T>(g_c) : T(0);
+  const T spread = g_c_share / static_cast<T>(pixels);
+#pragma omp simd
+  for (int64_t p = 0; p < pixels; ++p) {
+    const T g_sigma = mean_threshold ? g_var[p] + spread : g_var[p];
+    g_var[p] = (variance[p] >= tiny ? g_sigma / (T(2) * sigma[p]) : T(0)) / count;
+  }
+  smooth(g_var.data(), k.data(), rows_t, window.r_h, columns_t, window.r_w, h, w, pad);
+#pragma omp simd
+  for (int64_t p = 0; p < pixels; ++p) k[p] = T(2) * den[p] * k[p];
+
+  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+    sum_products<T, ChannelsLast, true>(g, y, maps, pixels, r.data(), k.data(), begin, end,
+                                        sums.data());
+  });
+#pragma omp simd
+  for (int64_t p = 0; p < pixels; ++p) sums[p] /= count;
+  // g_var now holds S^T(sum_i g_v) / C.
+  smooth(sums.data(), g_var.data(), rows_t, window.r_h, columns_t, window.r_w, h, w, pad);
+  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+    write_gradient<T, Rectify, ChannelsLast>(g, y, x, out, maps, pixels, r.data(), k.data(),
+                                             g_var.data(), begin, end);
+  });
+}
+
+at::Tensor contrast_norm_backward(const at::Tensor& grad, const at::Tensor& x,
+                                  const at::Tensor& y, const at::Tensor& den,
+                                  const at::Tensor& variance, const at::Tensor& sigma,
+                                  const at::Tensor& mean_sigma,
+                                  const at::Tensor& row_diagonals_t,
+                                  const at::Tensor& column_diagonals_t, bool rectify,
+                                  bool mean_threshold, double threshold, double floor) {
+  const bool channels_last =
+      !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(format),
+              "x must be (N, C, H, W) on the CPU, contiguous or channels-last");
+  TORCH_CHECK(grad.sizes() == x.sizes() && y.sizes() == x.sizes() &&
+                  grad.is_contiguous(format) && y.is_contiguous(format),
+              "grad and y must have the shape and layout of x");
+  const int64_t n_images = x.size(0), maps = x.size(1), h = x.size(2), w = x.size(3);
+  for (const at::Tensor* map : {&den, &variance, &sigma}) {
+    TORCH_CHECK(map->sizes() == at::IntArrayRef({n_images, h, w}) && map->is_contiguous(),
+                "den, variance and sigma must be contiguous (N, H, W)");
+  }
+  TORCH_CHECK(mean_sigma.sizes() == at::IntArrayRef({n_images}), "mean_sigma must be (N,)");
+  TORCH_CHECK(row_diagonals_t.dim() == 2 && row_diagonals_t.size(1) == h &&
+                  column_diagonals_t.dim() == 2 && column_diagonals_t.size(1) == w &&
+                  row_diagonals_t.is_contiguous() && column_diagonals_t.is_contiguous(),
+              "the transposed matrices' diagonals must be (2r + 1, H) and (2r + 1, W)");
+  at::Tensor out = at::empty_like(x);
+  const Window window{h, w, row_diagonals_t.size(0) / 2, column_diagonals_t.size(0) / 2};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrast_norm_backward", [&] {
+    using T = scalar_t;
+    auto* image_backward = rectify ? (channels_last ? &backward_image<T, true, true>
+                                                    : &backward_image<T, true, false>)
+                                   : (channels_last ? &backward_image<T, false, true>
+                                                    : &backward_image<T, false, false>);
+    const int64_t image_size = maps * h * w, pixels = h * w;
+    const T* gs = grad.data_ptr<T>();
+    const T* ys = y.data_ptr<T>();
+    const T* xs = x.data_ptr<T>();
+    T* outs = out.data_ptr<T>();
+    const T* dens = den.data_ptr<T>();
+    const T* variances = variance.data_ptr<T>();
+    const T* sigmas = sigma.data_ptr<T>();
+    const T* mean_sigmas = mean_sigma.data_ptr<T>();
+    const T* rows_t = row_diagonals_t.data_ptr<T>();
+    const T* columns_t = column_diagonals_t.data_ptr<T>();
+    at::parallel_for(0, n_images, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t o = n * image_size, q = n * pixels;
+        image_backward(gs + o, ys + o, xs + o, outs + o, maps, window, rows_t, columns_t,
+                       dens + q, variances + q, sigmas + q, mean_sigmas[n], mean_threshold,
+                       threshold, floor);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cnnkit_native, m) {
@@ -243,4 +436,9 @@ TORCH_LIBRARY(cnnkit_native, m) {
       "Tensor mass, bool rectify, bool mean_threshold, float threshold, float floor) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.impl("contrast_norm_forward", c10::DispatchKey::CPU, &contrast_norm_forward);
+  m.def(
+      "contrast_norm_backward(Tensor grad, Tensor x, Tensor y, Tensor den, Tensor variance, "
+      "Tensor sigma, Tensor mean_sigma, Tensor row_diagonals_t, Tensor column_diagonals_t, "
+      "bool rectify, bool mean_threshold, float threshold, float floor) -> Tensor");
+  m.impl("contrast_norm_backward", c10::DispatchKey::CPU, &contrast_norm_backward);
 }

@@ -407,6 +407,19 @@ def _diagonals(band: np.ndarray, radius: int) -> np.ndarray:
     return diagonals
 
 
+@dataclass(frozen=True)
+class _Diagonals:
+    """A separable smoother's matrices as the compiled kernels take them: the diagonals
+    (:func:`_diagonals`) of ``B_h`` ``(2 r_h + 1, H)``, ``B_w`` ``(2 r_w + 1, W)`` and of
+    their transposes, and the mass as an ``(H, W)`` map."""
+
+    rows: torch.Tensor
+    columns: torch.Tensor
+    mass: torch.Tensor
+    rows_t: torch.Tensor
+    columns_t: torch.Tensor
+
+
 @dataclass
 class _SeparableSmoother(_Smoother):
     """For ``w_ipq = a_i u_p v_q / total^2``: ``B_h (sum_i a_i z_i) B_w^T / total``.
@@ -422,9 +435,7 @@ class _SeparableSmoother(_Smoother):
     rows: torch.Tensor  # (H, H)
     columns_t: torch.Tensor  # (W, W), transposed
     mass: torch.Tensor | float  # (H, W) or a number
-    # For the compiled kernel (alpha None only): the diagonals of B_h, (2 r_h + 1, H),
-    # and of B_w, (2 r_w + 1, W), and the mass as an (H, W) map.
-    diagonals: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    diagonals: _Diagonals | None = None  # for the compiled kernels (alpha None only)
 
     @classmethod
     def build(
@@ -455,10 +466,12 @@ class _SeparableSmoother(_Smoother):
 
         diagonals = None
         if uniform:
-            diagonals = (
-                cast(_diagonals(rows, len(u) // 2)),
-                cast(_diagonals(columns, len(v) // 2)),
-                cast(np.broadcast_to(mass, (height, width)).copy()),
+            diagonals = _Diagonals(
+                rows=cast(_diagonals(rows, len(u) // 2)),
+                columns=cast(_diagonals(columns, len(v) // 2)),
+                mass=cast(np.broadcast_to(mass, (height, width)).copy()),
+                rows_t=cast(_diagonals(rows.T, len(u) // 2)),
+                columns_t=cast(_diagonals(columns.T, len(v) // 2)),
             )
         return cls(
             alpha=None if uniform else cast(a / total),
@@ -560,10 +573,17 @@ def _contrast_forward(
     mean_threshold = threshold == "mean"
     kernels = _native_kernels(x, smoother)
     if kernels is not None:
-        rows, columns, mass = smoother.diagonals
+        matrices = smoother.diagonals
         limit = 0.0 if mean_threshold else threshold
         y, den, variance, sigma, mean_sigma = kernels.contrast_norm_forward(
-            x.detach(), rows, columns, mass, rectify, mean_threshold, limit, floor
+            x.detach(),
+            matrices.rows,
+            matrices.columns,
+            matrices.mass,
+            rectify,
+            mean_threshold,
+            limit,
+            floor,
         )
         den, variance, sigma = den.unsqueeze(1), variance.unsqueeze(1), sigma.unsqueeze(1)
         if not mean_threshold:
@@ -638,6 +658,25 @@ class _ContrastNorm(torch.autograd.Function):
                 a = x.abs() if ctx.rectify else x
                 again = _divide(_subtract(a, smoother), smoother, threshold, floor)
                 return torch.autograd.grad(again, x, grad, create_graph=True)[0], *[None] * 4
+        kernels = _native_kernels(x, smoother)
+        if kernels is not None:
+            layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+            images = x.shape[0]
+            mean = mean_sigma.view(images) if threshold == "mean" else den.new_zeros(images)
+            g_x = kernels.contrast_norm_backward(
+                grad.contiguous(memory_format=layout),
+                x.detach(),
+                y.detach().contiguous(memory_format=layout),
+                *(t.squeeze(1).contiguous() for t in (den, variance, sigma)),
+                mean,
+                smoother.diagonals.rows_t,
+                smoother.diagonals.columns_t,
+                ctx.rectify,
+                threshold == "mean",
+                0.0 if threshold == "mean" else threshold,
+                floor,
+            )
+            return g_x, None, None, None, None
         maps = y.shape[1]
         r = den.reciprocal()
         work = grad * y  # (N, C, H, W), reused for g_v below
