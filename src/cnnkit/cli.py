@@ -293,9 +293,15 @@ def run_train(args: argparse.Namespace) -> int:
 def _run_train(args: argparse.Namespace) -> int:
     from cnnkit import data as datasets
     from cnnkit import training
+    from cnnkit._native import native_attempted, native_status
     from cnnkit.runtime import tune_runtime
     from cnnkit.training import distributed
 
+    # Built here, once, before any worker processes start.
+    building = not native_attempted()
+    kernels = native_status()
+    if building and kernels.seconds > 2 and args.progress != "none":
+        print(f"compiled cnnkit's CPU kernels in {kernels.seconds:.0f} s (once per machine)")
     if args.nproc > 1:
         if "WORLD_SIZE" in os.environ:
             raise ValueError(
@@ -304,13 +310,7 @@ def _run_train(args: argparse.Namespace) -> int:
             )
         argv = getattr(args, "argv", None) or sys.argv[1:]
         return distributed.launch(args.nproc, distributed.strip_option(argv, "--nproc"))
-    settings = tune_runtime(args.threads)
-    if settings.native_seconds > 2:
-        print(
-            f"cnnkit: built the compiled CPU kernels in {settings.native_seconds:.0f} s "
-            "(once per machine)",
-            file=sys.stderr,
-        )
+    tune_runtime(args.threads)
     if args.resume is not None:
         given = [
             f"--{name.replace('_', '-')}"

@@ -178,3 +178,19 @@ def test_train_on_an_image_folder_warns_about_unreadable_files(
     assert ": validation accuracy " in captured.out and "(no test split)" in captured.out
     assert main(["evaluate", str(out), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["split"] == "val"
+
+
+def test_building_the_kernels_is_reported_once_on_stdout(monkeypatch, capsys):
+    """The first run on a machine builds the compiled kernels: one line on stdout says
+    so, and a mistake is still one line on stderr; a process that has them says nothing."""
+    from cnnkit import _native
+
+    monkeypatch.setattr(_native, "_status", None)
+    monkeypatch.setattr(_native, "_load", lambda: _native.NativeStatus(True, 12.4, ""))
+    assert main(["train", "--preset", "lecun99"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "compiled cnnkit's CPU kernels in 12 s (once per machine)\n"
+    assert captured.err.startswith("cnnkit: error: ") and captured.err.count("\n") == 1
+    monkeypatch.setattr(_native, "_status", _native.NativeStatus(True, 12.4, ""))
+    assert main(["train", "--preset", "lecun99"]) == 2
+    assert capsys.readouterr().out == ""

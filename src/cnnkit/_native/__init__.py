@@ -11,7 +11,7 @@ same values to float rounding. ``CNNKIT_NATIVE=0`` in the environment turns the 
 off.
 
 :func:`native_ops` returns the kernels (``torch.ops.cnnkit_native``) or ``None``;
-:func:`native_status` says what happened.
+:func:`native_status` says what happened, :func:`native_attempted` whether anything has.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["NativeStatus", "native_ops", "native_status"]
+__all__ = ["NativeStatus", "native_attempted", "native_ops", "native_status"]
 
 _SOURCES = ("contrast_norm.cpp",)
 _NAME = "cnnkit_native"
@@ -55,6 +55,11 @@ def native_ops() -> object | None:
     turned off (``CNNKIT_NATIVE=0``) or when the build failed (warned once)."""
     status = _status if _status is not None else _load()
     return torch.ops.cnnkit_native if status.available else None
+
+
+def native_attempted() -> bool:
+    """Whether this process has tried to build or load the kernels yet."""
+    return _status is not None
 
 
 def native_status() -> NativeStatus:
