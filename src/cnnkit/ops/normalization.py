@@ -623,9 +623,11 @@ def _native_kernels(x: torch.Tensor, smoother: _SeparableSmoother) -> object | N
 class _ContrastNorm(torch.autograd.Function):
     """Subtractive then divisive normalization (optionally of ``|x|``) as one autograd node.
 
-    The forward runs the same operations as ``_divide(_subtract(x))``, in the same order,
-    so the values are identical; it saves ``x``, the output ``y`` and ``(N, 1, H, W)``
-    quantities. With ``r = 1 / den`` and ``v = y den`` the backward is, per image,
+    The forward (:func:`_contrast_forward`) runs the operations of
+    ``_divide(_subtract(x))`` in their order -- as tensor operations, identical values; in
+    the compiled kernel, equal to rounding -- and saves ``x``, the output ``y`` and
+    ``(N, 1, H, W)`` quantities. With ``r = 1 / den`` and ``v = y den`` the backward is,
+    per image,
 
         g_den = -r sum_i g_i y_i                      (N, 1, H, W)
         g_var = d den / d var applied to g_den        (the threshold and root rules)
@@ -634,7 +636,8 @@ class _ContrastNorm(torch.autograd.Function):
         g_x = sign(x) g_a   (rectifying)   or   g_a
 
     which passes over the ``(N, C, H, W)`` tensors about eight times where autograd's
-    chain of small ops spends about twice that, working in place. Ties and clamps follow
+    chain of small ops spends about twice that, working in place (three times in the
+    compiled kernel, used where the forward's is). Ties and clamps follow
     PyTorch's rules (``maximum`` splits a tie in half, ``clamp_min`` passes the gradient
     at equality). When a graph of the backward is recorded (``create_graph=True``) the
     gradient is recomputed through the unfused ops instead, so second derivatives work.
