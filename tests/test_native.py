@@ -179,3 +179,17 @@ def test_kernel_backward_takes_an_expanded_gradient_and_a_flat_image(monkeypatch
     native, eager = _gradients(x, window, "mean", "renormalize", True, grad, monkeypatch)
     torch.testing.assert_close(native, eager, rtol=1e-12, atol=1e-12)
     assert torch.isfinite(native).all()
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """A build killed mid-way leaves torch's lock file, on which the next build would
+    wait for ever; an old one is removed, a recent one (a build running now) is not."""
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    _native._remove_stale_lock(lock)
+    assert lock.exists()
+    old = lock.stat().st_mtime - _native._STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    _native._remove_stale_lock(lock)
+    assert not lock.exists()
+    _native._remove_stale_lock(lock)  # and no lock at all is fine

@@ -5,7 +5,8 @@ compiled loop makes in one (``contrast_norm.cpp``: local contrast normalization 
 passes instead of about ten). They are compiled once per machine with PyTorch's
 extension builder (a C++ compiler and ``ninja``; the result is kept under
 ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), which takes some
-seconds; later processes load the built library. Where the build fails -- no compiler,
+seconds; later processes load the built library. A lock left by a build that was killed
+is removed after ten minutes. Where the build fails -- no compiler,
 for instance -- one warning says why and the ops keep their eager form, which gives the
 same values to float rounding. ``CNNKIT_NATIVE=0`` in the environment turns the kernels
 off.
@@ -17,6 +18,7 @@ off.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import warnings
@@ -29,6 +31,9 @@ __all__ = ["NativeStatus", "native_attempted", "native_ops", "native_status"]
 
 _SOURCES = ("contrast_norm.cpp",)
 _NAME = "cnnkit_native"
+# A build takes seconds; a lock file older than this was left by a build that was killed
+# (torch's builder would otherwise wait on it for ever).
+_STALE_LOCK_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,9 @@ def _build() -> None:
     from torch.utils import cpp_extension
 
     here = Path(__file__).parent
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    build_directory = _build_directory(root)
+    _remove_stale_lock(build_directory / "lock")
     path = os.environ.get("PATH", "")
     try:
         import ninja  # the pip package's binary, for environments that are not activated
@@ -113,8 +121,25 @@ def _build() -> None:
             # shares the OpenMP runtime torch has loaded (same soname).
             extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"],
             extra_ldflags=["-fopenmp"],
+            build_directory=str(build_directory),
             is_python_module=False,
             verbose=False,
         )
     finally:
         os.environ["PATH"] = path
+
+
+def _build_directory(root: str) -> Path:
+    """One folder per Python and torch version under the extension root (torch's)."""
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    folder = Path(root) / f"{_NAME}-{python}-torch{torch.__version__}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    try:
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_SECONDS:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
