@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from cnnkit import reference
 from cnnkit.ops import normalization
@@ -118,3 +119,22 @@ def test_bad_arguments_are_checked():
         rectified_contrast_norm(_x((2, 4, 4)), window, threshold="median")
     with pytest.raises(ValueError, match="border"):
         rectified_contrast_norm(_x((2, 4, 4)), window, border="wrap")
+
+
+# torch's own forward-mode formulas still go through torch.jit.script, which warns.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("rectify", [False, True])
+@pytest.mark.parametrize("threshold", ["mean", 0.3])
+def test_forward_mode_derivative_equals_the_reverse_mode_one(rectify, threshold):
+    """A forward-mode tangent gets the directional derivative that the fused op's
+    backward gives: <J t, g> = <t, J^T g>."""
+    x = _x((2, 3, 7, 6), seed=6)
+    tangent, probe = _x(x.shape, seed=7), _x(x.shape, seed=8)
+    window = gaussian_window(3, 0.9, 3, dtype=F64)
+    op = rectified_contrast_norm if rectify else contrast_norm
+    with forward_ad.dual_level():
+        dual = op(forward_ad.make_dual(x, tangent), window, threshold)
+        forward = forward_ad.unpack_dual(dual).tangent
+    leaf = x.clone().requires_grad_()
+    (backward,) = torch.autograd.grad(op(leaf, window, threshold), leaf, probe)
+    torch.testing.assert_close((forward * probe).sum(), (tangent * backward).sum())

@@ -51,7 +51,7 @@ from cnnkit._validation import (
     check_positive_float,
     check_positive_int,
 )
-from cnnkit.ops._derived import derivative_recorded, derived
+from cnnkit.ops._derived import derivative_recorded, derived, has_tangent
 
 __all__ = [
     "BORDERS",
@@ -207,8 +207,10 @@ def _subtract(x: torch.Tensor, smoother: _Smoother) -> torch.Tensor:
 def _contrast(
     x: torch.Tensor, smoother: _Smoother, threshold: float | str, floor: float, rectify: bool
 ) -> torch.Tensor:
-    """``_divide(_subtract(|x| or x))``; one autograd node when the smoother allows it."""
-    if isinstance(smoother, _SeparableSmoother) and smoother.alpha is None:
+    """``_divide(_subtract(|x| or x))``; one autograd node when the smoother allows it
+    (the fused node has no forward-mode rule: a forward-mode tangent takes the small ops,
+    each of which has one)."""
+    if isinstance(smoother, _SeparableSmoother) and smoother.alpha is None and not has_tangent(x):
         if not derivative_recorded(x):
             return _contrast_forward(x, smoother, threshold, floor, rectify)[0]
         return _ContrastNorm.apply(x, smoother, threshold, floor, rectify)
@@ -514,16 +516,26 @@ class _SumOfSquares(torch.autograd.Function):
 
     Autograd's ``(z * z).sum(1)`` spends three passes over ``(N, C, H, W)`` on the backward
     (``g z`` twice, then their sum); this one spends one. The backward is made of
-    differentiable ops, so second derivatives still work.
+    differentiable ops, so second derivatives still work; ``jvp`` gives forward mode.
     """
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(z)
+        ctx.save_for_forward(z)
         ctx.alpha = alpha
         if alpha is None:
             return (z * z).sum(dim=1)
         return torch.einsum("nchw,nchw,c->nhw", z, z, alpha)
+
+    @staticmethod
+    def jvp(ctx, z_tangent: torch.Tensor, alpha_tangent: None) -> torch.Tensor:
+        """Forward mode: ``sum_i 2 alpha_i z_i t_i`` for a tangent ``t`` of ``z``."""
+        (z,) = ctx.saved_tensors
+        product = 2 * z * z_tangent
+        if ctx.alpha is None:
+            return product.sum(dim=1)
+        return torch.einsum("nchw,c->nhw", product, ctx.alpha)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
