@@ -148,6 +148,10 @@ def test_auto_choices_at_the_lecture_shapes():
     assert _choose((64, 1, 83, 83), (64, 9, 9), 64, one, f32) == "dense"  # layer 1, full
     assert _choose((64, 64, 14, 14), (64, 9, 9), 64, one, f32) == "depthwise"  # one-to-one
     assert _choose((64, 64, 14, 14), (4096, 9, 9), 256, one, torch.bfloat16) == "dense"
+    # Without a derivative to record the kernels' spectra are kept: Fourier from 5 images.
+    for n, expected in ((1, "unfold"), (4, "unfold"), (5, "fourier"), (16, "fourier")):
+        assert _choose((n, 64, 14, 14), (4096, 9, 9), 256, one, f32, recorded=False) == expected
+    assert _choose((64, 1, 83, 83), (64, 9, 9), 64, one, f32, recorded=False) == "dense"
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -80,8 +80,12 @@ _FOURIER_MARGIN = 3.5
 # when the batch has at most _UNFOLD_MAX_POSITIONS output positions per map in all
 # (measured at the lecture's layer 3, forward + backward: 2.2x faster than dense for 1
 # image, 1.2x for 8, 1.1x for 16 where "fourier" is 1.5x; docs/performance.md).
+# Without a derivative to record the Fourier method's kernel spectra are kept between
+# calls, and it overtakes "unfold" at 5 images of layer 3 (180 positions; 4 images:
+# unfold 1.13x faster, 5: fourier 1.06x, 8: 1.18x).
 _UNFOLD_MAX_FILL = 0.5
 _UNFOLD_MAX_POSITIONS = 512
+_UNFOLD_MAX_POSITIONS_NO_GRAD = 160
 # "auto" takes "depthwise" for one-input-per-output tables from this many input maps on:
 # below it the dense convolution wastes little and runs faster than a grouped one.
 _DEPTHWISE_MIN_MAPS = 8
@@ -225,7 +229,8 @@ def table_conv2d(
 
     batch = x.unsqueeze(0) if unbatched else x  # (N, C_in, H, W)
     if method == "auto":
-        method = _choose(batch.shape, weight.shape, c_out, stride, x.dtype)
+        recorded = derivative_recorded(batch) or derivative_recorded(weight)
+        method = _choose(batch.shape, weight.shape, c_out, stride, x.dtype, recorded)
     if method == "depthwise":
         y = _depthwise(batch, table, weight, bias, stride, c_out)
     elif method == "fourier":
@@ -250,15 +255,18 @@ def _choose(
     c_out: int,
     stride: tuple[int, int],
     dtype: torch.dtype,
+    recorded: bool = True,
 ) -> str:
-    """Pick the method with the fewest multiply-adds, weighted by their measured speed."""
+    """Pick the method with the fewest multiply-adds, weighted by their measured speed;
+    ``recorded``: whether a derivative of the input or the weight is being recorded."""
     n, c_in, height, width = x_shape
     rows, kh, kw = weight_shape
     if rows == c_out and c_in >= _DEPTHWISE_MIN_MAPS:  # each output has exactly one input
         return "depthwise"
     h_out, w_out = _valid_size((height, width), (kh, kw), stride)
     sparse = rows <= _UNFOLD_MAX_FILL * c_in * c_out
-    if sparse and n * h_out * w_out <= _UNFOLD_MAX_POSITIONS:
+    limit = _UNFOLD_MAX_POSITIONS if recorded else _UNFOLD_MAX_POSITIONS_NO_GRAD
+    if sparse and n * h_out * w_out <= limit:
         return "unfold"
     if dtype not in (torch.float32, torch.float64):  # no half-precision FFT on every device
         return "dense"
@@ -268,9 +276,12 @@ def _choose(
     fourier = spectrum * (
         2 * n * c_in * c_out  # the per-frequency products
         + n * c_out * h_out * w_out  # the inverse transform onto the kept positions
-        + rows * kh * kw  # the kernels' spectra (as a plain DFT would; an FFT needs less)
-        + c_in * c_out  # scattering them into the dense spectrum
     )
+    if recorded:  # else the kernels' spectra are kept from an earlier call
+        fourier += spectrum * (
+            rows * kh * kw  # the kernels' spectra (as a plain DFT would; an FFT needs less)
+            + c_in * c_out  # scattering them into the dense spectrum
+        )
     return "fourier" if _FOURIER_MARGIN * fourier < dense else "dense"
 
 
