@@ -300,7 +300,7 @@ def _run_train(args: argparse.Namespace) -> int:
     # Built here, once, before any worker processes start.
     building = not native_attempted()
     kernels = native_status()
-    if building and kernels.seconds > 2 and args.progress != "none":
+    if building and kernels.available and kernels.seconds > 2 and args.progress != "none":
         print(f"compiled cnnkit's CPU kernels in {kernels.seconds:.0f} s (once per machine)")
     if args.nproc > 1:
         if "WORLD_SIZE" in os.environ:

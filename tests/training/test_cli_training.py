@@ -194,3 +194,13 @@ def test_building_the_kernels_is_reported_once_on_stdout(monkeypatch, capsys):
     monkeypatch.setattr(_native, "_status", _native.NativeStatus(True, 12.4, ""))
     assert main(["train", "--preset", "lecun99"]) == 2
     assert capsys.readouterr().out == ""
+
+
+def test_a_failed_build_is_not_reported_as_compiled(monkeypatch, capsys):
+    from cnnkit import _native
+
+    monkeypatch.setattr(_native, "_status", None)
+    failed = _native.NativeStatus(False, 3.5, "RuntimeError: c++: not found")
+    monkeypatch.setattr(_native, "_load", lambda: failed)
+    assert main(["train", "--preset", "lecun99"]) == 2
+    assert capsys.readouterr().out == ""

@@ -5,10 +5,11 @@ compiled loop makes in one (``contrast_norm.cpp``: local contrast normalization 
 passes instead of about ten). They are compiled once per machine with PyTorch's
 extension builder (a C++ compiler and ``ninja``; the result is kept under
 ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), which takes some
-seconds; later processes load the built library. A lock left by a build that was killed
-is removed after ten minutes. Where the build fails -- no compiler,
-for instance -- one warning says why and the ops keep their eager form, which gives the
-same values to float rounding. ``CNNKIT_NATIVE=0`` in the environment turns the kernels
+seconds; later processes load the built library (one folder per Python version, torch
+version and source; one process builds at a time, and a build killed half-way does not
+block the next). Where the build fails -- no compiler, for instance -- one warning
+says why and the ops keep their eager form, which gives the same values to float
+rounding. ``CNNKIT_NATIVE=0`` in the environment turns the kernels
 off.
 
 :func:`native_ops` returns the kernels (``torch.ops.cnnkit_native``) or ``None``;
@@ -17,11 +18,14 @@ off.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +35,8 @@ __all__ = ["NativeStatus", "native_attempted", "native_ops", "native_status"]
 
 _SOURCES = ("contrast_norm.cpp",)
 _NAME = "cnnkit_native"
-# A build takes seconds; a lock file older than this was left by a build that was killed
-# (torch's builder would otherwise wait on it for ever).
-_STALE_LOCK_SECONDS = 600
+# How long a process waits for another one's build before giving up on the kernels.
+_LOCK_TIMEOUT_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,13 @@ class NativeStatus:
         available: the kernels are loaded and used.
         seconds: time spent building or loading them (0 when never tried).
         reason: why they are not used (empty when they are).
+        folder: where they were built (empty when they are not used).
     """
 
     available: bool
     seconds: float
     reason: str
+    folder: str = ""
 
 
 _lock = threading.Lock()
@@ -82,10 +87,9 @@ def _load() -> NativeStatus:
             return _status
         start = time.perf_counter()
         try:
-            _build()
+            folder = _build()
         except Exception as error:  # any failure leaves the eager ops, which still work
-            lines = str(error).strip().splitlines()
-            reason = f"{type(error).__name__}: {lines[-1] if lines else ''}"
+            reason = f"{type(error).__name__}: {_first_cause(str(error))}"
             _status = NativeStatus(False, time.perf_counter() - start, reason)
             warnings.warn(
                 f"cnnkit's compiled CPU kernels could not be built ({reason}); using the "
@@ -94,52 +98,93 @@ def _load() -> NativeStatus:
                 stacklevel=3,
             )
             return _status
-        _status = NativeStatus(True, time.perf_counter() - start, "")
+        _register_fakes()
+        _status = NativeStatus(True, time.perf_counter() - start, "", str(folder))
         return _status
 
 
-def _build() -> None:
+def _first_cause(message: str) -> str:
+    """The line of a build's error message that says what went wrong: the first that
+    reports an error or a missing file (after torch's "Error building extension"
+    heading), else the last (a compiler's output ends with ninja's "build stopped")."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    for line in lines:
+        lowered = line.lower()
+        if lowered.startswith("error building extension"):
+            continue
+        if "error" in lowered or "not found" in lowered or "no such file" in lowered:
+            return line
+    return lines[-1] if lines else "no message"
+
+
+def _build() -> Path:
+    """Build (or find built) and load the kernels; return the build folder."""
     # Imported here: the builder pulls in setuptools, which plain use of cnnkit never needs.
+    from filelock import FileLock  # a dependency of torch
     from torch.utils import cpp_extension
 
-    here = Path(__file__).parent
+    sources = [Path(__file__).parent / name for name in _SOURCES]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    build_directory = _build_directory(root)
-    _remove_stale_lock(build_directory / "lock")
-    path = os.environ.get("PATH", "")
-    try:
-        import ninja  # the pip package's binary, for environments that are not activated
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
-    except ImportError:
-        pass
-    try:
-        cpp_extension.load(
-            name=_NAME,
-            sources=[str(here / source) for source in _SOURCES],
-            # -fopenmp: ATen's parallel_for is OpenMP in these headers; the library then
-            # shares the OpenMP runtime torch has loaded (same soname).
-            extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build_directory),
-            is_python_module=False,
-            verbose=False,
-        )
-    finally:
-        os.environ["PATH"] = path
+    folder = _build_directory(Path(root), sources)
+    # One cnnkit process builds at a time. The operating system releases this lock when
+    # its holder dies, unlike torch's own lock file, which a killed build leaves behind
+    # and on which torch would wait for ever: holding ours, any such file is stale.
+    with FileLock(str(folder / "cnnkit.lock"), timeout=_LOCK_TIMEOUT_SECONDS):
+        (folder / "lock").unlink(missing_ok=True)
+        with _ninja_on_path():
+            cpp_extension.load(
+                name=_NAME,
+                sources=[str(source) for source in sources],
+                # -fopenmp: ATen's parallel_for is OpenMP in these headers; the library
+                # then shares the OpenMP runtime torch has loaded (same soname).
+                extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(folder),
+                is_python_module=False,
+                verbose=False,
+            )
+    return folder
 
 
-def _build_directory(root: str) -> Path:
-    """One folder per Python and torch version under the extension root (torch's)."""
+def _build_directory(root: Path, sources: list[Path]) -> Path:
+    """A folder per Python version, torch version and kernel source under ``root``."""
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in sources)).hexdigest()
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    folder = Path(root) / f"{_NAME}-{python}-torch{torch.__version__}"
+    folder = root / f"{_NAME}-{python}-torch{torch.__version__}-{digest[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
-def _remove_stale_lock(lock: Path) -> None:
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """``PATH`` with the pip package's ``ninja`` first (for environments that are not
+    activated), restored afterwards -- unset again if it was unset."""
+    before = os.environ.get("PATH")
     try:
-        if time.time() - lock.stat().st_mtime > _STALE_LOCK_SECONDS:
-            lock.unlink()
-    except FileNotFoundError:
-        pass
+        import ninja
+    except ImportError:
+        yield
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + (before or os.defpath)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PATH"]
+        else:
+            os.environ["PATH"] = before
+
+
+def _register_fakes() -> None:
+    """Shapes of the kernels' outputs for tracing (``FakeTensorMode``, as ``torch.compile``
+    and ``torch.export`` use), which runs no kernel."""
+
+    @torch.library.register_fake("cnnkit_native::contrast_norm_forward")
+    def _(x, row_diagonals, column_diagonals, mass, rectify, mean_threshold, threshold, floor):
+        n, _, h, w = x.shape
+        maps = [x.new_empty(n, h, w) for _ in range(3)]
+        return torch.empty_like(x), *maps, x.new_empty(n)
+
+    @torch.library.register_fake("cnnkit_native::contrast_norm_backward")
+    def _(grad, x, *rest):
+        return torch.empty_like(x)
