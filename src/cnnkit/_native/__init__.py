@@ -9,8 +9,7 @@ seconds; later processes load the built library (one folder per Python version, 
 version and source; one process builds at a time, and a build killed half-way does not
 block the next). Where the build fails -- no compiler, for instance -- one warning
 says why and the ops keep their eager form, which gives the same values to float
-rounding. ``CNNKIT_NATIVE=0`` in the environment turns the kernels
-off.
+rounding. ``CNNKIT_NATIVE=0`` in the environment turns the kernels off.
 
 :func:`native_ops` returns the kernels (``torch.ops.cnnkit_native``) or ``None``;
 :func:`native_status` says what happened, :func:`native_attempted` whether anything has.
@@ -58,6 +57,7 @@ class NativeStatus:
 
 _lock = threading.Lock()
 _status: NativeStatus | None = None
+_fakes_registered = False
 
 
 def native_ops() -> object | None:
@@ -177,7 +177,11 @@ def _ninja_on_path() -> Iterator[None]:
 
 def _register_fakes() -> None:
     """Shapes of the kernels' outputs for tracing (``FakeTensorMode``, as ``torch.compile``
-    and ``torch.export`` use), which runs no kernel."""
+    and ``torch.export`` use), which runs no kernel; once per process."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _fakes_registered = True
 
     @torch.library.register_fake("cnnkit_native::contrast_norm_forward")
     def _(x, row_diagonals, column_diagonals, mass, rectify, mean_threshold, threshold, floor):
