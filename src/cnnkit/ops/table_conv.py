@@ -24,7 +24,8 @@ in, 256 maps of 6x6 out, 4096 kernels.
 
 How it is computed
 ------------------
-Four exact methods; ``method="auto"`` picks one from the shapes:
+Four exact methods; ``method="auto"`` picks one from the shapes and whether a derivative
+is recorded:
 
 - ``"dense"``: scatter the K kernels into a zero ``(C_out, C_in, kh, kw)`` weight (a
   differentiable ``index_put``, so the gradient flows back to the K kernels) and make
