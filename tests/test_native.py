@@ -219,3 +219,33 @@ def test_traced_with_fake_tensors():
         x = mode.from_tensor(torch.randn(2, 4, 9, 9))
         y = rectified_contrast_norm(x, window)
     assert y.shape == (2, 4, 9, 9)
+
+
+def test_a_failed_build_is_remembered_until_its_marker_is_removed(tmp_path):
+    """A build that fails (here: no compiler at $CXX) leaves its reason in the build
+    folder; the next process reports it without building again."""
+    code = (
+        "import warnings\n"
+        "from cnnkit import _native\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    status = _native.native_status()\n"
+        "print(status.available, '|', status.reason, '|', len(caught))\n"
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": "/nonexistent/c++"}
+    env.pop("CNNKIT_NATIVE", None)
+
+    def run() -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr
+        return [part.strip() for part in out.stdout.strip().splitlines()[-1].split("|")]
+
+    available, reason, warned = run()
+    assert available == "False" and warned == "1" and reason
+    (marker,) = tmp_path.glob("*/build-failed.txt")
+    assert marker.read_text().strip() == reason
+    available, again, warned = run()
+    assert available == "False" and warned == "1"
+    assert again == f"{reason}; an earlier build failed, remove {marker} to try again"

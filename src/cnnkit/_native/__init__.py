@@ -9,7 +9,8 @@ seconds; later processes load the built library (one folder per Python version, 
 version and source; one process builds at a time, and a build killed half-way does not
 block the next). Where the build fails -- no compiler, for instance -- one warning
 says why and the ops keep their eager form, which gives the same values to float
-rounding. ``CNNKIT_NATIVE=0`` in the environment turns the kernels off.
+rounding; the reason is kept in the build folder so that later processes do not spend
+the same seconds failing again. ``CNNKIT_NATIVE=0`` in the environment turns the kernels off.
 
 :func:`native_ops` returns the kernels (``torch.ops.cnnkit_native``) or ``None``;
 :func:`native_status` says what happened, :func:`native_attempted` whether anything has.
@@ -89,11 +90,10 @@ def _load() -> NativeStatus:
         try:
             folder = _build()
         except Exception as error:  # any failure leaves the eager ops, which still work
-            reason = f"{type(error).__name__}: {_first_cause(str(error))}"
-            _status = NativeStatus(False, time.perf_counter() - start, reason)
+            _status = NativeStatus(False, time.perf_counter() - start, _reason(error))
             warnings.warn(
-                f"cnnkit's compiled CPU kernels could not be built ({reason}); using the "
-                "eager ops, which are slower (set CNNKIT_NATIVE=0 to skip the attempt)",
+                f"cnnkit's compiled CPU kernels could not be built ({_status.reason}); using "
+                "the eager ops, which are slower (set CNNKIT_NATIVE=0 to skip the attempt)",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -101,6 +101,20 @@ def _load() -> NativeStatus:
         _register_fakes()
         _status = NativeStatus(True, time.perf_counter() - start, "", str(folder))
         return _status
+
+
+class _EarlierFailure(RuntimeError):
+    """A build of the same sources failed before; its reason is kept in ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__(marker.read_text().strip())
+        self.marker = marker
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, _EarlierFailure):
+        return f"{error}; an earlier build failed, remove {error.marker} to try again"
+    return f"{type(error).__name__}: {_first_cause(str(error))}"
 
 
 def _first_cause(message: str) -> str:
@@ -118,7 +132,13 @@ def _first_cause(message: str) -> str:
 
 
 def _build() -> Path:
-    """Build (or find built) and load the kernels; return the build folder."""
+    """Build (or find built) and load the kernels; return the build folder.
+
+    A failed build leaves its reason in the folder (``build-failed.txt``), so that later
+    processes do not spend the same seconds failing again (remove the file to retry,
+    after installing a compiler, say); a process that gives up waiting for another
+    one's build (``_LOCK_TIMEOUT_SECONDS``) leaves none.
+    """
     # Imported here: the builder pulls in setuptools, which plain use of cnnkit never needs.
     from filelock import FileLock  # a dependency of torch
     from torch.utils import cpp_extension
@@ -126,23 +146,31 @@ def _build() -> Path:
     sources = [Path(__file__).parent / name for name in _SOURCES]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     folder = _build_directory(Path(root), sources)
+    marker = folder / "build-failed.txt"
     # One cnnkit process builds at a time. The operating system releases this lock when
     # its holder dies, unlike torch's own lock file, which a killed build leaves behind
     # and on which torch would wait for ever: holding ours, any such file is stale.
     with FileLock(str(folder / "cnnkit.lock"), timeout=_LOCK_TIMEOUT_SECONDS):
+        if marker.exists():
+            raise _EarlierFailure(marker)
         (folder / "lock").unlink(missing_ok=True)
-        with _ninja_on_path():
-            cpp_extension.load(
-                name=_NAME,
-                sources=[str(source) for source in sources],
-                # -fopenmp: ATen's parallel_for is OpenMP in these headers; the library
-                # then shares the OpenMP runtime torch has loaded (same soname).
-                extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"],
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(folder),
-                is_python_module=False,
-                verbose=False,
-            )
+        try:
+            with _ninja_on_path():
+                cpp_extension.load(
+                    name=_NAME,
+                    sources=[str(source) for source in sources],
+                    # -fopenmp: ATen's parallel_for is OpenMP in these headers; the
+                    # library then shares the OpenMP runtime torch has loaded (same soname).
+                    extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"],
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(folder),
+                    is_python_module=False,
+                    verbose=False,
+                )
+        except Exception as error:
+            with contextlib.suppress(OSError):
+                marker.write_text(f"{type(error).__name__}: {_first_cause(str(error))}\n")
+            raise
     return folder
 
 
