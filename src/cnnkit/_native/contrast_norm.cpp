@@ -256,9 +256,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_
   return {y, den, variance, sigma, mean_sigma};
 }
 
-// For each pixel p of [begin, end): sums[p] = sum_i g_ip y_ip (Velocity false) or
-// sum_i (g_ip r_p + k_p y_ip) (Velocity true).
-template <typename T, bool ChannelsLast, bool Velocity>
+// For each pixel p of [begin, end): sums[p] = sum_i g_ip y_ip (GradientOfV false) or
+// sum_i g_v,ip = sum_i (g_ip r_p + k_p y_ip) (GradientOfV true).
+template <typename T, bool ChannelsLast, bool GradientOfV>
 void sum_products(const T* __restrict g, const T* __restrict y, int64_t maps, int64_t pixels,
                   const T* __restrict r, const T* __restrict k, int64_t begin, int64_t end,
                   T* __restrict sums) {
@@ -266,10 +266,11 @@ void sum_products(const T* __restrict g, const T* __restrict y, int64_t maps, in
     for (int64_t p = begin; p < end; ++p) {
       const T* gp = g + p * maps;
       const T* yp = y + p * maps;
-      const T rp = Velocity ? r[p] : T(0), kp = Velocity ? k[p] : T(0);
+      const T rp = GradientOfV ? r[p] : T(0), kp = GradientOfV ? k[p] : T(0);
       T total = T(0);
 #pragma omp simd reduction(+ : total)
-      for (int64_t i = 0; i < maps; ++i) total += Velocity ? gp[i] * rp + kp * yp[i] : gp[i] * yp[i];
+      for (int64_t i = 0; i < maps; ++i)
+        total += GradientOfV ? gp[i] * rp + kp * yp[i] : gp[i] * yp[i];
       sums[p] = total;
     }
   } else {
@@ -279,7 +280,7 @@ void sum_products(const T* __restrict g, const T* __restrict y, int64_t maps, in
       const T* yi = y + i * pixels;
 #pragma omp simd
       for (int64_t p = begin; p < end; ++p)
-        sums[p] += Velocity ? gi[p] * r[p] + k[p] * yi[p] : gi[p] * yi[p];
+        sums[p] += GradientOfV ? gi[p] * r[p] + k[p] * yi[p] : gi[p] * yi[p];
     }
   }
 }
