@@ -59,6 +59,19 @@ def pair(name: str, value: Any) -> tuple[int, int]:
     raise TypeError(f"{name} must be a positive integer or a pair of them, got {value!r}")
 
 
+def is_concrete(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds values that may be read now: an ordinary tensor on a real
+    device, outside any tracing, compiling, exporting or ``torch.func`` transform. Checks
+    of values (a window's sum, say) run only then, never inside a traced call."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return False  # inside FakeTensorMode: even a real tensor's ops give fake results
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.device.type == "meta":
+        return False
+    return not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
 def check_floating(name: str, x: Any) -> torch.Tensor:
     """Require a real floating-point tensor (float16/bfloat16/float32/float64)."""
     if not isinstance(x, torch.Tensor):

@@ -280,7 +280,8 @@ def divisive_norm(
 def pool_2d(x: np.ndarray, kind: str, window: int, stride: int = 1, p: float = 2.0) -> np.ndarray:
     """Pooling of one (H, W) map over ``window`` x ``window`` blocks at ``stride`` (valid).
 
-    max: the largest value of the block; avg: its mean; lp: ``(sum x^p)^(1/p)``.
+    max: the largest value of the block; avg: its mean; lp: ``(sum |x|^p)^(1/p)``, the
+    block's ``L_p`` norm.
     """
     x = np.asarray(x, dtype=np.float64)
     height, width = x.shape
@@ -295,7 +296,7 @@ def pool_2d(x: np.ndarray, kind: str, window: int, stride: int = 1, p: float = 2
             elif kind == "avg":
                 out[a, b] = sum(block) / len(block)
             elif kind == "lp":
-                out[a, b] = sum(value**p for value in block) ** (1.0 / p)
+                out[a, b] = sum(abs(value) ** p for value in block) ** (1.0 / p)
             else:
                 raise ValueError(f"kind must be 'max', 'avg' or 'lp', got {kind!r}")
     return out

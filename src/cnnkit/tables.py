@@ -14,10 +14,14 @@ The builders return rows sorted by output map, then input map:
   equally often (the lecture's layer 3: 256 maps, each from 16 of 64 maps, 4096 kernels);
 - :func:`lenet5_c3` -- the hand-made table of LeNet-5's layer C3.
 
-:func:`check` validates a table and names the offending row.
+:func:`check` validates a table and names the offending row; :func:`plan_table` checks it
+once and builds the index tensors its filter bank needs (:class:`TablePlan`), and
+:func:`dense_weight` scatters a bank's kernels into an ordinary convolution weight.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,7 +29,9 @@ import torch
 from cnnkit._validation import check_nonnegative_int, check_positive_int
 
 __all__ = [
+    "TablePlan",
     "check",
+    "dense_weight",
     "describe",
     "fan_in",
     "full",
@@ -33,6 +39,7 @@ __all__ = [
     "n_inputs",
     "n_outputs",
     "one_to_one",
+    "plan_table",
     "random",
 ]
 
@@ -234,3 +241,79 @@ def describe(table: torch.Tensor, n_in: int | None = None) -> str:
     counts = fan_in(table)
     low, high = int(counts.min()), int(counts.max())
     return f"fan-in {low}" if low == high else f"fan-in {low}-{high}"
+
+
+@dataclass(frozen=True, eq=False)
+class TablePlan:
+    """A connection table checked once, with the index tensors
+    :func:`~cnnkit.ops.table_conv.table_conv2d` needs; pass it instead of the table to
+    skip both on every call (a module holding a fixed table does).
+
+    Attributes:
+        table: the ``(K, 2)`` ``int64`` table.
+        in_maps: the number of input maps it was checked against.
+        out_maps: ``n_outputs(table)``.
+        slot_rows: ``(in_maps, S)``, the table rows reading each input map, padded with
+            ``K`` (a zero kernel); ``S`` is the most rows any input map has.
+        slot_outputs: ``(in_maps, S)``, the output map of each of those rows, padded
+            with ``out_maps`` (a discarded extra map).
+    """
+
+    table: torch.Tensor
+    in_maps: int
+    out_maps: int
+    slot_rows: torch.Tensor
+    slot_outputs: torch.Tensor
+
+    def to(self, device: torch.device) -> TablePlan:
+        """The plan with its tensors on ``device``."""
+        if self.table.device == device:
+            return self
+        return TablePlan(
+            self.table.to(device),
+            self.in_maps,
+            self.out_maps,
+            self.slot_rows.to(device),
+            self.slot_outputs.to(device),
+        )
+
+
+def plan_table(table: torch.Tensor, in_maps: int | None = None) -> TablePlan:
+    """Check ``table`` (:func:`cnnkit.tables.check`, against ``in_maps`` input maps,
+    default ``n_inputs(table)``) and build its :class:`TablePlan`."""
+    check(table, n_in=in_maps)
+    # ordinary tensors even under inference_mode: a later training step indexes with them
+    with torch.inference_mode(False):
+        return _build_plan(table.detach().clone(), in_maps)
+
+
+def _build_plan(table: torch.Tensor, in_maps: int | None) -> TablePlan:
+    table = table.to(dtype=torch.int64)
+    rows = table.shape[0]
+    in_maps = n_inputs(table) if in_maps is None else in_maps
+    out_maps = int(table[:, 1].max()) + 1
+    order = torch.argsort(table[:, 0], stable=True)  # rows grouped by input map
+    inputs = table[order, 0]
+    counts = torch.bincount(inputs, minlength=in_maps)  # (in_maps,)
+    first = torch.cumsum(counts, 0) - counts  # position of each map's first row in order
+    slot = torch.arange(rows, device=table.device) - first[inputs]
+    slots = int(counts.max())
+    slot_rows = torch.full((in_maps, slots), rows, dtype=torch.int64, device=table.device)
+    slot_rows[inputs, slot] = order
+    slot_outputs = torch.full_like(slot_rows, out_maps)
+    slot_outputs[inputs, slot] = table[order, 1]
+    return TablePlan(table, in_maps, out_maps, slot_rows, slot_outputs)
+
+
+def dense_weight(
+    weight: torch.Tensor,
+    plan: TablePlan,
+    c_in: int,
+    layout: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """``(C_out, C_in, kh, kw)`` in ``layout``: each kernel at its table row's place, zeros
+    elsewhere. The convolution writes its output in the layout of this weight."""
+    table = plan.table
+    shape = (plan.out_maps, c_in, *weight.shape[1:])
+    dense = torch.empty(shape, dtype=weight.dtype, device=weight.device, memory_format=layout)
+    return dense.zero_().index_put((table[:, 1], table[:, 0]), weight)  # rows are distinct

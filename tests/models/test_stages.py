@@ -1,4 +1,4 @@
-"""run_stage: a stage with large maps runs a few images at a time, with the same result."""
+"""Stage: a stage with large maps runs a few images at a time, with the same result."""
 
 from __future__ import annotations
 
@@ -58,21 +58,37 @@ def test_sliced_forward_and_gradients_equal_the_whole_batch(monkeypatch) -> None
         torch.testing.assert_close(model(x), whole.detach(), rtol=1e-12, atol=1e-14)
 
 
-def test_hooks_and_batch_statistics_keep_the_whole_batch(monkeypatch) -> None:
+def test_hooks_see_slices_and_fast_false_keeps_the_whole_batch(monkeypatch) -> None:
     model = _lecun83(torch.float32)
     x = torch.randn(6, 1, 83, 83)
     seen_by_hook = []
-    handle = model.stage1.norm.register_forward_hook(
+    model.stage1.filters.register_forward_hook(
         lambda module, args, out: seen_by_hook.append(out.shape[0])
     )
     batches = _batches_seen(monkeypatch)
     model(x)
-    assert seen_by_hook == [6] and [n for _, n in batches] == [6, 6]
-    handle.remove()
+    assert seen_by_hook == [4, 2] and [n for _, n in batches] == [4, 2, 6]
+    seen_by_hook.clear()
+    batches.clear()
+    model.stage1.fast = False  # nn.Sequential's forward: every layer on the whole batch
+    model(x)
+    assert seen_by_hook == [6] and [n for _, n in batches] == [6]
+    model.stage1.fast = True
     model.stage1.append(nn.BatchNorm2d(64))  # statistics over the batch: never sliced
     batches.clear()
     model(x)
     assert [n for _, n in batches] == [6, 6]
+
+
+def test_the_plain_path_runs_nn_sequential(monkeypatch) -> None:
+    model = _lecun83()
+    x = torch.randn(5, 1, 83, 83, dtype=torch.float64)
+    fast = model(x)
+    batches = _batches_seen(monkeypatch)
+    monkeypatch.setenv("CNNKIT_FAST", "0")
+    plain = model(x)
+    assert batches == []
+    torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-12)
 
 
 def test_a_stage_with_small_maps_is_not_sliced() -> None:
@@ -89,32 +105,3 @@ def test_empty_and_unbatched_input() -> None:
     x = torch.randn(3, 1, 83, 83)
     with torch.no_grad():
         torch.testing.assert_close(model.features(x[1]), model.features(x)[1])
-
-
-def test_backward_global_and_stage_hooks_keep_the_whole_batch(monkeypatch) -> None:
-    model = _lecun83(torch.float32)
-    x = torch.randn(6, 1, 83, 83, requires_grad=True)
-    batches = _batches_seen(monkeypatch)
-    grads = []
-    handle = model.stage1.filters.register_full_backward_hook(
-        lambda module, grad_in, grad_out: grads.append(grad_out[0].shape[0])
-    )
-    model(x).sum().backward()
-    assert grads == [6] and [n for _, n in batches] == [6, 6]
-    handle.remove()
-    seen = []
-    handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda module, args, out: seen.append((type(module).__name__, out.shape[0]))
-    )
-    try:
-        batches.clear()
-        model(x)
-    finally:
-        handle.remove()
-    assert batches == []  # every stage ran as stage(x): whole batch, unfused
-    assert ("Rectify", 6) in seen and {n for _, n in seen} == {6}
-    calls = []
-    model.stage1.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
-    batches.clear()
-    model(x)
-    assert calls == [6] and [n for _, n in batches] == [6]  # stage 1 ran as stage(x)

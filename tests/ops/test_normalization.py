@@ -11,11 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnnkit import reference
-from cnnkit.ops import _derived, normalization
+from cnnkit.kernels import normalization as fast
 from cnnkit.ops.normalization import (
     BORDERS,
-    _prepare,
-    _SeparableSmoother,
     contrast_norm,
     divisive_norm,
     gaussian_window,
@@ -36,8 +34,10 @@ def _windows(maps: int, size: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     gauss = gaussian_window(size, size / 4, maps, dtype=F64)
     map_weights = torch.linspace(0.5, 1.5, maps, dtype=F64)
-    weighted = map_weights[:, None, None] * gauss[0] * 3.0  # sums to 3 * mean(map_weights)
+    weighted = map_weights[:, None, None] * gauss[0]  # sums to maps * mean(map_weights)
+    weighted = weighted / weighted.sum()
     general = torch.rand(maps, size, size, generator=gen, dtype=F64)
+    general = general / general.sum()  # the lecture's sum of w = 1
     return {"gaussian": gauss, "weighted": weighted, "general": general}
 
 
@@ -153,12 +153,11 @@ def test_batched_threshold_is_per_image():
 def test_gaussian_window_takes_the_separable_path():
     for dtype in (torch.float32, F64):
         for maps, size in ((64, 75), (256, 6)):
-            x = torch.zeros(maps, size, size, dtype=dtype)
-            smoother, _, _ = _prepare(x, gaussian_window(9, 2.25, maps, dtype=dtype), "zero")
-            assert isinstance(smoother, _SeparableSmoother) and smoother.alpha is None
+            x = torch.zeros(1, maps, size, size, dtype=dtype)
+            window = gaussian_window(9, 2.25, maps, dtype=dtype)
+            assert fast._bands(window, "zero", size, size, x) is not None
     general = _windows(3, 5)["general"]
-    smoother, _, _ = _prepare(torch.zeros(3, 6, 6, dtype=F64), general, "zero")
-    assert not isinstance(smoother, _SeparableSmoother)
+    assert fast._bands(general, "zero", 6, 6, torch.zeros(1, 3, 6, 6, dtype=F64)) is None
 
 
 # ---------------------------------------------------------------------------------------
@@ -288,7 +287,8 @@ def test_gradcheck(op, border):
 def test_gradcheck_window_and_second_order(op):
     x = _image(2, 3, 4, seed=9, batch=1).requires_grad_()
     w = gaussian_window(3, 1.0, 2, dtype=F64).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t, u: _call(op, t, u, "renormalize"), (x, w))
+    # the window stays one that sums to 1 as gradcheck perturbs it
+    assert torch.autograd.gradcheck(lambda t, u: _call(op, t, u / u.sum(), "renormalize"), (x, w))
     w = w.detach()
     fn = lambda t: _call(op, t, w, "renormalize")  # noqa: E731
     assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=True)
@@ -464,29 +464,23 @@ def test_reflect_accepts_a_window_as_large_as_the_map():
     assert math.isfinite(contrast_norm(x, w, border="reflect").sum().item())
 
 
-def test_a_windows_smoother_is_reused_until_the_window_changes_or_dies():
+def test_an_edited_window_is_always_seen():
     x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
     window = gaussian_window(5, 1.25, 3, dtype=torch.float64)
-    with torch.inference_mode():  # first built here, then used by a training step
+    with torch.inference_mode():  # first computed here, then by a training step
         first = contrast_norm(x, window)
-    assert normalization._smoother(window, "renormalize", 7, 6, x) is normalization._smoother(
-        window, "renormalize", 7, 6, x
-    )
     leaf = x.clone().requires_grad_()
     contrast_norm(leaf, window).sum().backward()
     assert leaf.grad is not None
     torch.testing.assert_close(contrast_norm(x, window), first, rtol=0, atol=0)
-    with torch.no_grad():
-        window[:, 2, 2] += 0.5  # changed in place: the cached smoother must not be used
+    with torch.no_grad():  # changed in place, still summing to 1
+        window.copy_(gaussian_window(5, 0.8, 3, dtype=torch.float64))
     changed = contrast_norm(x, window)
     fresh = contrast_norm(x, window.clone())  # a window never seen before
     torch.testing.assert_close(changed, fresh, rtol=0, atol=1e-14)
     assert not torch.allclose(changed, first)
-    assert _derived.kept(window, "smoother")
-    entries = len(_derived._ENTRIES)
-    del window
-    _derived._drop_expired()  # what the next kept value's insertion does
-    assert len(_derived._ENTRIES) < entries
+    window.data.copy_(gaussian_window(5, 2.0, 3, dtype=torch.float64))  # behind autograd's back
+    torch.testing.assert_close(contrast_norm(x, window), contrast_norm(x, window.clone()))
 
 
 def test_a_window_made_under_inference_mode_is_used_without_caching():
@@ -495,5 +489,4 @@ def test_a_window_made_under_inference_mode_is_used_without_caching():
         window = gaussian_window(5, 1.25, 3, dtype=torch.float64)
         inside = contrast_norm(x, window)
     outside = contrast_norm(x, window)
-    assert not _derived.kept(window, "smoother")
     torch.testing.assert_close(outside, inside, rtol=0, atol=0)

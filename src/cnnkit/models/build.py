@@ -5,10 +5,10 @@ Layers get stable names a reader can use to pull feature maps: ``stage1.filters`
 ``stage1.pool`` (and ``stage1.subsample`` when pooling is not fused), ``stage1.pool_act``,
 then ``classifier``.
 
-Speed: ``Network.forward`` runs each stage through :func:`cnnkit.models.stages.run_stage`:
-a rectification followed by a contrast normalization as one fused op, and, on a CPU, a
-stage with large maps a few images at a time (same values; hooks turn both off);
-``intermediates`` and calling a stage directly run every layer on its own.
+``Network.forward`` is what ``print(model)`` shows: each :class:`~cnnkit.models.stages.Stage`
+in order, then the classifier. A stage fuses a rectification into the contrast
+normalization after it and, on a CPU, runs large maps a few images at a time (same
+values; :mod:`cnnkit.models.stages`); ``intermediates`` runs every layer on its own.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 
 from cnnkit import tables, tying
 from cnnkit.models.spec import ArchitectureSpec, FilterBankSpec, NormSpec, PoolSpec, StageSpec
-from cnnkit.models.stages import run_stage
+from cnnkit.models.stages import Stage
 from cnnkit.nn.activation import Rectify, ReLU
 from cnnkit.nn.classifier import Classifier
 from cnnkit.nn.filter_bank import FilterBank
@@ -35,7 +35,7 @@ class Network(nn.Module):
     Input ``(N, maps, H, W)`` as the spec's input says; output ``(N, classes)`` logits.
     """
 
-    def __init__(self, spec: ArchitectureSpec, stages: list[nn.Sequential], classifier: Classifier):
+    def __init__(self, spec: ArchitectureSpec, stages: list[Stage], classifier: Classifier):
         super().__init__()
         self.spec = spec
         for number, stage in enumerate(stages, start=1):
@@ -50,13 +50,13 @@ class Network(nn.Module):
             self._tie_scaling = tying.scale_gradients_by_group_size(self._ties)
 
     @property
-    def stages(self) -> list[nn.Sequential]:
+    def stages(self) -> list[Stage]:
         return [getattr(self, f"stage{n}") for n in range(1, len(self.spec.stages) + 1)]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's maps, ``(N, C, H, W)``, before the classifier."""
         for stage in self.stages:
-            x = run_stage(stage, x)
+            x = stage(x)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,8 +131,9 @@ def _pool_layers(spec: PoolSpec, maps: int) -> list[tuple[str, nn.Module]]:
 
 def build_stage(
     stage: StageSpec, in_maps: int, input_hw: tuple[int, int], untied: bool = False
-) -> nn.Sequential:
-    """One stage as a named ``nn.Sequential``: filters, nonlin, norm, pool.
+) -> Stage:
+    """One stage as a :class:`~cnnkit.models.stages.Stage` of named layers: filters,
+    nonlin, norm, pool.
 
     ``untied`` stores the filter bank as a :class:`LocallyConnected2d` over ``input_hw``
     (a kernel at every position) starting from one shared kernel per table row.
@@ -153,7 +154,7 @@ def build_stage(
         layers.append(("norm", _norm(stage.norm, bank.maps)))
     if stage.pool is not None:
         layers += _pool_layers(stage.pool, bank.maps)
-    return nn.Sequential(OrderedDict(layers))
+    return Stage(OrderedDict(layers))
 
 
 def build(spec: ArchitectureSpec) -> Network:

@@ -1,20 +1,24 @@
-"""How ``Network.forward`` runs a stage: fused where it can be, a few images at a time
-where the maps are large.
+"""One stage of a built network as a module: its layers in order, run faster where it can.
 
-- A rectification followed by a contrast normalization runs as one op
-  (:meth:`ContrastNorm.forward_rectified`: the same values and gradients).
-- On a CPU, a stage whose filter bank writes large maps -- lecun83's first stage makes
+A :class:`Stage` is an ``nn.Sequential`` of named layers (``filters``, ``nonlin``,
+``norm``, ``pool`` ...); its value is always that of the layers applied in order. Where
+the fast paths are allowed (:func:`cnnkit.kernels.fast_path_allowed`: not exporting,
+tracing or inside a ``torch.func`` transform, ``CNNKIT_FAST`` not 0) it runs so:
+
+- a rectification followed by a contrast normalization is one op
+  (:meth:`ContrastNorm.forward_rectified`: the same values and gradients);
+- on a CPU, a stage whose filter bank writes large maps -- lecun83's first stage makes
   64 maps of 75x75, 1.4 MB per image -- runs on slices of the batch small enough for
-  those maps to stay in the processor's cache while the stage's other layers pass
-  over them (a batch of 64 would be 92 MB, read from memory by every pass). Every
-  layer of such a stage works image by image, so the values are those of the whole
-  batch at once; the weight gradients are summed slice by slice, which rounds
-  differently, within float rounding of the whole-batch sum.
+  those maps to stay in the processor's cache while the stage's other layers pass over
+  them. Every layer of such a stage works image by image, so the values are those of
+  the whole batch at once; the weight gradients are summed slice by slice, which
+  rounds differently, within float rounding of the whole-batch sum.
 
-A hook of any kind -- on the stage, on one of its layers, or a global module hook --
-turns both off: a hooked stage runs as ``stage(x)``, and a stage with a hooked layer
-runs layer by layer on the whole batch, so that every hook sees what a plain
-``stage(x)`` would show it.
+So a forward hook on one of a stage's layers sees each slice of the batch, and the
+rectification and normalization of a fused pair run as one call of the normalization's
+``forward_rectified`` (their own hooks are not called). To watch every layer on the
+whole batch, use :meth:`cnnkit.models.build.Network.intermediates`, or set ``fast =
+False`` on the stage.
 """
 
 from __future__ import annotations
@@ -23,14 +27,15 @@ import math
 
 import torch
 from torch import nn
-from torch.nn.modules import module as module_hooks
 
+from cnnkit.kernels import fast_path_allowed
+from cnnkit.kernels.table_conv import valid_size
 from cnnkit.nn.activation import Rectify, ReLU
 from cnnkit.nn.filter_bank import FilterBank
 from cnnkit.nn.normalization import ContrastNorm, DivisiveNorm, SubtractiveNorm
 from cnnkit.nn.pooling import Pool, PoolSubsample, Subsample
 
-__all__ = ["run_stage"]
+__all__ = ["Stage"]
 
 # A slice of the batch is sized so that the filter bank's output for it fits in about
 # this many bytes: lecun83's first stage then runs 4 images at a time, the fastest slice
@@ -54,69 +59,51 @@ _PER_IMAGE = (
 )
 
 
-def run_stage(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """``stage(x)`` for ``x`` of ``(N, C, H, W)`` or ``(C, H, W)``: fused, and in slices of
-    the batch when its maps are large (module notes); the values of ``stage(x)``, to
-    within rounding."""
-    if _hooked(stage):
-        return stage(x)
-    if x.dim() == 4 and x.shape[0] > 1:
-        images = _slice_images(stage, x)
-        if images < x.shape[0]:
-            return torch.cat([_run_fused(stage, part) for part in x.split(images)])
-    return _run_fused(stage, x)
+class Stage(nn.Sequential):
+    """The layers of one stage, applied in order (module notes for how it runs fast).
+
+    ``(N, C, H, W)`` or ``(C, H, W)`` in; the last layer's maps out.
+
+    Attributes:
+        fast: whether the stage may fuse and slice (default True); False runs
+            ``nn.Sequential.forward``.
+    """
+
+    fast: bool = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.fast and fast_path_allowed(x)):
+            return super().forward(x)
+        if x.dim() == 4 and x.shape[0] > 1:
+            images = _slice_images(self, x)
+            if images < x.shape[0]:
+                return torch.cat([_run_fused(self, part) for part in x.split(images)])
+        return _run_fused(self, x)
 
 
-def _slice_images(stage: nn.Sequential, x: torch.Tensor) -> int:
+def _slice_images(stage: Stage, x: torch.Tensor) -> int:
     """How many images of ``x`` ``(N, C, H, W)`` to run at a time: N unless slicing pays."""
     layers = list(stage.children())
-    if x.device.type != "cpu" or any(
-        type(layer) not in _PER_IMAGE or _hooked(layer) for layer in layers
-    ):
+    if x.device.type != "cpu" or any(type(layer) not in _PER_IMAGE for layer in layers):
         return x.shape[0]
     widest = math.prod(x.shape[1:])
     for layer in layers:
         if isinstance(layer, FilterBank):
-            widest = max(widest, layer.out_maps * _valid_area(layer, x.shape[-2:]))
+            stride = (layer.stride,) * 2 if isinstance(layer.stride, int) else layer.stride
+            h_out, w_out = valid_size(x.shape[-2:], layer.kernel_size, stride)
+            widest = max(widest, layer.out_maps * max(0, h_out) * max(0, w_out))
             break
     return max(1, SLICE_BYTES // (widest * x.element_size()))
 
 
-def _valid_area(bank: FilterBank, size: torch.Size) -> int:
-    (kh, kw), stride = bank.kernel_size, bank.stride
-    sh, sw = (stride, stride) if isinstance(stride, int) else stride
-    return max(0, (size[0] - kh) // sh + 1) * max(0, (size[1] - kw) // sw + 1)
-
-
-def _hooked(layer: nn.Module) -> bool:
-    """Whether a hook may watch ``layer`` run: its own hooks of any kind, or global ones."""
-    hooks = (
-        layer._forward_hooks,
-        layer._forward_pre_hooks,
-        layer._backward_hooks,
-        layer._backward_pre_hooks,
-    )
-    watched = (
-        module_hooks._global_forward_hooks,
-        module_hooks._global_forward_pre_hooks,
-        module_hooks._global_backward_hooks,
-        module_hooks._global_backward_pre_hooks,
-    )
-    return any(hooks) or any(watched)
-
-
-def _run_fused(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """``stage(x)``, with each ``Rectify`` -> ``ContrastNorm`` pair as one fused op."""
+def _run_fused(stage: Stage, x: torch.Tensor) -> torch.Tensor:
+    """The layers in order, with each ``Rectify`` -> ``ContrastNorm`` pair as one op."""
     layers = list(stage.children())
     index = 0
     while index < len(layers):
         layer = layers[index]
         following = layers[index + 1] if index + 1 < len(layers) else None
-        if (
-            type(layer) is Rectify
-            and type(following) is ContrastNorm
-            and not (_hooked(layer) or _hooked(following))
-        ):
+        if type(layer) is Rectify and type(following) is ContrastNorm:
             x = following.forward_rectified(x)
             index += 2
         else:

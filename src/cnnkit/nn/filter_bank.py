@@ -34,7 +34,9 @@ class FilterBank(nn.Module):
         weight: ``(K, kh, kw)``, one kernel per table row (not a dense
             ``(out_maps, in_maps, kh, kw)`` tensor).
         bias: ``(out_maps,)``, or ``None`` with ``bias=False``.
-        table: the ``(K, 2)`` ``int64`` table, saved in the ``state_dict``.
+        table: the ``(K, 2)`` ``int64`` table, saved in the ``state_dict``; its
+            :class:`~cnnkit.tables.TablePlan` is built with it (again when a new
+            table is assigned or loaded) and its index tensors are non-persistent buffers.
 
     Initialization (:meth:`reset_parameters`): uniform in ``[-b_o, b_o]`` with
     ``b_o = 1 / sqrt(fan_in_o * kh * kw)`` for every kernel and the bias of output map
@@ -60,8 +62,9 @@ class FilterBank(nn.Module):
         self.stride = stride if isinstance(stride, int) else tuple(stride)
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be True or False, got {bias!r}")
-        self.register_buffer("table", table.detach().to("cpu", torch.int64).clone())
         self._in_maps = in_maps if in_maps is not None else tables.n_inputs(table)
+        self.register_buffer("table", None)
+        self.table = table.detach().to("cpu", torch.int64).clone()  # plans it too
         self.weight = nn.Parameter(torch.empty(len(table), kh, kw))
         if bias:
             self.bias = nn.Parameter(torch.empty(tables.n_outputs(table)))
@@ -75,7 +78,7 @@ class FilterBank(nn.Module):
 
     @property
     def out_maps(self) -> int:
-        return self._plan().out_maps
+        return self._out_maps
 
     @property
     def kernel_size(self) -> tuple[int, int]:
@@ -96,18 +99,24 @@ class FilterBank(nn.Module):
         check_maps("x", x, maps=self.in_maps)
         return table_conv2d(x, self._plan(), self.weight, self.bias, self.stride)
 
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name == "table" and isinstance(value, torch.Tensor):
+            self._set_plan(plan_table(value, self.in_maps))
+
+    def _set_plan(self, plan: TablePlan) -> None:
+        self._out_maps = plan.out_maps
+        self.register_buffer("slot_rows", plan.slot_rows, persistent=False)
+        self.register_buffer("slot_outputs", plan.slot_outputs, persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "table" in state_dict:  # a loaded table is planned again
+            self.table = self.table
+
     def _plan(self) -> TablePlan:
-        """The table's plan, checked and built again only when the table changes (seen
-        through its version counter, so an edit through ``.data`` goes unseen: edit the
-        table in place, or assign a new one). A table made under inference mode has no
-        version counter and is planned on every call."""
-        if self.table.is_inference():
-            return plan_table(self.table, self.in_maps)
-        key = (self.table.data_ptr(), self.table._version, self.table.device)
-        if getattr(self, "_plan_key", None) != key:
-            self._table_plan = plan_table(self.table, self.in_maps)
-            self._plan_key = key
-        return self._table_plan
+        """The table's plan, from the buffers built with it."""
+        return TablePlan(self.table, self.in_maps, self.out_maps, self.slot_rows, self.slot_outputs)
 
     def extra_repr(self) -> str:
         kh, kw = self.kernel_size

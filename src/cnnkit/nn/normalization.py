@@ -24,6 +24,7 @@ from cnnkit._validation import check_choice, check_positive_float, check_positiv
 from cnnkit.ops.normalization import (
     BORDERS,
     _check_divisive_options,
+    check_window,
     contrast_norm,
     divisive_norm,
     gaussian_window,
@@ -50,6 +51,16 @@ class _LocalNorm(nn.Module):
         self.sigma = window / 4 if sigma is None else check_positive_float("sigma", sigma)
         self.border = check_choice("border", border, BORDERS)
         self.register_buffer("window", gaussian_window(window, self.sigma, maps))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "window" and isinstance(value, torch.Tensor):
+            check_window(value)  # a window set by hand must sum to 1 too
+            if value.shape[0] != self.maps:
+                raise ValueError(
+                    f"window must have {self.maps} maps, one per input map, got shape "
+                    f"{tuple(value.shape)}"
+                )
+        super().__setattr__(name, value)
 
     def _gaussian(self, like: torch.Tensor) -> torch.Tensor:
         return gaussian_window(

@@ -1,0 +1,75 @@
+"""cnnkit's speed work, kept apart from the math in :mod:`cnnkit.ops`.
+
+Each op in :mod:`cnnkit.ops` is written first as plain torch operations that follow its
+formula; that plain path is what ``torch.export``, ONNX, ``torch.func``, ``vmap`` and a
+reader see. An op with a faster way asks :func:`fast_path_allowed` once, at one place,
+and then calls one function of this package:
+
+- :mod:`cnnkit.kernels.normalization` -- local contrast normalization as the registered
+  operator ``torch.ops.cnnkit.contrast_norm`` (the compiled CPU kernel of
+  :mod:`cnnkit._native`, or banded matrix products where it is not built), with its
+  shape function, derivative and a batching rule that falls back to the plain path;
+- :mod:`cnnkit.kernels.table_conv` -- the connection-table filter bank's other exact
+  methods (unfold, Fourier, depthwise) and the choice among them;
+- :mod:`cnnkit.kernels.pooling` -- max pooling by blocks, or on a channels-last copy.
+
+A fast path never changes the function: the tests hold each one to the plain path,
+forward and backward. ``CNNKIT_FAST=0`` in the environment turns every fast path off;
+``CNNKIT_NATIVE=0`` turns off only the compiled kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.autograd.forward_ad as forward_ad
+
+__all__ = ["fast_enabled", "fast_path_allowed", "has_tangent", "recorded"]
+
+
+def fast_enabled() -> bool:
+    """Whether fast paths may run at all: not turned off by ``CNNKIT_FAST=0``."""
+    return os.environ.get("CNNKIT_FAST", "1").strip() != "0"
+
+
+def has_tangent(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` carries a forward-mode tangent at the current level."""
+    return forward_ad.unpack_dual(tensor).tangent is not None
+
+
+def recorded(tensor: torch.Tensor | None) -> bool:
+    """Whether autograd records a derivative of ``tensor`` (grad mode on, requires grad)."""
+    return tensor is not None and torch.is_grad_enabled() and tensor.requires_grad
+
+
+def fast_path_allowed(*tensors: torch.Tensor | None, traced: bool = False) -> bool:
+    """The one eligibility check in front of every fast path.
+
+    A fast path may run when fast paths are on, nothing is being exported or traced by
+    ``torch.jit.trace``, and every tensor given is an ordinary tensor on a real device:
+    not a fake or other subclass, not inside a ``torch.func`` transform (``vmap``,
+    ``grad``), without a forward-mode tangent. ``traced=True`` marks a path that
+    ``torch.compile`` may trace through (a registered operator); other fast paths are
+    plain Python over torch ops, and under ``torch.compile`` the compiler gets the plain
+    path to optimise instead.
+    """
+    if not fast_enabled() or torch.jit.is_tracing() or torch.compiler.is_exporting():
+        return False
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return traced  # shapes are being propagated: a registered operator has its own
+    compiling = torch.compiler.is_compiling()
+    if compiling and not traced:
+        return False
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        if tensor.device.type == "meta" or has_tangent(tensor):
+            return False
+        if compiling:  # fake tensors standing for real ones
+            continue
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+            return False
+        if torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+            return False
+    return True
