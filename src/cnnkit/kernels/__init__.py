@@ -49,25 +49,24 @@ def fast_path_allowed(*tensors: torch.Tensor | None, traced: bool = False) -> bo
     A fast path may run when fast paths are on, nothing is being exported or traced by
     ``torch.jit.trace``, and every tensor given is an ordinary tensor on a real device:
     not a fake or other subclass, not inside a ``torch.func`` transform (``vmap``,
-    ``grad``), without a forward-mode tangent. ``traced=True`` marks a path that
-    ``torch.compile`` may trace through (a registered operator); other fast paths are
-    plain Python over torch ops, and under ``torch.compile`` the compiler gets the plain
-    path to optimise instead.
+    ``grad``), without a forward-mode tangent, and not under ``torch.autocast``.
+    ``traced=True`` marks a path that ``torch.compile`` may trace through (a registered
+    operator); other fast paths are plain Python over torch ops, and under
+    ``torch.compile`` the compiler gets the plain path to optimise instead.
     """
     if not fast_enabled() or torch.jit.is_tracing() or torch.compiler.is_exporting():
         return False
+    if torch.compiler.is_compiling():  # the tensors are fake ones standing for real ones
+        return traced and not any(t is not None and has_tangent(t) for t in tensors)
     if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
         return traced  # shapes are being propagated: a registered operator has its own
-    compiling = torch.compiler.is_compiling()
-    if compiling and not traced:
-        return False
     for tensor in tensors:
         if tensor is None:
             continue
         if tensor.device.type == "meta" or has_tangent(tensor):
             return False
-        if compiling:  # fake tensors standing for real ones
-            continue
+        if torch.is_autocast_enabled(tensor.device.type):  # the plain ops have cast rules
+            return False
         if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
             return False
         if torch._C._functorch.is_functorch_wrapped_tensor(tensor):

@@ -154,11 +154,22 @@ def _lp_pool(
     a = x.abs().to(torch.float32 if x.device.type == "mps" else torch.float64)
     scale = a.amax(dim=(-2, -1), keepdim=True)  # (N, C, 1, 1) or (C, 1, 1)
     scale = torch.where(scale > 0, scale, 1.0)
-    area = window[0] * window[1]
-    sums = F.avg_pool2d((a / scale) ** p, window, stride) * area  # (..., H_out, W_out)
+    sums = _window_sums((a / scale) ** p, window, stride)  # (..., H_out, W_out)
     nonzero = sums > 0
     root = torch.where(nonzero, sums, 1.0) ** (1.0 / p)
     return (torch.where(nonzero, root, 0.0) * scale).to(x.dtype)
+
+
+def _window_sums(
+    z: torch.Tensor, window: tuple[int, int], stride: tuple[int, int]
+) -> torch.Tensor:
+    """``sum_j z_j`` over every window: the window's rows added one offset at a time, then
+    its columns (plain slices and additions, which every exporter and dtype support)."""
+    (k_h, k_w), (s_h, s_w) = window, stride
+    rows = (z.shape[-2] - k_h) // s_h * s_h + 1  # the rows a window may start on, and between
+    by_rows = sum(z[..., u : u + rows, :] for u in range(k_h))[..., ::s_h, :]  # (..., H_out, W)
+    columns = (z.shape[-1] - k_w) // s_w * s_w + 1
+    return sum(by_rows[..., v : v + columns] for v in range(k_w))[..., ::s_w]  # (..., H_out, W_out)
 
 
 def _affine(
