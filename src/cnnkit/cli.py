@@ -18,7 +18,14 @@ from pathlib import Path
 from cnnkit import __version__
 
 # A user's mistakes surface as these; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -603,6 +610,43 @@ VERBS["filters"] = (
     run_filters,
 )
 VERBS["curves"] = ("draw a run's loss and accuracy per epoch", _curves_arguments, run_curves)
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by train")
+    parser.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="which weights to export (default: best)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("onnx", "pt2"),
+        default="onnx",
+        help="onnx (opset 18, run by onnxruntime) or pt2 (a torch.export archive); default: onnx",
+    )
+    parser.add_argument(
+        "--out", metavar="FILE", help="the file to write (default: RUN_DIR/model.onnx or .pt2)"
+    )
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from cnnkit.export import export_run
+
+    with _data_warnings_as_lines():
+        result = export_run(
+            args.run_dir, format=args.format, checkpoint=args.checkpoint, out=args.out
+        )
+    print(result.to_text())
+    return 0 if result.ok else 1
+
+
+VERBS["export"] = (
+    "write a run's network as ONNX or a torch.export archive, and check it",
+    _export_arguments,
+    run_export,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -160,9 +160,7 @@ def _lp_pool(
     return (torch.where(nonzero, root, 0.0) * scale).to(x.dtype)
 
 
-def _window_sums(
-    z: torch.Tensor, window: tuple[int, int], stride: tuple[int, int]
-) -> torch.Tensor:
+def _window_sums(z: torch.Tensor, window: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
     """``sum_j z_j`` over every window: the window's rows added one offset at a time, then
     its columns (plain slices and additions, which every exporter and dtype support)."""
     (k_h, k_w), (s_h, s_w) = window, stride
