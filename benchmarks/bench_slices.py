@@ -4,7 +4,7 @@ Three measurements, float32, CPU, after ``cnnkit.tune_runtime()``, each variant 
 turn (one run of each per round) and the medians reported:
 
 1. stage 1 (filter bank, rectification + normalization, pooling) on 64 images, run as
-   ``run_stage`` does with slices of 1, 2, 4, 8, 16 and 64 images: the forward pass
+   a ``Stage`` does with slices of 1, 2, 4, 8, 16 and 64 images: the forward pass
    without a gradient, and forward + backward;
 2. layer-2 max pooling (64 maps of 75x75, window 10, stride 5) without a gradient:
    by blocks, on a channels-last copy, and ``F.max_pool2d`` on the contiguous maps, at
@@ -32,7 +32,7 @@ import cnnkit
 from benchmarks.bench_tying import median_seconds
 from cnnkit import tables
 from cnnkit.models import build, from_name, stages
-from cnnkit.ops import pooling
+from cnnkit.kernels import pooling
 from cnnkit.ops.table_conv import plan_table, table_conv2d
 
 SLICES = (1, 2, 4, 8, 16, 64)
@@ -88,7 +88,7 @@ def max_pooling(repeats: int) -> None:
             "by blocks": lambda x=x: pooling._block_max_pool(x, (10, 10), (5, 5)),
             "channels-last copy (with indices)": lambda x=x: pooling._ChannelsLastMaxPool.apply(
                 x, (10, 10), (5, 5)
-            ),
+            )[0],
             "F.max_pool2d, contiguous": lambda x=x: F.max_pool2d(x, 10, 5),
         }
         with torch.no_grad():
@@ -134,7 +134,7 @@ def forward_parts(repeats: int) -> None:
                 )
                 inp = out
             with torch.no_grad():
-                h = stages.run_stage(stage, h)
+                h = stage(h)
         parts["classifier"] = lambda h=h: model.classifier(h)
         parts["whole network"] = lambda x=x: model(x)
         with torch.no_grad():

@@ -266,7 +266,7 @@ def check_window(window: object) -> torch.Tensor:
         tolerance = max(1e-6, 16 * torch.finfo(window.dtype).eps)
         if abs(total - 1.0) > tolerance:
             raise ValueError(
-                f"window must sum to 1 (the lecture's sum of w_ipq = 1), got a sum of {total:.9g}"
+                f"window must sum to 1 (the lecture's sum of w_ipq = 1), got a sum of {total:.7g}"
             )
     return window
 
