@@ -31,8 +31,8 @@ import torch.nn.functional as F
 import cnnkit
 from benchmarks.bench_tying import median_seconds
 from cnnkit import tables
-from cnnkit.models import build, from_name, stages
 from cnnkit.kernels import pooling
+from cnnkit.models import build, from_name, stages
 from cnnkit.ops.table_conv import plan_table, table_conv2d
 
 SLICES = (1, 2, 4, 8, 16, 64)
