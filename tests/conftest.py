@@ -22,3 +22,10 @@ def one_thread():
     # gradcheck runs thousands of tiny calls; extra threads only add barrier waits to them
     with torch_threads(1):
         yield
+
+
+@pytest.fixture
+def fast_paths(monkeypatch):
+    """Fast paths on whatever ``CNNKIT_FAST`` says: for tests of the fast paths themselves
+    (the rest of the suite passes either way)."""
+    monkeypatch.setenv("CNNKIT_FAST", "1")

@@ -14,6 +14,8 @@ from cnnkit.models import build, from_name
 from cnnkit.ops import contrast_norm, gaussian_window, pool2d, rectified_contrast_norm
 from cnnkit.ops.table_conv import METHODS, table_conv2d
 
+pytestmark = pytest.mark.usefixtures("fast_paths")
+
 F64 = torch.float64
 
 

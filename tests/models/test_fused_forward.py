@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import cnnkit.models
 from cnnkit.nn.normalization import ContrastNorm
+
+pytestmark = pytest.mark.usefixtures("fast_paths")
 
 
 def _unfused_forward(model, x):

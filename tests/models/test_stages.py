@@ -9,6 +9,8 @@ from torch import nn
 import cnnkit.models
 from cnnkit.models import stages
 
+pytestmark = pytest.mark.usefixtures("fast_paths")
+
 
 def _lecun83(dtype: torch.dtype = torch.float64) -> nn.Module:
     torch.manual_seed(0)

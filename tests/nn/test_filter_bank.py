@@ -182,6 +182,7 @@ def test_the_table_plan_follows_the_table():
     torch.testing.assert_close(bank(x), other(x), rtol=0, atol=0)
 
 
+@pytest.mark.usefixtures("fast_paths")
 def test_a_bank_made_or_first_run_under_inference_mode_still_trains():
     x = torch.randn(2, 64, 14, 14)
     with torch.inference_mode():

@@ -325,6 +325,7 @@ def test_channels_last_copy_in_and_out_of_inference_mode() -> None:
     channels_last=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+@pytest.mark.usefixtures("fast_paths")
 def test_max_pool_without_a_gradient_by_blocks_equals_torch(
     blocks_h, blocks_w, s_h, s_w, extra_h, extra_w, values, double, channels_last, seed
 ) -> None:
@@ -354,6 +355,7 @@ def test_max_pool_without_a_gradient_by_blocks_equals_torch(
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.usefixtures("fast_paths")
 def test_block_max_pool_runs_only_when_no_gradient_is_recorded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
