@@ -263,7 +263,7 @@ def findings(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     stages = _effect(means, "stages", {1}, {2})
     others = [abs(e) for e in (pooling, stages) if e is not None]
     if rn is None:
-        first = (None, "not tested: the grid lacks cells with neither and with both")
+        first = (None, "the grid lacks cells with neither and with both")
     else:
         parts = [f"adding R and N changes test accuracy by {100 * rn:+.1f} points"]
         if pooling is not None:
@@ -273,7 +273,7 @@ def findings(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         first = (rn > 0 and all(rn > e for e in others), "; ".join(parts))
     with_rn, without = _gap(means, True, True), _gap(means, False, False)
     if with_rn is None or without is None:
-        second = (None, "not tested: needs random and learned cells with and without R and N")
+        second = (None, "it needs random and learned cells with and without R and N")
     else:
         second = (
             with_rn < without and with_rn <= 0.05,
@@ -281,7 +281,7 @@ def findings(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             f"{100 * without:+.1f} points without",
         )
     if stages is None:
-        third = (None, "not tested: the grid has one stage count")
+        third = (None, "the grid has one stage count")
     else:
         third = (stages > 0, f"two stages instead of one: {100 * stages:+.1f} points on average")
     names = (
@@ -307,7 +307,7 @@ def _markdown(summary: Mapping[str, Any]) -> str:
         f"# Jarrett et al.'s grid: {summary['preset']} on {summary['data']}",
         "",
         f"Test accuracy on {summary['test_images']} images ({summary['test_set']}) after "
-        f"{summary['epochs']} epochs on {summary['training_images']:,} training images "
+        f"{summary['epochs']} epoch(s) on {summary['training_images']:,} training images "
         f"(20% kept to choose the best epoch); mean of {summary['seeds']} seed(s).",
         "",
         markdown_table(header, body),
