@@ -64,7 +64,7 @@ def families(spec: ArchitectureSpec) -> list[Family]:
         note = (
             f"fully connected: {wanted:,} hidden units would need "
             f"{wanted * pixels * 4 / 2**20:,.0f} MiB of float32 weights; capped to "
-            f"{units:,} units ({units * pixels * 4 / 2**20:,.0f} MiB, the 256 MiB limit)"
+            f"{units:,} units to stay within 256 MiB"
         )
     first = spec.stages[0]
     dense = ArchitectureSpec(

@@ -39,7 +39,7 @@ QUICK_AXES: dict[str, tuple[Any, ...]] = {
     "nonlinearity": ("none", "abs"),
     "normalization": ("off", "on"),
     "pooling": ("max",),
-    "stages": (2,),
+    "stages": (1, 2),
 }
 DEFAULT_EPOCHS, QUICK_EPOCHS = 10, 8
 COLUMNS = (
@@ -114,7 +114,7 @@ def jarrett(
     """Run the ablation grid into ``out`` on all of the training split; return
     ``results.json``'s data.
 
-    The grid is :data:`AXES` (48 cells), :data:`QUICK_AXES` with ``quick`` (8 cells), or
+    The grid is :data:`AXES` (48 cells), :data:`QUICK_AXES` with ``quick`` (16 cells), or
     ``axes``. ``epochs`` defaults to 10 (quick: 8); ``training`` holds other
     :class:`~cnnkit.training.TrainConfig` options.
     """

@@ -29,8 +29,8 @@ QUICK_SIZES: tuple[int | None, ...] = (250, 1000, None)
 DEFAULT_SEEDS, QUICK_SEEDS = 3, 2
 DEFAULT_EPOCHS, QUICK_EPOCHS = 15, 8
 MIN_STEPS = 150
-"""By default a small subset trains for more epochs, so that every cell takes at least
-this many optimizer steps (250 images at batch 64 are only 4 steps an epoch)."""
+"""A small subset trains for more epochs, so that every cell takes at least this many
+optimizer steps (250 images at batch 64 are only 4 steps an epoch)."""
 INPUT_SIDES = (28, 56, 83, 128, 256, 512, 1000)
 COLUMNS = (
     "family",
@@ -75,7 +75,7 @@ def sharing(
     training-subset sizes (default 250, 500, 1000, 2000 and all, clipped to the training
     split; ``quick``: 250, 1000, all); ``seeds`` how many seeds (3; quick 2); ``epochs``
     the epochs of a cell (15; quick 8), raised for a small subset to make at least
-    ``min_steps`` optimizer steps (:func:`epochs_for`; 0 turns that off);
+    ``min_steps`` optimizer steps (150; :func:`epochs_for`; 0 turns that off);
     ``training`` other :class:`~cnnkit.training.TrainConfig` options for every cell.
     A finished cell is not trained again; an interrupted one continues.
     """
