@@ -44,7 +44,7 @@ def test_star_changes_every_stage(tmp_path, tiny_spec_file):
         (
             '[grid]\n"stages.1.filters.mapz" = [2]',
             "field 'stages.1.filters.mapz' does not exist: "
-            "filterbank has no 'mapz' (it has maps, kernel",
+            "filterbank has no .mapz. .it has maps, kernel",
         ),
         ('[grid]\n"stages.3.filters.maps" = [2]', "stage '3' is not 1..2 or *"),
         ('[grid]\n"stages.1" = [2]', "must name a stage and one of its fields"),
@@ -58,7 +58,7 @@ def test_star_changes_every_stage(tmp_path, tiny_spec_file):
             "weight_sharing = 'tied': unknown weight_sharing "
             "'tied'; expected one of 'shared', 'averaged', 'none'",
         ),
-        ('[grid]\n"classifier.hidden.width" = [3]', "it goes below a value"),
+        ('[grid]\n"classifier.hidden.width" = [3]', "the spec has no hidden there"),
         ("[grid]\ninput = [3]", "field 'input' is a section"),
         ('[grid]\n"training.lrr" = [0.1]', "field 'training.lrr' does not exist; training options"),
         ('[grid]\n"training.lr" = [-1.0]', "training.lr = -1.0: lr must be"),
