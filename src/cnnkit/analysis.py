@@ -43,7 +43,8 @@ class LayerRow:
     connections: int = 0
     multiply_adds: int = 0
     # Untied filter banks (weight_sharing="averaged") store a kernel and a bias at every
-    # output position; ``weights``/``biases`` then count the free (tied) values.
+    # output position; ``weights``/``biases`` then count the free (tied) values. With
+    # weight_sharing="none" nothing is tied: every stored copy is a weight.
     stored_weights: int | None = None
     stored_biases: int | None = None
 
@@ -182,6 +183,8 @@ def summarize(spec: ArchitectureSpec) -> Summary:
         kernels = _table_size(bank.table, bank.fan_in, bank.connections, maps, bank.maps)
         out_maps, out_h, out_w = shapes.filters
         untied = spec.weight_sharing == "averaged"
+        # weight_sharing="none": every position's kernel and bias is a free weight.
+        copies = out_h * out_w if spec.weight_sharing == "none" else 1
         table = {
             "full": "full",
             "one-to-one": "one-to-one",
@@ -195,9 +198,9 @@ def summarize(spec: ArchitectureSpec) -> Summary:
                 out_maps,
                 out_h,
                 out_w,
-                weights=kernels * k * k,
-                biases=out_maps if bank.bias else 0,
-                kernels=kernels,
+                weights=kernels * k * k * copies,
+                biases=(out_maps if bank.bias else 0) * copies,
+                kernels=kernels * copies,
                 connections=kernels * k * k * out_h * out_w,
                 multiply_adds=kernels * k * k * out_h * out_w,
                 stored_weights=kernels * k * k * out_h * out_w if untied else None,

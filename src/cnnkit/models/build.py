@@ -41,7 +41,7 @@ class Network(nn.Module):
         for number, stage in enumerate(stages, start=1):
             self.add_module(f"stage{number}", stage)
         self.classifier = classifier
-        banks = self.untied_banks
+        banks = self.untied_banks if spec.weight_sharing == "averaged" else []
         self._ties = tying.convolution_groups(*banks).renamed(self) if banks else None
         self._tie_scaling = None
         if self._ties is not None and spec.averaged_step == "scaled":
@@ -136,7 +136,9 @@ def build_stage(
     nonlin, norm, pool.
 
     ``untied`` stores the filter bank as a :class:`LocallyConnected2d` over ``input_hw``
-    (a kernel at every position) starting from one shared kernel per table row.
+    (a kernel at every position) starting from one shared kernel per table row. A bank
+    whose spec says ``trainable = false`` keeps its initial kernels (``requires_grad``
+    off), so an optimizer over the trainable parameters never moves them.
     """
     bank = stage.filters
     table = make_table(bank, in_maps)
@@ -146,6 +148,8 @@ def build_stage(
         # averaged network starts from the very weights of its shared twin.
         with torch.random.fork_rng(devices=[]):
             filters = LocallyConnected2d.from_filter_bank(filters, input_hw)
+    if not bank.trainable:
+        filters.requires_grad_(False)
     layers: list[tuple[str, nn.Module]] = [("filters", filters)]
     active = [name for name in stage.nonlinearity if name != "none"]
     for index, name in enumerate(active, start=1):
@@ -167,7 +171,7 @@ def build(spec: ArchitectureSpec) -> Network:
         raise TypeError(f"spec must be an ArchitectureSpec, got {type(spec).__name__}")
     stages = []
     maps, hw = spec.input.maps, (spec.input.height, spec.input.width)
-    untied = spec.weight_sharing == "averaged"
+    untied = spec.weight_sharing in ("averaged", "none")
     for stage, shapes in zip(spec.stages, spec.shapes(), strict=True):
         stages.append(build_stage(stage, maps, hw, untied))
         maps, hw = stage.filters.maps, shapes.output[1:]

@@ -25,7 +25,7 @@ NORM_KINDS = ("contrast", "subtractive", "divisive")
 BORDERS = ("renormalize", "zero", "reflect")
 POOL_KINDS = ("max", "avg", "lp")
 POOL_ACTIVATIONS = ("none", "tanh")
-WEIGHT_SHARING = ("shared", "averaged")
+WEIGHT_SHARING = ("shared", "averaged", "none")
 AVERAGED_STEPS = ("scaled", "literal")
 
 
@@ -78,7 +78,8 @@ class FilterBankSpec:
     ``table`` is ``"full"`` (every input to every output), ``"one-to-one"`` (map i to
     map i; needs as many outputs as inputs), ``"random"`` (each output draws ``fan_in``
     distinct inputs, seeded by ``seed``) or ``"explicit"`` (``connections`` lists the
-    (input map, output map) pairs).
+    (input map, output map) pairs). ``trainable = false`` freezes the bank at its random
+    initial kernels (Jarrett et al.'s random filters): training moves only the rest.
     """
 
     maps: int
@@ -88,9 +89,15 @@ class FilterBankSpec:
     seed: int = 0
     connections: tuple[tuple[int, int], ...] | None = None
     bias: bool = True
+    trainable: bool = True
 
     def __post_init__(self) -> None:
         where = "filters"
+        for flag in ("bias", "trainable"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(
+                    f"{where}: {flag} must be true or false, got {getattr(self, flag)!r}"
+                )
         _int(where, "maps", self.maps)
         _int(where, "kernel", self.kernel)
         _choice(where, "table kind", self.table, TABLE_KINDS)
@@ -227,6 +234,9 @@ class ArchitectureSpec:
     group moves as a shared weight would and ``averaged`` trains like ``shared``;
     ``"literal"`` keeps the lecture's rule, under which a group moves by the *mean* of its
     gradients, N times less than a shared weight (N = positions sharing it).
+    ``"none"`` stores a kernel at every position like ``averaged`` but never ties them: a
+    locally connected network with the convolution's connection tables, whose weights
+    grow with the maps' area.
     """
 
     name: str
