@@ -229,9 +229,7 @@ def evaluation_images(
     return str(splits.source), split, _relabel(images, loaded.class_names, str(splits.source))
 
 
-def evaluate_loaded(
-    loaded: LoadedRun, source: str, split: str, images: ImageSet
-) -> RunEvaluation:
+def evaluate_loaded(loaded: LoadedRun, source: str, split: str, images: ImageSet) -> RunEvaluation:
     """Evaluate a loaded run on ``images`` (from :func:`evaluation_images`)."""
     result = evaluate(loaded.model, images, device=loaded.device)
     epoch = loaded.metadata.get("epoch")
