@@ -282,3 +282,11 @@ def test_page_renders_in_chromium(tiny: dict[str, Path], tmp_path: Path, width: 
     gray = np.asarray(Image.open(shot).convert("L"))
     assert gray.shape[1] == width
     assert gray.std() > 5  # not a blank page
+
+
+def test_resume_with_report_writes_the_page(tiny: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny["run"], run)
+    (run / "report.html").unlink()
+    assert main(["train", "--resume", str(run), "--report", "--progress", "none"]) == 0
+    assert "Feature maps" in parse(run / "report.html").headings
