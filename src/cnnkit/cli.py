@@ -272,6 +272,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="train in N processes on this machine (starts torchrun; see docs/distributed.md)",
     )
+    parser.add_argument(
+        "--report", action="store_true", help="write RUN_DIR/report.html at the end (see report)"
+    )
 
 
 def _with_weight_sharing(spec, args: argparse.Namespace):
@@ -334,13 +337,13 @@ def _run_train(args: argparse.Namespace) -> int:
                 f"--resume continues a run with its own options; {given[0]} cannot be given with it"
             )
         try:
-            training.resume(
+            path = training.resume(
                 args.resume, device=args.device, threads=args.threads, progress=args.progress
             )
         except training.NonFiniteLossError as error:
             print(f"cnnkit: error: {error}", file=sys.stderr)
             return 1
-        return 0
+        return _report_after_training(path, args)
     spec = _with_weight_sharing(_load_spec(args), args)
     options = {
         name: getattr(args, name) for name in _TRAIN_OPTIONS if getattr(args, name) is not None
@@ -362,16 +365,16 @@ def _run_train(args: argparse.Namespace) -> int:
     invocation = {
         key: value
         for key, value in vars(args).items()
-        if key not in ("verb", "progress", "resume", "argv", "nproc")
+        if key not in ("verb", "progress", "resume", "argv", "nproc", "report")
     }
     try:
-        training.fit(
+        path = training.fit(
             spec, splits, config, out=args.out, progress=args.progress, invocation=invocation
         )
     except training.NonFiniteLossError as error:
         print(f"cnnkit: error: {error}", file=sys.stderr)
         return 1
-    return 0
+    return _report_after_training(path, args)
 
 
 @contextlib.contextmanager
@@ -801,6 +804,69 @@ VERBS["experiment"] = (
     _experiment_arguments,
     run_experiment,
 )
+
+
+# --------------------------------------------------------------------------------------
+# report (the page lives in cnnkit.report)
+# --------------------------------------------------------------------------------------
+
+REPORT_HELP = """\
+Write one self-contained HTML page about a run: its options and data, the layer table
+with Section 4's weight count comparison, the accuracy of `evaluate --format json` for
+the same checkpoint, the training curves, the confusion matrix with the most confused
+pairs, the learned filters against Sobel's, every stage's maps for a few test images
+(one correct, then the most confident mistakes) and the misclassified examples.
+
+Every image is inline; the page has no script and fetches nothing. Where the run's data
+has no test split, the validation split is used and the page says so. Given an
+experiment folder (results.md or results.json, plots, one run folder per cell), the page
+shows its table and plots and links each cell's report.html.
+"""
+
+
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder or an experiment folder")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    parser.add_argument(
+        "--out", default=None, metavar="FILE.html", help="the page (default: RUN_DIR/report.html)"
+    )
+    parser.add_argument(
+        "--images", type=_int_at_least(0), default=3, help="images whose maps are drawn (3)"
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        metavar="SOURCE",
+        help="images to evaluate on (default: the run's own data, test split)",
+    )
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from cnnkit.report import write_report
+
+    with _data_warnings_as_lines():
+        path = write_report(
+            args.run_dir,
+            checkpoint=args.checkpoint,
+            out=args.out,
+            images=args.images,
+            data=args.data,
+        )
+    print(f"wrote {path}")
+    return 0
+
+
+def _report_after_training(path: str | Path, args: argparse.Namespace) -> int:
+    """``train --report``: the run's page, written by the first process only."""
+    if getattr(args, "report", False) and os.environ.get("RANK", "0") == "0":
+        from cnnkit.report import write_report
+
+        print(f"wrote {write_report(path)}")
+    return 0
+
+
+DESCRIPTIONS["report"] = REPORT_HELP
+VERBS["report"] = ("one HTML page showing a run (or an experiment)", _report_arguments, run_report)
 
 
 def build_parser() -> argparse.ArgumentParser:

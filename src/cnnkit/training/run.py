@@ -189,14 +189,10 @@ def _relabel(images: ImageSet, class_names: Sequence[str], source: str) -> Image
     return ImageSet(images.images, mapping[images.labels], list(class_names))
 
 
-def evaluate_run(
-    run_dir: str | os.PathLike[str],
-    checkpoint: str = "best",
-    *,
-    data: str | os.PathLike[str] | DataSplits | None = None,
-    device: str = "cpu",
-) -> RunEvaluation:
-    """Accuracy, per-class accuracy and confusion matrix of a run's checkpoint.
+def evaluation_images(
+    loaded: LoadedRun, data: str | os.PathLike[str] | DataSplits | None = None
+) -> tuple[str, str, ImageSet]:
+    """``(source, split, images)``: the images :func:`evaluate_run` evaluates ``loaded`` on.
 
     ``data`` defaults to the run's own data source, whose test split is used, or its
     validation split when it has none (image folders). Another source (a folder, a
@@ -204,7 +200,6 @@ def evaluate_run(
     onto the run's by name, and its test split is used, or all its images when it has
     none.
     """
-    loaded = load_run(run_dir, checkpoint, device=device)
     recorded = loaded.config["data"]
     if data is None or isinstance(data, (str, os.PathLike)):
         from cnnkit.data import load
@@ -231,10 +226,27 @@ def evaluate_run(
             torch.cat([splits.train.labels, splits.val.labels]),
             list(splits.class_names),
         )
-    images = _relabel(images, loaded.class_names, str(splits.source))
+    return str(splits.source), split, _relabel(images, loaded.class_names, str(splits.source))
+
+
+def evaluate_loaded(loaded: LoadedRun, source: str, split: str, images: ImageSet) -> RunEvaluation:
+    """Evaluate a loaded run on ``images`` (from :func:`evaluation_images`)."""
     result = evaluate(loaded.model, images, device=loaded.device)
     epoch = loaded.metadata.get("epoch")
-    return RunEvaluation(loaded.path, checkpoint, epoch, str(splits.source), split, result)
+    return RunEvaluation(loaded.path, loaded.checkpoint, epoch, source, split, result)
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike[str],
+    checkpoint: str = "best",
+    *,
+    data: str | os.PathLike[str] | DataSplits | None = None,
+    device: str = "cpu",
+) -> RunEvaluation:
+    """Accuracy, per-class accuracy and confusion matrix of a run's checkpoint, on the
+    images that :func:`evaluation_images` chooses for ``data``."""
+    loaded = load_run(run_dir, checkpoint, device=device)
+    return evaluate_loaded(loaded, *evaluation_images(loaded, data))
 
 
 # --------------------------------------------------------------------------------------
