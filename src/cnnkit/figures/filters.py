@@ -153,8 +153,8 @@ def sobel_scores(weight: Any, table: Any = None, *, top: int = 1) -> list[SobelM
     ``s = as_stored(template)`` resized to ``(k_h, k_w)`` (:func:`resize_kernel`): 1 for a
     kernel with which the bank computes the template's convolution up to a positive
     factor (``"Gx"`` scores 1 for the kernel that gives ``+∂/∂x``), -1 for the negative
-    of that kernel; a zero kernel scores 0. Results are ordered by template, then rank; ties keep the lower
-    kernel index first.
+    of that kernel; a zero kernel scores 0. Results are ordered by template, then rank;
+    ties keep the lower kernel index first.
     """
     weight = _kernel_array(weight)
     check_positive_int("top", top)
