@@ -78,7 +78,9 @@ class FilterBankSpec:
     ``table`` is ``"full"`` (every input to every output), ``"one-to-one"`` (map i to
     map i; needs as many outputs as inputs), ``"random"`` (each output draws ``fan_in``
     distinct inputs, seeded by ``seed``) or ``"explicit"`` (``connections`` lists the
-    (input map, output map) pairs).
+    (input map, output map) pairs). For a random table, ``balanced = false`` draws each
+    output's inputs independently instead of using every input equally often (unset:
+    balanced; see :func:`cnnkit.tables.random`).
     """
 
     maps: int
@@ -88,6 +90,7 @@ class FilterBankSpec:
     seed: int = 0
     connections: tuple[tuple[int, int], ...] | None = None
     bias: bool = True
+    balanced: bool | None = None
 
     def __post_init__(self) -> None:
         where = "filters"
@@ -101,6 +104,13 @@ class FilterBankSpec:
             _int(where, "fan_in", self.fan_in)
         elif self.fan_in is not None:
             raise ValueError(f"{where}: fan_in applies only to a random table, not {self.table!r}")
+        if self.balanced is not None:
+            if not isinstance(self.balanced, bool):
+                raise TypeError(f"{where}: balanced must be true or false, got {self.balanced!r}")
+            if self.table != "random":
+                raise ValueError(
+                    f"{where}: balanced applies only to a random table, not {self.table!r}"
+                )
         if self.table == "explicit":
             if not self.connections:
                 raise ValueError(f"{where}: an explicit table needs a non-empty connections list")
