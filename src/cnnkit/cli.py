@@ -48,6 +48,9 @@ connections: (input unit, output unit) pairs a layer joins through a weight or a
   x window area; normalization: pairs inside its window, cut at the borders).
 multiply-adds: products of a trainable weight and an input (filter banks, trainable
   pooling, classifier); weight-free layers have none.
+rows marked * (JSON: "view": "lecture"): a fused pooling layer shown as the lecture's two
+  steps, pooling at stride 1 (lecun83: 64@66x66) then subsampling (64@14x14); the layer
+  pools only where subsampling keeps a value, so these rows and the totals count that.
 """
 
 
