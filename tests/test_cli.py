@@ -32,7 +32,11 @@ def test_summary_lecun83_numbers(capsys):
     assert "1@83×83" in input_row and "6,889" in input_row
     first = next(line for line in lines if line.startswith("stage1.filters"))
     assert "64@75×75" in first and "5,184" in first
-    assert "64@14×14" in next(line for line in lines if line.startswith("stage1.pool"))
+    # Fused pooling, shown as the lecture's two steps (Figures 3 and 4), marked *.
+    pool = next(line for line in lines if line.startswith("stage1.pool"))
+    assert "max pooling 10×10, stride 1 *" in pool and "64@66×66" in pool and "278,784" in pool
+    subsample = next(line for line in lines if line.startswith("stage1.subsample"))
+    assert "subsampling 5 *" in subsample and "64@14×14" in subsample and "12,544" in subsample
     third = next(line for line in lines if line.startswith("stage2.filters"))
     assert "256@6×6" in third and "331,776" in third and "4,096" in third
     assert "256@1×1" in next(line for line in lines if line.startswith("stage2.pool"))
@@ -45,6 +49,11 @@ def test_summary_json(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["rows"][0]["units"] == 6889
     assert data["rows"][-1]["maps"] == 10
+    rows = {row["name"]: row for row in data["rows"]}
+    assert rows["stage1.pool"]["shape"] == "64@66×66" and rows["stage1.pool"]["units"] == 278_784
+    assert rows["stage1.subsample"]["shape"] == "64@14×14"
+    assert rows["stage1.pool"]["view"] == rows["stage1.subsample"]["view"] == "lecture"
+    assert "view" not in rows["stage1.filters"]
 
 
 def test_summary_input_override(capsys):

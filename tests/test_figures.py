@@ -239,7 +239,8 @@ def test_sobel_scores_against_a_direct_computation():
     matches = figures.sobel_scores(weight, top=3)
     assert len(matches) == 8 * 3
     for name, angle, template in figures.sobel_templates():
-        s = figures.resize_kernel(template, (4, 4)).ravel()
+        # A bank correlates: the stored kernel that convolves with the template is its 180° turn.
+        s = figures.resize_kernel(np.rot90(template, 2), (4, 4)).ravel()
         cos = [
             0.0 if not w.any() else float(w.ravel() @ s / np.linalg.norm(w) / np.linalg.norm(s))
             for w in weight
@@ -260,10 +261,41 @@ def sobel_net(kernel: int):
     return figures.random_network(spec, seed=0)
 
 
+def test_as_stored_turns_the_kernel_by_half_a_turn():
+    kernel = np.arange(9.0).reshape(3, 3)
+    np.testing.assert_array_equal(figures.as_stored(kernel), np.rot90(kernel, 2))
+    np.testing.assert_array_equal(figures.as_stored(SOBEL_GX), -SOBEL_GX)
+
+
+@pytest.mark.parametrize(
+    ("name", "axis", "sign"), [("Gx", 1, 1), ("Gy", 0, 1), ("-Gx", 1, -1), ("-Gy", 0, -1)]
+)
+def test_the_kernel_computing_a_derivative_in_a_bank_gets_its_name(name, axis, sign):
+    """A ramp rising to the right (x, columns) or downwards (y, rows) through a FilterBank."""
+    from cnnkit import tables
+    from cnnkit.nn import FilterBank
+
+    slope = 0.5
+    ramp = torch.from_numpy(3.0 + slope * np.mgrid[0:8, 0:9][axis].astype(np.float64))
+    bank = FilterBank(tables.full(1, 4), 3, bias=False).double()
+    # Four kernels: the lecture's Gx and Gy as written and turned by 180°.
+    candidates = [SOBEL_GX, -SOBEL_GX, SOBEL_GX.T, -SOBEL_GX.T]
+    with torch.no_grad():
+        bank.weight.copy_(torch.from_numpy(np.stack(candidates)))
+    out = bank(ramp[None, None])[0].detach().numpy()  # (4, 6, 7)
+    # The one kernel whose map is the constant sign * 8 * slope computes sign * d/d(axis) ...
+    computes = [k for k in range(4) if np.allclose(out[k], sign * 8 * slope, atol=1e-12)]
+    assert len(computes) == 1
+    # ... and it is the one labelled with that derivative's template, with cosine 1.
+    match = next(m for m in figures.sobel_scores(bank.weight) if m.template == name)
+    assert match.kernel == computes[0]
+    assert match.similarity == pytest.approx(1.0, abs=1e-12)
+
+
 def test_network_with_sobel_first_filter_ranks_it_first():
     model = sobel_net(3)
-    with torch.no_grad():
-        model.stage1.filters.weight[0] = torch.from_numpy(3 * SOBEL_GX)
+    with torch.no_grad():  # the stored kernel that makes the bank convolve with Gx: -Gx
+        model.stage1.filters.weight[0] = torch.from_numpy(-3 * SOBEL_GX)
     report = figures.sobel_report(model, 1, top=4)
     gx = [m for m in report.matches if m.template == "Gx"]
     assert gx[0].kernel == 0 and gx[0].similarity == pytest.approx(1.0, abs=1e-6)
@@ -275,7 +307,7 @@ def test_network_with_sobel_first_filter_ranks_it_first():
 
 def test_resized_sobel_in_digits28_ranks_first(digits_model):
     model = figures.random_network("digits28", seed=0)
-    template = figures.resize_kernel(SOBEL_GX, (5, 5))
+    template = figures.resize_kernel(figures.as_stored(SOBEL_GX), (5, 5))
     with torch.no_grad():
         model.stage1.filters.weight[0] = torch.from_numpy(template)
     report = figures.sobel_report(model, 1)

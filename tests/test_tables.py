@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -79,6 +80,67 @@ def test_random_fan_in_equal_to_n_in_is_full():
     assert torch.equal(tables.random(3, 4, 3, seed=1), tables.full(3, 4))
 
 
+def _balanced_draw_as_first_shipped(n_in, n_out, fan_in, seed):
+    """The balanced draw written out once more: least used inputs first, ties by PCG64 keys."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    uses = np.zeros(n_in, dtype=np.int64)
+    rows = []
+    for output in range(n_out):
+        chosen = np.lexsort((rng.random(n_in), uses))[:fan_in]
+        uses[chosen] += 1
+        rows += [(int(i), output) for i in chosen]
+    rows.sort(key=lambda row: (row[1], row[0]))
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("args", [(64, 256, 16, 0), (64, 256, 16, 5), (6, 16, 3, 2), (5, 4, 2, 7)])
+def test_balanced_true_is_the_default_table_byte_for_byte(args):
+    n_in, n_out, fan, seed = args
+    expected = _balanced_draw_as_first_shipped(n_in, n_out, fan, seed)
+    for table in (tables.random(*args), tables.random(*args, balanced=True)):
+        assert table.dtype == torch.int64 and table.shape == expected.shape
+        assert table.numpy().tobytes() == expected.numpy().tobytes()
+
+
+def test_unbalanced_draws_sixteen_distinct_inputs_per_output():
+    table = tables.random(64, 256, 16, seed=0, balanced=False)
+    assert table.shape == (4096, 2) and table.dtype == torch.int64
+    assert is_sorted_by_output_then_input(table)
+    tables.check(table, n_in=64, n_out=256)  # rows distinct, every output fed
+    for output in range(256):
+        inputs = table[table[:, 1] == output, 0]
+        assert len(set(inputs.tolist())) == 16
+    # Independent draws: fan-outs vary around 256 * 16 / 64 = 64 (binomial, sd about 6.9).
+    uses = torch.bincount(table[:, 0], minlength=64)
+    assert uses.sum() == 4096 and len(set(uses.tolist())) > 5
+    assert uses.min() < 64 < uses.max()
+    # ... and runs of 4 outputs no longer split the 64 inputs among them.
+    runs = [sorted(table[(table[:, 1] // 4) == r, 0].tolist()) for r in range(64)]
+    assert sum(run == list(range(64)) for run in runs) == 0
+
+
+def test_unbalanced_is_reproducible_by_seed():
+    first = tables.random(64, 256, 16, seed=3, balanced=False)
+    assert torch.equal(first, tables.random(64, 256, 16, seed=3, balanced=False))
+    assert not torch.equal(first, tables.random(64, 256, 16, seed=4, balanced=False))
+    assert not torch.equal(first, tables.random(64, 256, 16, seed=3))
+
+
+def test_unbalanced_draws_every_subset_equally_often():
+    # 4 inputs, fan-in 2: the 6 pairs should each take about 1/6 of 3,000 outputs.
+    table = tables.random(4, 3000, 2, seed=11, balanced=False)
+    pairs = table[:, 0].reshape(3000, 2)  # (n_out, fan_in), inputs sorted within an output
+    counts = torch.unique(pairs, dim=0, return_counts=True)[1]
+    assert len(counts) == 6
+    expected = 3000 / 6
+    chi_square = float(((counts - expected) ** 2 / expected).sum())
+    assert chi_square < 20.5  # p < 0.001 for 5 degrees of freedom
+
+
+def test_unbalanced_fan_in_equal_to_n_in_is_full():
+    assert torch.equal(tables.random(3, 4, 3, seed=1, balanced=False), tables.full(3, 4))
+
+
 def test_lenet5_c3_is_the_published_table():
     # LeCun et al. 1998, Table I: row = S2 map (input), column = C3 map (output).
     published = [
@@ -135,6 +197,11 @@ def test_counts_and_describe():
         (lambda: tables.random(4, 4, 5), ValueError, r"fan_in must be at most n_in \(4\)"),
         (lambda: tables.random(4, 4, 2, seed=-1), ValueError, "seed must be a non-negative"),
         (lambda: tables.random(4, 4, 2, seed=1.5), TypeError, "seed must be a non-negative"),
+        (
+            lambda: tables.random(4, 4, 2, balanced="no"),
+            TypeError,
+            "balanced must be True or False, got 'no'",
+        ),
     ],
 )
 def test_builder_errors(call, error, message):

@@ -14,6 +14,15 @@ Definitions used in every row (and in ``cnnkit summary --help``):
 - **multiply-adds**: products of a trainable weight and an input, per image (filter banks,
   trainable pooling coefficients, the classifier). Weight-free layers have none.
 
+A fused pooling layer (``PoolSpec(fused=True)`` with a stride > 1, the presets' default)
+pools only where subsampling keeps a value, so the network never holds the lecture's
+stride-1 pooled maps (lecun83's 64@66×66, Figure 3). Its summary still shows the lecture's
+two steps, as the rows an unfused network would have -- ``stageN.pool`` (pooling at stride
+1, 66×66) and ``stageN.subsample`` (14×14) -- marked ``view="lecture"``. Their counts are
+those of the fused layer, which is what runs: the pooling row carries its coefficients,
+its connections (output units of the subsampled map × window area) and multiply-adds; the
+subsampling row none. So totals are the same whether the two steps are shown or not.
+
 Everything here is computed from a spec alone; :func:`parameter_counts` reads a built
 model so the two can be compared.
 """
@@ -21,7 +30,7 @@ model so the two can be compared.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from torch import nn
 
@@ -47,6 +56,9 @@ class LayerRow:
     # weight_sharing="none" nothing is tied: every stored copy is a weight.
     stored_weights: int | None = None
     stored_biases: int | None = None
+    # "lecture" on the two rows that show a fused pooling layer as the lecture's unfused
+    # steps (their maps are not held by the network; their counts are the fused layer's).
+    view: str | None = None
 
     @property
     def stored(self) -> int:
@@ -159,10 +171,13 @@ def _table_size(kind: str, fan_in: int | None, connections, in_maps: int, out_ma
     return len(connections)
 
 
-def _describe_pool(pool: PoolSpec) -> str:
+def _describe_pool(pool: PoolSpec, *, stride_one: bool = False) -> str:
+    """``"max pooling 10×10, subsampling 5"``; ``stride_one``: the pooling step alone."""
     kind = {"max": "max", "avg": "average", "lp": f"L{pool.p:g}"}[pool.kind]
     text = f"{kind} pooling {pool.window}×{pool.window}"
-    if pool.stride > 1:
+    if stride_one:
+        text += ", stride 1"
+    elif pool.stride > 1:
         text += f", subsampling {pool.stride}"
     if pool.trainable:
         text += ", trainable"
@@ -232,7 +247,7 @@ def summarize(spec: ArchitectureSpec) -> Summary:
             p_maps, p_h, p_w = shapes.pooled
             trainable = out_maps if pool.trainable else 0
             pooled_units = p_maps * p_h * p_w
-            if pool.fused or pool.stride == 1:
+            if pool.stride == 1:
                 rows.append(
                     LayerRow(
                         f"{prefix}.pool",
@@ -247,19 +262,24 @@ def summarize(spec: ArchitectureSpec) -> Summary:
                     )
                 )
             else:
+                # Pooling at stride 1, then subsampling: the lecture's two steps, which an
+                # unfused layer also computes; a fused one evaluates only the kept windows.
                 full_h, full_w = out_h - pool.window + 1, out_w - pool.window + 1
                 full_units = out_maps * full_h * full_w
+                evaluated = pooled_units if pool.fused else full_units
+                view = "lecture" if pool.fused else None
                 rows.append(
                     LayerRow(
                         f"{prefix}.pool",
-                        _describe_pool(_without_subsampling(pool)),
+                        _describe_pool(pool, stride_one=True),
                         out_maps,
                         full_h,
                         full_w,
                         weights=trainable,
                         biases=trainable,
-                        connections=full_units * pool.window**2,
-                        multiply_adds=full_units if pool.trainable else 0,
+                        connections=evaluated * pool.window**2,
+                        multiply_adds=evaluated if pool.trainable else 0,
+                        view=view,
                     )
                 )
                 rows.append(
@@ -269,7 +289,8 @@ def summarize(spec: ArchitectureSpec) -> Summary:
                         p_maps,
                         p_h,
                         p_w,
-                        connections=pooled_units,
+                        connections=0 if pool.fused else pooled_units,
+                        view=view,
                     )
                 )
             if pool.activation == "tanh":
@@ -312,11 +333,6 @@ def summarize(spec: ArchitectureSpec) -> Summary:
     return Summary(spec, tuple(rows))
 
 
-def _without_subsampling(pool: PoolSpec) -> PoolSpec:
-    """The same pooling at stride 1 (the unfused pooling layer alone)."""
-    return replace(pool, stride=1)
-
-
 def parameter_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
     """``{layer name: (weights, biases)}`` stored in a built model's parameters.
 
@@ -354,10 +370,25 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+LECTURE_MARK = "*"
+"""Appended to the operation of a row in the lecture's view in :func:`format_table`."""
+
+
+def _text_cells(row: LayerRow) -> list[str]:
+    cells = [_cell(getattr(row, attr)) for _, attr, _ in _COLUMNS]
+    if row.view == "lecture":
+        cells[1] += f" {LECTURE_MARK}"
+    return cells
+
+
 def format_table(summary: Summary, dense: DenseComparison | None = None) -> str:
-    """Aligned text: one row per layer, then a totals footer (and Section 4's comparison)."""
+    """Aligned text: one row per layer, then a totals footer (and Section 4's comparison).
+
+    Rows in the lecture's view (a fused pooling layer shown as pooling at stride 1, then
+    subsampling) are marked ``*`` after the operation, and a line below the table says so.
+    """
     header = [title for title, _, _ in _COLUMNS]
-    body = [[_cell(getattr(row, attr)) for _, attr, _ in _COLUMNS] for row in summary.rows]
+    body = [_text_cells(row) for row in summary.rows]
     totals = ["Total", "", "", "", *(
         _cell(getattr(summary, attr))
         for attr in ("weights", "biases", "kernels", "connections", "multiply_adds")
@@ -378,6 +409,15 @@ def format_table(summary: Summary, dense: DenseComparison | None = None) -> str:
         f"Trainable parameters: {summary.parameters:,} "
         f"({summary.weights:,} weights + {summary.biases:,} biases)"
     )
+    if any(row.view == "lecture" for row in summary.rows):
+        out.append(
+            f"{LECTURE_MARK} the lecture's view of a fused pooling layer: pooling at stride 1, "
+            "then subsampling;"
+        )
+        out.append(
+            "  the layer pools only where subsampling keeps a value, and these rows count what "
+            "it computes"
+        )
     if summary.stored != summary.parameters:
         out.append(
             f"Stored entries: {summary.stored:,} (filter banks hold a kernel at every "
@@ -401,11 +441,17 @@ def _dense_lines(summary: Summary, dense: DenseComparison) -> list[str]:
 
 
 def to_json(summary: Summary, dense: DenseComparison | None = None) -> str:
-    """The summary for scripts: every row with its units and shape, plus totals."""
+    """The summary for scripts: every row with its units and shape, plus totals.
+
+    A row in the lecture's view has ``"view": "lecture"``; other rows have no ``view`` key.
+    """
     rows = []
     for row in summary.rows:
         data = asdict(row)
+        view = data.pop("view")
         data.update(units=row.units, shape=row.shape, stored=row.stored)
+        if view is not None:
+            data["view"] = view
         rows.append(data)
     result = {
         "name": summary.spec.name,

@@ -55,6 +55,9 @@ connections: (input unit, output unit) pairs a layer joins through a weight or a
   x window area; normalization: pairs inside its window, cut at the borders).
 multiply-adds: products of a trainable weight and an input (filter banks, trainable
   pooling, classifier); weight-free layers have none.
+rows marked * (JSON: "view": "lecture"): a fused pooling layer shown as the lecture's two
+  steps, pooling at stride 1 (lecun83: 64@66x66) then subsampling (64@14x14); the layer
+  pools only where subsampling keeps a value, so these rows and the totals count that.
 """
 
 
@@ -484,9 +487,13 @@ Draw a run's learned kernels of one stage as a grid and, for Sobel's Gx and its 
 45° (Gy, -Gx, -Gy and the diagonals), the most similar kernel with its score; print the
 scores as text or JSON.
 
-Similarity: cosine between a kernel and the 3×3 Sobel filter resized to the kernel's size
-by bilinear interpolation (corners aligned). The listing also gives the score that the
-best of as many random kernels would reach, for comparison.
+Names follow what a kernel computes in the network: a filter bank correlates, so the
+stored kernel named "Gx" (cosine +1) is the lecture's convolution kernel Gx turned by 180°,
+the one with which the bank computes +d/dx.
+
+Similarity: cosine between a kernel and that stored form of the 3×3 Sobel filter, resized
+to the kernel's size by bilinear interpolation (corners aligned). The listing also gives
+the score that the best of as many random kernels would reach, for comparison.
 """
 
 

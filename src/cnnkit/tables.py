@@ -10,8 +10,9 @@ The builders return rows sorted by output map, then input map:
 
 - :func:`full` -- every input to every output (an ordinary convolution layer);
 - :func:`one_to_one` -- input ``i`` to output ``i`` only;
-- :func:`random` -- each output draws ``fan_in`` distinct inputs, with every input used
-  equally often (the lecture's layer 3: 256 maps, each from 16 of 64 maps, 4096 kernels);
+- :func:`random` -- each output draws ``fan_in`` distinct inputs (the lecture's layer 3:
+  256 maps, each from 16 of 64 maps, 4096 kernels), by default with every input used
+  equally often, or with ``balanced=False`` independently for each output;
 - :func:`lenet5_c3` -- the hand-made table of LeNet-5's layer C3.
 
 :func:`check` validates a table and names the offending row; :func:`plan_table` checks it
@@ -69,33 +70,49 @@ def one_to_one(n: int) -> torch.Tensor:
     return torch.stack([index, index], dim=1)  # (n, 2)
 
 
-def random(n_in: int, n_out: int, fan_in: int, seed: int = 0) -> torch.Tensor:
-    """Give each output map ``fan_in`` distinct input maps, every input used equally often.
+def random(
+    n_in: int, n_out: int, fan_in: int, seed: int = 0, *, balanced: bool = True
+) -> torch.Tensor:
+    """Give each output map ``fan_in`` distinct input maps drawn at random.
 
-    Returns ``n_out * fan_in`` rows. Every input map is used ``n_out * fan_in / n_in``
-    times when that divides exactly, otherwise the floor or the ceiling of it; so
-    ``random(64, 256, 16)`` uses each of the 64 maps exactly 64 times.
+    Returns ``n_out * fan_in`` rows. Two draws:
 
-    Outputs are filled in order; each takes the ``fan_in`` inputs used least so far, ties
-    broken by uniform random keys. Taking the least used keeps every count within one of
-    every other at all times, which is what makes the table balanced. One consequence:
-    when ``fan_in`` divides ``n_in``, each run of ``n_in / fan_in`` consecutive outputs
-    splits the inputs among themselves (outputs 0-3 of ``random(64, 256, 16)`` read 64
-    different maps). The keys come from NumPy's PCG64 generator seeded with ``seed``, so
-    a seed gives the same table on every run and machine.
+    - ``balanced=True`` (the default, Torch7's ``nn.tables.random``): every input map is
+      used equally often -- ``n_out * fan_in / n_in`` times when that divides exactly,
+      otherwise the floor or the ceiling of it; so ``random(64, 256, 16)`` uses each of
+      the 64 maps exactly 64 times. Outputs are filled in order; each takes the
+      ``fan_in`` inputs used least so far, ties broken by uniform random keys. Taking the
+      least used keeps every count within one of every other at all times, which is what
+      makes the table balanced. One consequence: when ``fan_in`` divides ``n_in``, each
+      run of ``n_in / fan_in`` consecutive outputs splits the inputs among themselves
+      (outputs 0-3 of ``random(64, 256, 16)`` read 64 different maps).
+    - ``balanced=False``: each output draws its ``fan_in`` inputs independently of the
+      others, uniformly among all ``C(n_in, fan_in)`` subsets -- the lecture's "randomly
+      select 16 feature maps out of 64" read literally. How many outputs an input feeds
+      then varies (binomially, with mean ``n_out * fan_in / n_in``).
+
+    The draws come from NumPy's PCG64 generator seeded with ``seed``, so a seed gives the
+    same table on every run and machine.
     """
     check_positive_int("n_in", n_in)
     check_positive_int("n_out", n_out)
     check_positive_int("fan_in", fan_in)
     check_nonnegative_int("seed", seed)
+    if not isinstance(balanced, bool):
+        raise TypeError(f"balanced must be True or False, got {balanced!r}")
     if fan_in > n_in:
         raise ValueError(
             f"fan_in must be at most n_in ({n_in}): an output map cannot take the same "
             f"input map twice, got fan_in={fan_in}"
         )
     rng = np.random.Generator(np.random.PCG64(seed))
-    uses = np.zeros(n_in, dtype=np.int64)
     rows = []
+    if not balanced:
+        for output in range(n_out):
+            chosen = rng.choice(n_in, size=fan_in, replace=False)  # (fan_in,) distinct
+            rows.extend((int(i), output) for i in chosen)
+        return _from_rows(rows)
+    uses = np.zeros(n_in, dtype=np.int64)
     for output in range(n_out):
         keys = rng.random(n_in)
         chosen = np.lexsort((keys, uses))[:fan_in]  # least used first, then by key

@@ -51,6 +51,36 @@ def test_explicit_table_round_trips():
     assert ArchitectureSpec.from_json(spec.to_json()) == spec
 
 
+def test_balanced_round_trips_and_is_omitted_when_unset():
+    spec = tiny(table="random", fan_in=2, balanced=False)
+    assert "balanced = false" in spec.to_toml()
+    assert ArchitectureSpec.from_toml(spec.to_toml()) == spec
+    assert ArchitectureSpec.from_json(spec.to_json()) == spec
+    # A spec written before the field existed has no such key, and loads as unset.
+    unset = tiny(table="random", fan_in=2)
+    assert "balanced" not in unset.to_toml() and "balanced" not in unset.to_json()
+    text = unset.to_toml()
+    assert ArchitectureSpec.from_toml(text).stages[1].filters.balanced is None
+
+
+def test_balanced_in_a_spec_file_reaches_the_table(tmp_path):
+    import torch
+
+    from cnnkit import tables
+    from cnnkit.models import build
+
+    path = tmp_path / "plain.toml"
+    path.write_text(tiny(table="random", fan_in=2, seed=3).to_toml().replace(
+        "fan_in = 2", "fan_in = 2\nbalanced = false"
+    ))  # fmt: skip
+    model = build(load_spec(path))
+    plain = tables.random(4, 6, 2, seed=3, balanced=False)
+    assert torch.equal(model.stage2.filters.table, plain)
+    assert not torch.equal(plain, tables.random(4, 6, 2, seed=3))
+    default = build(tiny(table="random", fan_in=2, seed=3))
+    assert torch.equal(default.stage2.filters.table, tables.random(4, 6, 2, seed=3))
+
+
 def test_lecun83_shapes_follow_the_lecture():
     shapes = from_name("lecun83").shapes()
     assert shapes[0].filters == (64, 75, 75)
@@ -156,6 +186,14 @@ def test_missing_key_is_named():
         (lambda: InputSpec(height=0, width=3), r"input: height must be >= 1, got 0"),
         (lambda: FilterBankSpec(maps=4, kernel=3, table="diagonal"), r"unknown table kind"),
         (lambda: FilterBankSpec(maps=4, kernel=3, table="random"), r"random table needs fan_in"),
+        (
+            lambda: FilterBankSpec(maps=4, kernel=3, balanced=False),
+            r"filters: balanced applies only to a random table, not 'full'",
+        ),
+        (
+            lambda: FilterBankSpec(maps=4, kernel=3, table="random", fan_in=2, balanced=0),
+            r"filters: balanced must be true or false, got 0",
+        ),
         (lambda: NormSpec(border="wrap"), r"unknown border 'wrap'"),
         (lambda: NormSpec(threshold=-1.0), r"threshold must be a finite number > 0, got -1.0"),
         (lambda: PoolSpec(p=float("nan")), r"p must be a finite number > 0"),
@@ -195,6 +233,7 @@ def random_specs(draw):
         if table == "one-to-one":
             out = maps
         fan_in = draw(st.integers(1, maps)) if table == "random" else None
+        balanced = draw(st.sampled_from([None, True, False])) if table == "random" else None
         pool = None
         if draw(st.booleans()):
             pool = PoolSpec(
@@ -207,7 +246,9 @@ def random_specs(draw):
         norm = NormSpec(window=3) if draw(st.booleans()) else None
         stages.append(
             StageSpec(
-                FilterBankSpec(maps=out, kernel=kernel, table=table, fan_in=fan_in),
+                FilterBankSpec(
+                    maps=out, kernel=kernel, table=table, fan_in=fan_in, balanced=balanced
+                ),
                 nonlinearity=(draw(st.sampled_from(["abs", "relu", "tanh", "none"])),),
                 norm=norm,
                 pool=pool,

@@ -204,3 +204,45 @@ def test_a_failed_build_is_not_reported_as_compiled(monkeypatch, capsys):
     monkeypatch.setattr(_native, "_load", lambda: failed)
     assert main(["train", "--preset", "lecun99"]) == 2
     assert capsys.readouterr().out == ""
+
+
+PLAIN_RANDOM_STAGE = """
+[[stages]]
+nonlinearity = ["abs"]
+[stages.filters]
+maps = 6
+kernel = 3
+table = "random"
+fan_in = 2
+seed = 3
+balanced = {balanced}
+"""
+
+
+def test_a_plain_random_table_in_a_spec_reaches_the_trained_network(
+    tiny_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from cnnkit import tables, training
+
+    head, classifier = TINY_SPEC.split("[classifier]")
+    spec = tmp_path / "plain.toml"
+    spec.write_text(
+        head + PLAIN_RANDOM_STAGE.format(balanced="false") + "\n[classifier]" + classifier
+    )
+    argv = ["train", "--spec", str(spec), "--data", str(tiny_files["data"]), "--epochs", "1"]
+    argv += ["--out", str(tmp_path / "run"), "--threads", "1", "--progress", "none"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    run = training.load_run(tmp_path / "run", "last")
+    expected = tables.random(4, 6, 2, seed=3, balanced=False)
+    assert torch.equal(run.model.stage2.filters.table, expected)
+    assert run.model.spec.stages[1].filters.balanced is False
+    assert not torch.equal(expected, tables.random(4, 6, 2, seed=3))
+
+    spec.write_text(
+        head + PLAIN_RANDOM_STAGE.format(balanced='"no"') + "\n[classifier]" + classifier
+    )
+    assert main(["summary", "--spec", str(spec)]) == 2
+    assert "balanced must be true or false, got 'no'" in one_line_error(capsys)

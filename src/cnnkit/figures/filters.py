@@ -6,9 +6,16 @@ a number on it for a trained network: for Gx and its seven turns by 45° (``Gy``
 ``-Gy`` and the diagonals), the most similar kernel of a stage and their cosine
 similarity, next to the similarity the best of as many random kernels would reach.
 
-Method: the 3×3 template is resized to the kernel's size by bilinear interpolation with
-corners aligned (:func:`resize_kernel`), so a 9×9 kernel is compared with a smooth 9×9
-ramp of the same shape, then ``cos = <w, s> / (|w| |s|)`` over all ``k_h k_w`` values.
+Matches are named for what a kernel computes in the network. The lecture's Gx is a
+convolution kernel (convolving a ramp that rises to the right gives ``+8`` per unit of
+slope, a discrete ``∂/∂x``), while a filter bank correlates; correlating with a kernel
+turned by 180° is convolving with the kernel itself, so the stored kernel scored as "Gx"
+is Gx turned by 180° (:func:`as_stored`; for Sobel's filters, ``-Gx``).
+
+Method: the stored form of the 3×3 template is resized to the kernel's size by bilinear
+interpolation with corners aligned (:func:`resize_kernel`), so a 9×9 kernel is compared
+with a smooth 9×9 ramp of the same shape, then ``cos = <w, s> / (|w| |s|)`` over all
+``k_h k_w`` values.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ SOBEL_GX = np.array([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
 _RING = ((0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0))
 _ANGLE_NAMES = {0: "Gx", 90: "-Gy", 180: "-Gx", 270: "Gy"}
 SOBEL_METHOD = (
-    "cosine similarity with the 3×3 Sobel filter resized to the kernel's size by bilinear "
+    "cosine similarity with the 3×3 Sobel filter turned by 180° (the kernel a correlating "
+    "filter bank stores to convolve with it), resized to the kernel's size by bilinear "
     "interpolation (corners aligned)"
 )
 
@@ -62,6 +70,18 @@ def sobel_templates() -> list[tuple[str, int, np.ndarray]]:
             turned[_RING[i - 1]] = kernel[r, c]
         kernel = turned
     return templates
+
+
+def as_stored(kernel: np.ndarray) -> np.ndarray:
+    """The kernel a filter bank stores to compute convolution with ``kernel``: ``kernel``
+    turned by 180° (``kernel[::-1, ::-1]``).
+
+    A bank computes the correlation ``y(i, j) = sum_{p,q} x(i + p, j + q) w(p, q)``; with
+    ``w(p, q) = K(-p, -q)`` (indices centred) that is the convolution ``(x * K)(i, j)`` of
+    the lecture's Section 5. For Sobel's filters, which change sign when turned by 180°,
+    the stored kernel of ``Gx`` is ``-Gx``.
+    """
+    return np.ascontiguousarray(np.asarray(kernel, dtype=np.float64)[::-1, ::-1])
 
 
 def resize_kernel(kernel: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -127,12 +147,14 @@ def _kernel_array(weight: Any) -> np.ndarray:
 def sobel_scores(weight: Any, table: Any = None, *, top: int = 1) -> list[SobelMatch]:
     """For each Sobel template (:func:`sobel_templates`), the ``top`` most similar kernels.
 
-    ``weight`` is ``(K, k_h, k_w)`` (one 2-D kernel per table row); ``table`` the optional
-    ``(K, 2)`` connection table. Similarity is the cosine ``<w, s> / (|w| |s|)`` between a
-    kernel ``w`` and the template ``s`` resized to ``(k_h, k_w)`` (:func:`resize_kernel`):
-    1 for a kernel equal to the template up to a positive factor, -1 for its negative; a
-    zero kernel scores 0. Results are ordered by template, then rank; ties keep the lower
-    kernel index first.
+    ``weight`` is ``(K, k_h, k_w)``, the kernels as a filter bank stores them (one per
+    table row); ``table`` the optional ``(K, 2)`` connection table. Similarity is the cosine
+    ``<w, s> / (|w| |s|)`` between a kernel ``w`` and the template's stored form
+    ``s = as_stored(template)`` resized to ``(k_h, k_w)`` (:func:`resize_kernel`): 1 for a
+    kernel with which the bank computes the template's convolution up to a positive
+    factor (``"Gx"`` scores 1 for the kernel that gives ``+∂/∂x``), -1 for the negative
+    of that kernel; a zero kernel scores 0. Results are ordered by template, then rank;
+    ties keep the lower kernel index first.
     """
     weight = _kernel_array(weight)
     check_positive_int("top", top)
@@ -148,7 +170,7 @@ def sobel_scores(weight: Any, table: Any = None, *, top: int = 1) -> list[SobelM
     norms = np.linalg.norm(flat, axis=1)
     matches = []
     for name, angle, template in sobel_templates():
-        s = resize_kernel(template, (kh, kw)).reshape(-1)  # (d,)
+        s = resize_kernel(as_stored(template), (kh, kw)).reshape(-1)  # (d,)
         cosine = np.divide(
             flat @ s, norms * np.linalg.norm(s), out=np.zeros(count), where=norms > 0
         )
@@ -284,8 +306,9 @@ def filters_figure(
 
     Left: the ``K`` kernels of :func:`stage_kernels` as a mosaic in table-row order, each
     divided by its largest absolute value (blue -1, white 0, red +1), so its shape shows
-    whatever its norm. Right: for each of the 8 templates of :func:`sobel_templates`,
-    resized to the kernel size, the rank-1 kernel of ``report`` (computed by
+    whatever its norm. Right: for each of the 8 templates of :func:`sobel_templates`, in
+    its stored form (:func:`as_stored`, turned by 180°) resized to the kernel size, so it
+    looks like the kernels beside it, the rank-1 kernel of ``report`` (computed by
     :func:`sobel_report` when not given) with its similarity. Axes labels:
     ``"kernels"``, ``"template Gx"``, ``"match Gx"``, ...
 
@@ -310,13 +333,19 @@ def filters_figure(
     show(ax, unit, signed=True, limits=(-1.0, 1.0))
     title = f"stage {stage} · {count} kernels {kh}×{kw}"
     band(fig, 0, 0, KERNEL_PANEL, title, "each scaled to its largest |value|, table-row order")
-    templates = {name: resize_kernel(t, (kh, kw)) for name, _, t in sobel_templates()}
+    templates = {name: resize_kernel(as_stored(t), (kh, kw)) for name, _, t in sobel_templates()}
     best = [m for m in report.matches if m.rank == 1]
     for i, m in enumerate(best):
         row, column = divmod(2 * i, 4)
         template = templates[m.template] / np.abs(templates[m.template]).max()
         _small_panel(
-            fig, column, row, f"template {m.template}", template, m.template, f"{m.angle}°"
+            fig,
+            column,
+            row,
+            f"template {m.template}",
+            template,
+            m.template,
+            f"{m.angle}°, as stored",
         )
         where = "" if m.input_map is None else f" ({m.input_map}→{m.output_map})"
         detail = f"cos {m.similarity:.3f}"
@@ -333,8 +362,9 @@ def filters_figure(
     fig.text(
         (KERNEL_PANEL + 2 * MATCH_CELL) / width,
         0.15 / height,
-        f"cosine similarity with the 3×3 Sobel filter resized\nto {kh}×{kw} (bilinear); the best "
-        f"of {count} random\nkernels would score about {report.chance:.2f}",
+        f"cosine similarity with the 3×3 Sobel filter turned\nby 180° (a bank correlates) and "
+        f"resized to {kh}×{kw};\nthe best of {count} random kernels would score\nabout "
+        f"{report.chance:.2f}",
         ha="center",
         va="bottom",
         fontsize=8.5,

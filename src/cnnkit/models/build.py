@@ -99,7 +99,8 @@ def make_table(bank: FilterBankSpec, in_maps: int) -> torch.Tensor:
     if bank.table == "one-to-one":
         return tables.one_to_one(in_maps)
     if bank.table == "random":
-        return tables.random(in_maps, bank.maps, bank.fan_in, seed=bank.seed)
+        balanced = bank.balanced is not False  # unset means balanced
+        return tables.random(in_maps, bank.maps, bank.fan_in, seed=bank.seed, balanced=balanced)
     return torch.tensor(bank.connections, dtype=torch.int64)
 
 

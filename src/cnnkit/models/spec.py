@@ -78,8 +78,11 @@ class FilterBankSpec:
     ``table`` is ``"full"`` (every input to every output), ``"one-to-one"`` (map i to
     map i; needs as many outputs as inputs), ``"random"`` (each output draws ``fan_in``
     distinct inputs, seeded by ``seed``) or ``"explicit"`` (``connections`` lists the
-    (input map, output map) pairs). ``trainable = false`` freezes the bank at its random
-    initial kernels (Jarrett et al.'s random filters): training moves only the rest.
+    (input map, output map) pairs). For a random table, ``balanced = false`` draws each
+    output's inputs independently instead of using every input equally often (unset:
+    balanced; see :func:`cnnkit.tables.random`). ``trainable = false`` freezes the bank
+    at its random initial kernels (Jarrett et al.'s random filters): training moves only
+    the rest.
     """
 
     maps: int
@@ -90,6 +93,7 @@ class FilterBankSpec:
     connections: tuple[tuple[int, int], ...] | None = None
     bias: bool = True
     trainable: bool = True
+    balanced: bool | None = None
 
     def __post_init__(self) -> None:
         where = "filters"
@@ -108,6 +112,13 @@ class FilterBankSpec:
             _int(where, "fan_in", self.fan_in)
         elif self.fan_in is not None:
             raise ValueError(f"{where}: fan_in applies only to a random table, not {self.table!r}")
+        if self.balanced is not None:
+            if not isinstance(self.balanced, bool):
+                raise TypeError(f"{where}: balanced must be true or false, got {self.balanced!r}")
+            if self.table != "random":
+                raise ValueError(
+                    f"{where}: balanced applies only to a random table, not {self.table!r}"
+                )
         if self.table == "explicit":
             if not self.connections:
                 raise ValueError(f"{where}: an explicit table needs a non-empty connections list")
