@@ -742,6 +742,76 @@ VERBS["filters"] = (
 VERBS["curves"] = ("draw a run's loss and accuracy per epoch", _curves_arguments, run_curves)
 
 
+# --------------------------------------------------------------------------------------
+# presets, spec (a starting point for a spec file; keys: docs/specs.md)
+# --------------------------------------------------------------------------------------
+
+
+def _presets_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="output")
+
+
+def run_presets(args: argparse.Namespace) -> int:
+    import json
+
+    from cnnkit import analysis
+    from cnnkit.models import list_presets
+    from cnnkit.models.presets import PRESETS, from_name
+
+    rows = []
+    for name in list_presets():
+        spec = from_name(name)
+        summary = analysis.summarize(spec)
+        doc = (PRESETS[name].__doc__ or "").strip().splitlines()
+        rows.append(
+            {
+                "name": name,
+                "description": doc[0] if doc else "",
+                "input": f"{spec.input.maps}@{spec.input.height}×{spec.input.width}",
+                "classes": spec.classifier.classes,
+                "weights": summary.weights,
+                "biases": summary.biases,
+            }
+        )
+    if args.format == "json":
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        counts = f"{r['weights']:,} weights and {r['biases']:,} biases"
+        print(f"{r['name']:<{width}}  {r['description']}")
+        print(f"{'':<{width}}  input {r['input']}, {r['classes']} classes, {counts}")
+    return 0
+
+
+def _spec_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("preset", metavar="PRESET", help="a preset's name (see cnnkit presets)")
+    parser.add_argument(
+        "--out", default=None, metavar="FILE.toml", help="write it there (default: print it)"
+    )
+
+
+def run_spec(args: argparse.Namespace) -> int:
+    from cnnkit.models import from_name
+
+    spec = from_name(args.preset)
+    if args.out is None:
+        print(spec.to_toml(), end="")
+        return 0
+    out = Path(args.out)
+    if out.suffix not in (".toml", ".json"):
+        raise ValueError(f"--out {args.out!r} must end in .toml or .json")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out folder {str(out.parent)!r} does not exist")
+    spec.save(str(out))
+    print(f"wrote {out}")
+    return 0
+
+
+VERBS["presets"] = ("the named networks, with their sizes", _presets_arguments, run_presets)
+VERBS["spec"] = ("print a preset as a spec file to edit", _spec_arguments, run_spec)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cnnkit",

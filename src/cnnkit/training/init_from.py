@@ -20,7 +20,7 @@ from cnnkit.training.run_folder import open_run, read_config, read_run_spec
 
 
 def _without_name_and_classes(spec: ArchitectureSpec) -> dict[str, Any]:
-    plain = dataclasses.replace(spec.with_classes(2), name="")
+    plain = dataclasses.replace(spec.with_classes(2), name="network")
     return plain.to_dict()
 
 

@@ -934,7 +934,9 @@ def _start_line(
 ) -> str:
     spec = getattr(model, "spec", None)
     name = spec.name if isinstance(spec, ArchitectureSpec) else type(model).__name__
-    weights = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trained = [(k, p.numel()) for k, p in model.named_parameters() if p.requires_grad]
+    biases = sum(n for k, n in trained if k.endswith("bias"))
+    weights = sum(n for _, n in trained) - biases
     sizes = f"{len(data.train)} train / {len(data.val)} val"
     if data.test is not None:
         sizes += f" / {len(data.test)} test"
@@ -948,7 +950,7 @@ def _start_line(
     if dtype != torch.float32:
         where += f", {str(dtype).removeprefix('torch.')}"
     return (
-        f"training {name} ({weights:,} weights) on {data.source}: {sizes} images, "
+        f"training {name} ({weights:,} weights and {biases:,} biases) on {data.source}: {sizes} images, "
         f"{steps} steps per epoch, {where} -> {run.path}"
     )
 
