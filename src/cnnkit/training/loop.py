@@ -950,8 +950,8 @@ def _start_line(
     if dtype != torch.float32:
         where += f", {str(dtype).removeprefix('torch.')}"
     return (
-        f"training {name} ({weights:,} weights and {biases:,} biases) on {data.source}: {sizes} images, "
-        f"{steps} steps per epoch, {where} -> {run.path}"
+        f"training {name} ({weights:,} weights and {biases:,} biases) on {data.source}: "
+        f"{sizes} images, {steps} steps per epoch, {where} -> {run.path}"
     )
 
 
