@@ -255,3 +255,24 @@ def test_one_writer_per_run_folder_and_free_after_kill_9(run_copy):
     out, err = third.communicate(timeout=120)
     assert third.returncode == 0, err
     assert "already finished" in out
+
+
+def test_ctrl_c_prints_the_resume_command(tiny_files, tmp_path, monkeypatch, capsys):
+    from cnnkit.training import loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train_step", interrupted)
+    out = tmp_path / "run"
+    assert main(tiny_argv(tiny_files, "--out", str(out), "--epochs", "1")) == 130
+    err = capsys.readouterr().err
+    assert err == f"cnnkit: interrupted; continue with: cnnkit train --resume {out}\n"
+    assert not (out / ".lock").exists()
+
+
+def test_summary_says_how_many_classes_it_assumed(capsys):
+    assert main(["summary", "--preset", "lecun83"]) == 0
+    assert capsys.readouterr().out.endswith("classes: 101 (the spec's; change with --classes N)\n")
+    assert main(["summary", "--preset", "lecun83", "--classes", "10"]) == 0
+    assert "339,520 weights + 330 biases" in capsys.readouterr().out
