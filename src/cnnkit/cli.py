@@ -472,6 +472,10 @@ def _run_train(args: argparse.Namespace) -> int:
         # not the shared kernel's gradient: off unless asked for.
         options["grad_clip"] = None
     config = training.TrainConfig(**options)
+    from cnnkit.models.memory import check_memory
+
+    element_bytes = 8 if config.dtype == "float64" else 4
+    check_memory(spec, config.batch_size, f"a batch of {config.batch_size}", element_bytes)
     with _data_warnings_as_lines():
         splits = datasets.load(
             args.data or "digits",
@@ -668,7 +672,11 @@ def run_show(args: argparse.Namespace) -> int:
         if args.checkpoint is not None:
             raise ValueError("--checkpoint chooses a run's weights; give it with --run")
         seed = 0 if args.seed is None else args.seed
-        model = figures.random_network(_load_spec(args), seed=seed)
+        spec = _load_spec(args)
+        from cnnkit.models.memory import check_memory
+
+        check_memory(spec, 1, "one image")
+        model = figures.random_network(spec, seed=seed)
         note = f"weights: seeded random (seed {seed}), not trained"
     out = _out_path(args.out, f"{Path(args.image).stem}-maps.png")
     if not args.per_stage:

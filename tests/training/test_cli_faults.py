@@ -276,3 +276,32 @@ def test_summary_says_how_many_classes_it_assumed(capsys):
     assert capsys.readouterr().out.endswith("classes: 101 (the spec's; change with --classes N)\n")
     assert main(["summary", "--preset", "lecun83", "--classes", "10"]) == 0
     assert "339,520 weights + 330 biases" in capsys.readouterr().out
+
+
+def test_the_memory_guard_names_the_need_and_the_bound(tmp_path, monkeypatch, capsys):
+    from cnnkit.models.memory import activation_bytes
+
+    spec = tmp_path / "big.toml"
+    spec.write_text(
+        TINY_SPEC.replace("height = 12", "height = 1500").replace("width = 12", "width = 1500")
+    )
+    from cnnkit.models import ArchitectureSpec
+
+    # by hand: 1500² input + 4@1498² filters x (1 + 1 abs) + 4@749² pooled + 4@749² output
+    need = activation_bytes(ArchitectureSpec.load(str(spec)), 1)
+    assert need == 4 * (1500**2 + 4 * 1498**2 * 2 + 2 * 4 * 749**2)
+    monkeypatch.setenv("CNNKIT_MEMORY_LIMIT", "10M")
+    from PIL import Image
+
+    Image.new("L", (12, 12)).save(tmp_path / "x.png")
+    assert main(["show", str(tmp_path / "x.png"), "--spec", str(spec)]) == 2
+    error = one_line_error(capsys)
+    assert "needs at least 94.2 MiB for the activations of one image" in error
+    assert "but 10.0 MiB is available" in error
+    assert not list(tmp_path.glob("*.png"))[1:]  # no figure written
+    assert main(["train", "--spec", str(spec), "--out", str(tmp_path / "run")]) == 2
+    assert "for the activations of a batch of 64" in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("CNNKIT_MEMORY_LIMIT", "lots")
+    assert main(["train", "--spec", str(spec)]) == 2
+    assert "CNNKIT_MEMORY_LIMIT must be a number of bytes" in one_line_error(capsys)
