@@ -77,7 +77,7 @@ def test_summary_spec_file(tmp_path, capsys):
         (["summary", "--preset", "nope"], "unknown preset 'nope'"),
         (["summary", "--spec", "/no/such/file.toml"], "does not exist"),
         (["summary", "--input", "20", "20"], "stage 2: a 9×9 filter bank needs at least 9×9"),
-        (["summary", "--classes", "x"], "invalid int value: 'x'"),
+        (["summary", "--classes", "x"], "argument --classes: expected an integer >= 2, got 'x'"),
     ],
 )
 def test_user_errors_are_one_line(argv, message):

@@ -1,12 +1,15 @@
 """The ``cnnkit`` command: parse arguments, call one function per verb, print.
 
-A user's mistake (bad option, missing file, invalid spec) prints one line
-``cnnkit: error: ...`` and exits with status 2; set ``CNNKIT_DEBUG=1`` to see the traceback.
+A user's mistake (bad option, missing file, invalid spec) or a fault of the machine (a
+read-only folder, a full disk) prints one line ``cnnkit: error: ...`` and exits with status
+2; set ``CNNKIT_DEBUG=1`` to see the traceback. Nothing heavy (torch) is imported before
+the arguments are checked and the run folder is locked.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import math
 import os
@@ -17,15 +20,9 @@ from pathlib import Path
 
 from cnnkit import __version__
 
-# A user's mistakes surface as these; anything else is a bug and keeps its traceback.
-USER_ERRORS = (
-    ValueError,
-    TypeError,
-    FileNotFoundError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-)
+# A user's mistakes and the machine's faults (OSError: read-only, disk full, folder in
+# use) surface as these; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, OSError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,6 +30,20 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"cnnkit: error: {message}\n")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option with a default says it, as "(default: X)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            action.option_strings
+            and action.default not in (None, False, argparse.SUPPRESS)
+            and "%(default)" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
 
 
 # verb -> (help line, function adding its arguments, function running it)
@@ -78,7 +89,9 @@ def _load_spec(args: argparse.Namespace):
 def _summary_arguments(parser: argparse.ArgumentParser) -> None:
     _add_spec_arguments(parser)
     parser.add_argument("--input", nargs=2, type=int, metavar=("H", "W"), help="input size")
-    parser.add_argument("--classes", type=int, default=None, help="number of classes")
+    parser.add_argument(
+        "--classes", type=_int_at_least(2), default=None, help="number of classes (the spec's)"
+    )
     parser.add_argument(
         "--dense",
         nargs=4,
@@ -86,7 +99,7 @@ def _summary_arguments(parser: argparse.ArgumentParser) -> None:
         metavar=("INPUT_H", "INPUT_W", "HIDDEN_H", "HIDDEN_W"),
         help="also count a fully connected layer between these sizes (e.g. 1000 1000 100 100)",
     )
-    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument("--format", choices=("table", "json"), default="table", help="output")
 
 
 def run_summary(args: argparse.Namespace) -> int:
@@ -111,6 +124,8 @@ def run_summary(args: argparse.Namespace) -> int:
         print(analysis.to_json(summary, dense))
     else:
         print(analysis.format_table(summary, dense))
+        origin = "--classes" if args.classes is not None else "the spec's; change with --classes N"
+        print(f"classes: {spec.classifier.classes} ({origin})")
     return 0
 
 
@@ -134,8 +149,14 @@ training images. The best checkpoint is the epoch with the best validation accur
 the test split is only reported.
 
 --resume RUN_DIR continues an interrupted run from its last checkpoint, with the run's
-own options (only --device and --threads may be given again); on CPU the result is
-bitwise equal to an uninterrupted run.
+own options (only --device, --threads and --epochs may be given again); on CPU the result
+is bitwise equal to an uninterrupted run. With --epochs N it extends a run, finished or
+not, to N epochs: the learning rate then follows the schedule of an N-epoch run.
+
+--init-from RUN_DIR starts a new run from another run's weights (--checkpoint best|last);
+the network must be the same, but the number of classes may differ.
+
+Only one process at a time writes into a run folder; a second one is refused.
 """
 
 
@@ -152,6 +173,33 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _int_between(minimum: int, maximum: int, bound: str = "") -> Callable[[str], int]:
+    """An argparse type for integers in ``[minimum, maximum]``; ``bound`` says why."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not minimum <= value <= maximum:
+            why = f" ({bound})" if bound else ""
+            raise argparse.ArgumentTypeError(
+                f"must be an integer in [{minimum}, {maximum}]{why}, got {value}"
+            )
+        return value
+
+    return parse
+
+
+def _thread_count(text: str) -> int:
+    cpus = os.cpu_count() or 1
+    return _int_between(1, cpus, f"this machine has {cpus} logical CPUs")(text)
+
+
+# torch's generators take seeds below 2**63 (cnnkit.training.config.SEED_MAX)
+_SEED_MAX = 2**63 - 1
 
 
 def _number(text: str) -> float:
@@ -211,9 +259,15 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SOURCE",
         help="'digits' (default), an image folder (one sub-folder per class), or a .npz file",
     )
-    parser.add_argument("--epochs", type=_int_at_least(1), help="number of epochs")
+    parser.add_argument(
+        "--epochs",
+        type=_int_at_least(1),
+        help="number of epochs (15); with --resume: extend the run to this many",
+    )
     parser.add_argument("--batch-size", type=_int_at_least(1), help="images per step (64)")
-    parser.add_argument("--lr", type=_positive_number, help="peak learning rate")
+    parser.add_argument(
+        "--lr", type=_positive_number, help="peak learning rate (0.02 for sgd, 0.001 for adam)"
+    )
     parser.add_argument("--optimizer", choices=("sgd", "adam"), help="sgd (default) or adam")
     parser.add_argument(
         "--weight-decay", type=_nonnegative_number, help="weight decay on kernels (5e-4)"
@@ -242,9 +296,17 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --weight-sharing averaged: scale each group's step by its size so it "
         "trains like shared (default), or keep the lecture's literal mean step",
     )
-    parser.add_argument("--seed", type=_int_at_least(0), help="seed of everything random (0)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train")
-    parser.add_argument("--threads", type=_int_at_least(1), help="CPU threads to use")
+    parser.add_argument(
+        "--seed", type=_int_between(0, _SEED_MAX), help="seed of everything random (0)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        help="where to train (auto: CUDA when available, else CPU)",
+    )
+    parser.add_argument(
+        "--threads", type=_thread_count, help="CPU threads to use (the CPUs this process may use)"
+    )
     parser.add_argument(
         "--dtype",
         choices=("float32", "float64"),
@@ -262,10 +324,22 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR"
     )
     parser.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN_DIR",
+        help="start from the weights of the run in RUN_DIR (same network)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default=None,
+        help="with --init-from: which of its checkpoints (best)",
+    )
+    parser.add_argument(
         "--progress",
         choices=("auto", "bar", "lines", "none"),
         default="auto",
-        help=argparse.SUPPRESS,
+        help="progress display: a bar on a terminal (auto), a bar, one line per epoch, or none",
     )
     parser.add_argument("--checkpoint-every-steps", type=_int_at_least(1), help=argparse.SUPPRESS)
     parser.add_argument(
@@ -298,10 +372,50 @@ def run_train(args: argparse.Namespace) -> int:
     from cnnkit.training.distributed import DistributedError
 
     try:
-        return _run_train(args)
+        with _run_folder_lock(args):
+            return _run_train(args)
     except DistributedError as error:
         print(f"cnnkit: error: {error}", file=sys.stderr)
         return 1
+
+
+def _run_folder_lock(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """The lock on the run folder ``train`` will write, taken before anything heavy is
+    imported; none when the folder is chosen later (``runs/NNN``), or when ``--nproc``
+    starts processes or this is one of them (process 0 takes it inside ``fit``)."""
+    from cnnkit._files import FolderLock
+
+    if args.nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return contextlib.nullcontext()
+    if args.resume is not None:
+        if Path(args.resume, "config.json").is_file():
+            return FolderLock(args.resume)
+        return contextlib.nullcontext()  # resume says what is wrong with the folder
+    if args.out is not None and (Path(args.out).is_dir() or not Path(args.out).exists()):
+        return FolderLock(args.out, create=True)
+    return contextlib.nullcontext()
+
+
+def _check_process_split(args: argparse.Namespace) -> None:
+    """With ``--nproc N``, the batch (given, the run's, or the default) must split into N
+    equal shares; checked once, here, before any process starts."""
+    import json
+
+    batch = args.batch_size
+    where = "--batch-size" if batch is not None else "the default batch size"
+    if batch is None and args.resume is not None:
+        try:
+            config = json.loads(Path(args.resume, "config.json").read_text(encoding="utf-8"))
+            batch, where = int(config["training"]["batch_size"]), "the run's batch size"
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # resume reports the damaged folder
+    if batch is None:
+        batch = 64
+    if batch % args.nproc:
+        raise ValueError(
+            f"--nproc {args.nproc} does not divide {where} {batch}: every process takes an "
+            f"equal share of each batch; give a batch size that is a multiple of {args.nproc}"
+        )
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -322,6 +436,7 @@ def _run_train(args: argparse.Namespace) -> int:
                 "--nproc starts its own processes; it cannot be given to a process that "
                 "torchrun started (WORLD_SIZE is set)"
             )
+        _check_process_split(args)
         argv = getattr(args, "argv", None) or sys.argv[1:]
         return distributed.launch(args.nproc, distributed.strip_option(argv, "--nproc"))
     tune_runtime(args.threads)
@@ -331,9 +446,9 @@ def _run_train(args: argparse.Namespace) -> int:
             for name in (
                 *_TRAIN_OPTIONS,
                 *("preset", "spec", "data", "val_fraction", "out"),
-                *("weight_sharing", "averaged_step"),
+                *("weight_sharing", "averaged_step", "init_from", "checkpoint"),
             )
-            if name not in ("device", "threads") and getattr(args, name) is not None
+            if name not in training.RESUME_OVERRIDES and getattr(args, name) is not None
         ]
         if given:
             raise ValueError(
@@ -341,12 +456,18 @@ def _run_train(args: argparse.Namespace) -> int:
             )
         try:
             path = training.resume(
-                args.resume, device=args.device, threads=args.threads, progress=args.progress
+                args.resume,
+                device=args.device,
+                threads=args.threads,
+                progress=args.progress,
+                epochs=args.epochs,
             )
         except training.NonFiniteLossError as error:
             print(f"cnnkit: error: {error}", file=sys.stderr)
             return 1
         return _report_after_training(path, args)
+    if args.checkpoint is not None and args.init_from is None:
+        raise ValueError("--checkpoint chooses the weights of --init-from; give it with it")
     spec = _with_weight_sharing(_load_spec(args), args)
     options = {
         name: getattr(args, name) for name in _TRAIN_OPTIONS if getattr(args, name) is not None
@@ -358,6 +479,10 @@ def _run_train(args: argparse.Namespace) -> int:
         # not the shared kernel's gradient: off unless asked for.
         options["grad_clip"] = None
     config = training.TrainConfig(**options)
+    from cnnkit.models.memory import check_memory
+
+    element_bytes = 8 if config.dtype == "float64" else 4
+    check_memory(spec, config.batch_size, f"a batch of {config.batch_size}", element_bytes)
     with _data_warnings_as_lines():
         splits = datasets.load(
             args.data or "digits",
@@ -372,7 +497,14 @@ def _run_train(args: argparse.Namespace) -> int:
     }
     try:
         path = training.fit(
-            spec, splits, config, out=args.out, progress=args.progress, invocation=invocation
+            spec,
+            splits,
+            config,
+            out=args.out,
+            progress=args.progress,
+            invocation=invocation,
+            init_from=args.init_from,
+            init_checkpoint=args.checkpoint or "best",
         )
     except training.NonFiniteLossError as error:
         print(f"cnnkit: error: {error}", file=sys.stderr)
@@ -400,8 +532,8 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         default="best",
         help="which weights to use (best: best validation accuracy)",
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run")
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="output")
 
 
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -431,7 +563,7 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     _run_arguments(parser)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
     parser.add_argument(
-        "--top-k", type=_int_at_least(1), default=3, help="classes to show per image (3)"
+        "--top-k", type=_int_at_least(1), default=3, help="classes to show per image"
     )
 
 
@@ -551,7 +683,11 @@ def run_show(args: argparse.Namespace) -> int:
         if args.checkpoint is not None:
             raise ValueError("--checkpoint chooses a run's weights; give it with --run")
         seed = 0 if args.seed is None else args.seed
-        model = figures.random_network(_load_spec(args), seed=seed)
+        spec = _load_spec(args)
+        from cnnkit.models.memory import check_memory
+
+        check_memory(spec, 1, "one image")
+        model = figures.random_network(spec, seed=seed)
         note = f"weights: seeded random (seed {seed}), not trained"
     out = _out_path(args.out, f"{Path(args.image).stem}-maps.png")
     if not args.per_stage:
@@ -565,15 +701,17 @@ def run_show(args: argparse.Namespace) -> int:
 
 def _filters_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by train")
-    parser.add_argument("--stage", type=_int_at_least(1), default=1, help="which stage (1)")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    parser.add_argument("--stage", type=_int_at_least(1), default=1, help="which stage")
     parser.add_argument(
-        "--top", type=_int_at_least(1), default=1, help="kernels to list per template (1)"
+        "--checkpoint", choices=("best", "last"), default="best", help="which weights"
+    )
+    parser.add_argument(
+        "--top", type=_int_at_least(1), default=1, help="kernels to list per template"
     )
     parser.add_argument(
         "--out", default=None, metavar="FILE.png", help="the figure (default: filters-stageN.png)"
     )
-    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="output")
 
 
 def run_filters(args: argparse.Namespace) -> int:
@@ -874,6 +1012,74 @@ def _report_after_training(path: str | Path, args: argparse.Namespace) -> int:
 
 DESCRIPTIONS["report"] = REPORT_HELP
 VERBS["report"] = ("one HTML page showing a run (or an experiment)", _report_arguments, run_report)
+# --------------------------------------------------------------------------------------
+# presets, spec (a starting point for a spec file; keys: docs/specs.md)
+# --------------------------------------------------------------------------------------
+
+
+def _presets_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="output")
+
+
+def run_presets(args: argparse.Namespace) -> int:
+    import json
+
+    from cnnkit import analysis
+    from cnnkit.models import list_presets
+    from cnnkit.models.presets import PRESETS, from_name
+
+    rows = []
+    for name in list_presets():
+        spec = from_name(name)
+        summary = analysis.summarize(spec)
+        doc = (PRESETS[name].__doc__ or "").strip().splitlines()
+        rows.append(
+            {
+                "name": name,
+                "description": doc[0] if doc else "",
+                "input": f"{spec.input.maps}@{spec.input.height}×{spec.input.width}",
+                "classes": spec.classifier.classes,
+                "weights": summary.weights,
+                "biases": summary.biases,
+            }
+        )
+    if args.format == "json":
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        counts = f"{r['weights']:,} weights and {r['biases']:,} biases"
+        print(f"{r['name']:<{width}}  {r['description']}")
+        print(f"{'':<{width}}  input {r['input']}, {r['classes']} classes, {counts}")
+    return 0
+
+
+def _spec_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("preset", metavar="PRESET", help="a preset's name (see cnnkit presets)")
+    parser.add_argument(
+        "--out", default=None, metavar="FILE.toml", help="write it there (default: print it)"
+    )
+
+
+def run_spec(args: argparse.Namespace) -> int:
+    from cnnkit.models import from_name
+
+    spec = from_name(args.preset)
+    if args.out is None:
+        print(spec.to_toml(), end="")
+        return 0
+    out = Path(args.out)
+    if out.suffix not in (".toml", ".json"):
+        raise ValueError(f"--out {args.out!r} must end in .toml or .json")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out folder {str(out.parent)!r} does not exist")
+    spec.save(str(out))
+    print(f"wrote {out}")
+    return 0
+
+
+VERBS["presets"] = ("the named networks, with their sizes", _presets_arguments, run_presets)
+VERBS["spec"] = ("print a preset as a spec file to edit", _spec_arguments, run_spec)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -888,27 +1094,65 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=help_line,
             description=DESCRIPTIONS.get(name, help_line),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
         add_arguments(verb_parser)
     return parser
 
 
+# Characters cnnkit prints, and what to print where the terminal's encoding lacks them.
+_PLAIN = {"×": "x", "·": "-", "…": "...", "–": "-", "—": "-", "°": " deg", "→": "->"}
+
+
+def _plain_characters(error: UnicodeError) -> tuple[str, int]:
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    text = error.object[error.start : error.end]
+    return "".join(_PLAIN.get(c, "?") for c in text), error.end
+
+
+codecs.register_error("cnnkit-plain", _plain_characters)
+
+
+def _fit_output_to_encoding() -> None:
+    """On a stream that cannot encode "×" (ASCII, a C locale), print "x" and the like."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        try:
+            "×·…".encode(encoding)
+        except (UnicodeEncodeError, LookupError):
+            reconfigure = getattr(stream, "reconfigure", None)
+            if reconfigure is not None:
+                reconfigure(errors="cnnkit-plain")
+
+
+def _describe(error: Exception) -> str:
+    """One line for an error: an ``OSError`` as ``'path': cause``."""
+    if isinstance(error, OSError) and error.strerror:
+        names = [n for n in (error.filename, error.filename2) if n is not None]
+        where = " -> ".join(repr(str(n)) for n in names)
+        return f"{where}: {error.strerror}" if where else error.strerror
+    return " ".join(str(error).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _fit_output_to_encoding()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.verb is None:
-        parser.print_help()
-        return 0
+        parser.print_help(sys.stderr)
+        return 2
     run = VERBS[args.verb][2]
     try:
         return run(args)
     except USER_ERRORS as error:
         if os.environ.get("CNNKIT_DEBUG"):
             raise
-        print(f"cnnkit: error: {error}", file=sys.stderr)
+        print(f"cnnkit: error: {_describe(error)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("cnnkit: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        folder = getattr(interrupt, "run", None)
+        hint = f"; continue with: cnnkit train --resume {folder}" if folder else ""
+        print(f"cnnkit: interrupted{hint}", file=sys.stderr)
         return 130

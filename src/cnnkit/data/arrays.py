@@ -67,11 +67,32 @@ def file_digest(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+_ZIP_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _check_archive_kind(path: Path) -> None:
+    """Refuse a file that is neither a zip archive nor a ``.npy`` array, by its first
+    bytes: what numpy would otherwise try as a pickle (text, pickles, anything else)."""
+    with open(path, "rb") as stream:
+        head = stream.read(6)
+    if head.startswith(_ZIP_MAGIC) or head == _NPY_MAGIC:
+        return
+    if not head:
+        raise ValueError(f"{path} is empty, not a .npz archive")
+    kind = "a pickle" if head[:1] == b"\x80" else "not a zip file"
+    raise ValueError(
+        f"{path} is not a .npz archive ({kind}); a .npz is a zip of .npy arrays, as "
+        "numpy.savez writes (pickled data is never loaded)"
+    )
+
+
 def read_npz(path: str | os.PathLike[str]) -> ArrayData:
     """Read and check a ``.npz`` archive laid out as this module's docstring says."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"array file {path} does not exist")
+    _check_archive_kind(path)
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:

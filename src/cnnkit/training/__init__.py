@@ -4,8 +4,10 @@ schedule, checkpoints (safetensors + JSON, atomic) and run folders, and reading 
 from cnnkit.training.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from cnnkit.training.config import TrainConfig, lr_at, make_optimizer
 from cnnkit.training.loop import (
+    RESUME_OVERRIDES,
     Evaluation,
     NonFiniteLossError,
+    TrainingInterrupted,
     epoch_order,
     evaluate,
     fit,
@@ -29,6 +31,8 @@ __all__ = [
     "Evaluation",
     "LoadedRun",
     "NonFiniteLossError",
+    "RESUME_OVERRIDES",
+    "TrainingInterrupted",
     "Prediction",
     "RunEvaluation",
     "RunFolder",

@@ -32,6 +32,7 @@ AUGMENTATIONS = ("none", "shift")
 DTYPES = ("float32", "float64")
 DEFAULT_LR = {"sgd": 0.02, "adam": 0.001}
 DEFAULT_EPOCHS = 15
+SEED_MAX = 2**63 - 1  # torch's generators take 64-bit seeds; derived seeds are 63-bit
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class TrainConfig:
             check_positive_float("grad_clip", self.grad_clip)
         check_choice("augment", self.augment, AUGMENTATIONS)
         check_nonnegative_int("seed", self.seed)
+        if self.seed > SEED_MAX:
+            raise ValueError(f"seed must be an integer in [0, {SEED_MAX}], got {self.seed}")
         check_choice("device", self.device, DEVICES)
         if self.threads is not None:
             check_positive_int("threads", self.threads)

@@ -22,6 +22,7 @@ on CPU, with weights bitwise equal to those of a run that was never interrupted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import math
@@ -37,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from cnnkit._files import FolderLock
+from cnnkit._validation import check_positive_int
 from cnnkit.data.images import InputTransform
 from cnnkit.data.splits import DataSplits, ImageSet
 from cnnkit.models import ArchitectureSpec, build
@@ -57,6 +60,7 @@ from cnnkit.training.distributed import (
     process_group,
     threads_per_process,
 )
+from cnnkit.training.init_from import initialise_from_run
 from cnnkit.training.progress import Progress
 from cnnkit.training.run_folder import (
     CONFIG_FORMAT,
@@ -66,6 +70,8 @@ from cnnkit.training.run_folder import (
     prepare_new_run,
     read_config,
     read_metrics,
+    read_run_spec,
+    spec_digest,
     versions,
     write_classes,
     write_json,
@@ -75,6 +81,18 @@ from cnnkit.training.run_folder import (
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the message names the epoch and step."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; ``run`` is the run folder to continue with ``resume``."""
+
+    def __init__(self, run: Path) -> None:
+        super().__init__(str(run))
+        self.run = run
+
+
+# what ``resume`` may change about a run; every other option is the run's own
+RESUME_OVERRIDES = ("device", "threads", "epochs")
 
 
 # --------------------------------------------------------------------------------------
@@ -403,6 +421,8 @@ def fit(
     out: str | Path | None = None,
     progress: str = "none",
     invocation: Mapping[str, Any] | None = None,
+    init_from: str | Path | None = None,
+    init_checkpoint: str = "best",
 ) -> Path:
     """Train a network on ``data`` and return its run folder.
 
@@ -414,7 +434,14 @@ def fit(
     (created; must not hold a run), by default the next numbered folder under ``runs/``.
     ``progress`` is ``"none"``, ``"lines"`` (one line per epoch), ``"bar"`` (tqdm) or
     ``"auto"`` (bar on a terminal). ``invocation`` is stored in ``config.json`` as is
-    (the command line's options).
+    (the command line's options). ``init_from`` is another run folder whose
+    ``init_checkpoint`` (``"best"`` or ``"last"``) gives the starting weights instead of
+    the seeded ones: same architecture, checked; if the number of classes differs, the
+    classifier's output layer keeps its seeded weights (see
+    :mod:`cnnkit.training.init_from`).
+
+    Only one process at a time may write into a run folder: a second gets a
+    :class:`~cnnkit._files.FolderInUseError` naming the first's PID.
 
     Raises :class:`NonFiniteLossError` if the loss becomes NaN or infinite; the
     checkpoints saved before stay on disk.
@@ -432,15 +459,25 @@ def fit(
     device = resolve_device(config.device)
     model, spec = _model_and_spec(model_or_spec, data, config.seed)
     _check_fits(spec, data)
-    with process_group(device.type) as world:
+    start = None
+    if init_from is not None:
+        start = initialise_from_run(model, spec, init_from, init_checkpoint)
+    with process_group(device.type) as world, contextlib.ExitStack() as held:
         world.check_batch(config.batch_size)
         _check_same_data(world, data)
+        if out is not None and world.is_main:
+            held.enter_context(FolderLock(out, create=True))
+        init_record = None if start is None else start[0]
         path = _on_main_first(
             world,
             "creating the run folder",
-            lambda: _new_run(out, model, spec, data, config, invocation),
+            lambda: _new_run(out, model, spec, data, config, invocation, init_record),
         )
+        if out is None and world.is_main:
+            held.enter_context(FolderLock(path))
         report = Progress(progress if world.is_main else "none")
+        if start is not None:
+            report.note(start[1])
         with _threads(_threads_for(config, world)):
             return _train(
                 RunFolder(path), model, data, config, world.device(device), None, report, world
@@ -454,12 +491,14 @@ def _new_run(
     data: DataSplits,
     config: TrainConfig,
     invocation: Mapping[str, Any] | None,
+    init_from: Mapping[str, Any] | None = None,
 ) -> str:
     """Create and fill a new run folder (before the first step); return its path."""
     run = prepare_new_run(out)
     clean_leftovers(run)
     if spec is not None:
         spec.save(str(run.spec))
+    digest = spec_digest(run.spec.read_text(encoding="utf-8")) if spec is not None else None
     write_classes(run, data.class_names)
     transform = InputTransform(data.input_hw)
     write_json(
@@ -471,9 +510,11 @@ def _new_run(
                 "name": spec.name if spec is not None else type(model).__name__,
                 "spec": run.spec.name if spec is not None else None,
                 "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "spec_sha256": digest,
             },
             "data": {**data.to_config(), "transform": transform.to_dict()},
             "training": config.to_dict(),
+            "init_from": None if init_from is None else dict(init_from),
             "invocation": dict(invocation or {}),
             "versions": versions(),
         },
@@ -530,6 +571,7 @@ def resume(
     progress: str = "none",
     device: str | None = None,
     threads: int | None = None,
+    epochs: int | None = None,
 ) -> Path:
     """Continue the run in ``run_dir`` from its ``last`` checkpoint; return the folder.
 
@@ -540,6 +582,13 @@ def resume(
     damaged one is an error, never skipped. With no checkpoint yet, the run restarts
     from step 0; a finished run is left as it is. ``metrics.csv`` is cut back to the
     checkpoint's epoch.
+
+    ``epochs`` extends (or shortens, down to the epochs already done) the run to that
+    many epochs, finished or not: from the checkpoint on, the learning rate follows the
+    schedule of a run of ``epochs`` epochs (a jump in the rate is reported once), and
+    ``config.json`` records the new length. With ``schedule="constant"`` (and the same
+    warm-up length) the result equals a run started with ``epochs`` epochs, bitwise on
+    CPU. Only one process at a time may write into a run folder (see :func:`fit`).
     """
     run = open_run(run_dir)
     recorded = read_config(run)
@@ -551,7 +600,50 @@ def resume(
     config = TrainConfig.from_dict(options)
     with process_group(resolve_device(config.device).type) as world:
         world.check_batch(config.batch_size)
-        return _resume(run, recorded, config, world, data, model, progress)
+        with FolderLock(run.path) if world.is_main else contextlib.nullcontext():
+            recorded = read_config(run)  # as the lock holder sees it
+            return _resume(run, recorded, config, world, data, model, progress, epochs)
+
+
+def extended_config(
+    config: TrainConfig, epochs: int | None, done: int, run: RunFolder
+) -> TrainConfig:
+    """``config`` with ``epochs`` epochs (unchanged when ``None``); at least ``done``."""
+    if epochs is None:
+        return config
+    check_positive_int("epochs", epochs)
+    if epochs < done:
+        raise ValueError(
+            f"--epochs {epochs} is fewer than the {done} epochs run {str(run.path)!r} has "
+            "already trained"
+        )
+    return dataclasses.replace(config, epochs=epochs)
+
+
+def _record_extension(run: RunFolder, recorded: dict[str, Any], before: int, after: int) -> None:
+    """Write the run's new length into ``config.json``, with a line of history."""
+    if before == after:
+        return
+    recorded["training"]["epochs"] = after
+    history = recorded.setdefault("extended", [])
+    history.append({"from_epochs": before, "to_epochs": after, "when": _utc_now()})
+    write_json(run.config, recorded)
+
+
+def _schedule_jump(
+    config: TrainConfig, before_epochs: int, steps_per_epoch: int, step: int
+) -> tuple[float, float] | None:
+    """``(old rate, new rate)`` at ``step`` if lengthening the run changes it, else None."""
+    if step == 0 or before_epochs == config.epochs:
+        return None
+
+    def rate(epochs: int) -> float:
+        total = steps_per_epoch * epochs
+        warmup = warmup_steps(total, config.warmup)
+        return lr_at(step, lr=config.lr, total_steps=total, warmup=warmup, schedule=config.schedule)
+
+    old, new = rate(before_epochs), rate(config.epochs)
+    return None if old == new else (old, new)
 
 
 def _resume(
@@ -562,6 +654,7 @@ def _resume(
     data: DataSplits | None,
     model: nn.Module | None,
     progress: str,
+    epochs: int | None = None,
 ) -> Path:
     """:func:`resume` once the processes are joined: every process reads ``last``;
     process 0 alone cleans up and rewrites files."""
@@ -570,9 +663,21 @@ def _resume(
     last = run.checkpoint("last")
     checkpoint = read_checkpoint(last, repair_sidecar=world.is_main) if last.exists() else None
     report = Progress(progress if world.is_main else "none")
-    done = _Position.from_meta(checkpoint.meta, checkpoint.path).epoch if checkpoint else 0
+    at = _Position.from_meta(checkpoint.meta, checkpoint.path) if checkpoint else _Position()
+    done = at.epoch
+    before_epochs = config.epochs
+    config = extended_config(config, epochs, done, run)
+    spec = None
+    if model is None:
+        spec = read_run_spec(run, recorded)
+        if spec is None:
+            raise ValueError(
+                f"run {str(run.path)!r} trained a custom module (it has no spec.toml); "
+                "resume it from Python with resume(..., model=that module)"
+            )
     if world.is_main:
         write_metrics(run, [row for row in read_metrics(run) if row["epoch"] <= done])
+        _record_extension(run, recorded, before_epochs, config.epochs)
     if done == config.epochs:
         report.note(
             f"run {run.path} already finished ({config.epochs} of {config.epochs} epochs); "
@@ -582,15 +687,20 @@ def _resume(
     torch_device = world.device(resolve_device(config.device))
     data = _reload_data(recorded["data"], data)
     if model is None:
-        if not run.spec.is_file():
-            raise ValueError(
-                f"run {str(run.path)!r} has no spec.toml (it trained a custom module); "
-                "pass that module as model="
-            )
-        spec = ArchitectureSpec.load(str(run.spec))
         _check_fits(spec, data)
         torch.manual_seed(config.seed)
         model = build(spec)
+        start = recorded.get("init_from")
+        if checkpoint is None and start:  # no step taken yet: the same starting weights
+            initialise_from_run(model, spec, start["run"], start["checkpoint"])
+    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    jump = _schedule_jump(config, before_epochs, steps_per_epoch, at.step)
+    if jump is not None:
+        report.note(
+            f"the learning rate jumps from {jump[0]:.4g} to {jump[1]:.4g} at step "
+            f"{at.step + 1}: from here on it follows the schedule of a "
+            f"{config.epochs}-epoch run"
+        )
     world.barrier("waiting for every process to read the checkpoint")
     with _threads(_threads_for(config, world)):
         return _train(run, model, data, config, torch_device, checkpoint, report, world)
@@ -707,6 +817,25 @@ def _train(
     report: Progress,
     world: World = SINGLE,
 ) -> Path:
+    """Train from ``checkpoint`` (or step 0) to the end; Ctrl-C becomes
+    :class:`TrainingInterrupted`, naming the run folder to resume."""
+    try:
+        return _train_epochs(run, model, data, config, device, checkpoint, report, world)
+    except KeyboardInterrupt:
+        report.close()
+        raise TrainingInterrupted(run.path) from None
+
+
+def _train_epochs(
+    run: RunFolder,
+    model: nn.Module,
+    data: DataSplits,
+    config: TrainConfig,
+    device: torch.device,
+    checkpoint: Checkpoint | None,
+    report: Progress,
+    world: World = SINGLE,
+) -> Path:
     wall_start = time.monotonic()
     model.to(device=device, dtype=config.torch_dtype)
     replica = world.data_parallel(model)  # process 0's weights on every process
@@ -805,7 +934,9 @@ def _start_line(
 ) -> str:
     spec = getattr(model, "spec", None)
     name = spec.name if isinstance(spec, ArchitectureSpec) else type(model).__name__
-    weights = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trained = [(k, p.numel()) for k, p in model.named_parameters() if p.requires_grad]
+    biases = sum(n for k, n in trained if k.endswith("bias"))
+    weights = sum(n for _, n in trained) - biases
     sizes = f"{len(data.train)} train / {len(data.val)} val"
     if data.test is not None:
         sizes += f" / {len(data.test)} test"
@@ -819,8 +950,8 @@ def _start_line(
     if dtype != torch.float32:
         where += f", {str(dtype).removeprefix('torch.')}"
     return (
-        f"training {name} ({weights:,} weights) on {data.source}: {sizes} images, "
-        f"{steps} steps per epoch, {where} -> {run.path}"
+        f"training {name} ({weights:,} weights and {biases:,} biases) on {data.source}: "
+        f"{sizes} images, {steps} steps per epoch, {where} -> {run.path}"
     )
 
 

@@ -24,6 +24,7 @@ from cnnkit.training.run_folder import (
     read_classes,
     read_config,
     read_metrics,
+    read_run_spec,
 )
 
 
@@ -92,13 +93,14 @@ def load_run(
     class_names = read_classes(run)
     spec = None
     if model is None:
-        if not run.spec.is_file():
-            raise FileNotFoundError(
-                f"run {str(run.path)!r} has no spec.toml; pass the module it trained as model="
+        spec = read_run_spec(run, config)
+        if spec is None:
+            raise ValueError(
+                f"run {str(run.path)!r} trained a custom module (it has no spec.toml); "
+                "load it from Python with load_run(..., model=that module)"
             )
         from cnnkit.models import build
 
-        spec = ArchitectureSpec.load(str(run.spec))
         if spec.classifier.classes != len(class_names):
             raise ValueError(
                 f"run {str(run.path)!r}: spec.toml has {spec.classifier.classes} classes "

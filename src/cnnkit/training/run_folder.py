@@ -19,6 +19,7 @@ left by a killed process (``.*.tmp``) are deleted when a run starts or resumes.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnkit._files import remove_leftovers, write_atomic
+from cnnkit.models.spec import ArchitectureSpec
 
 METRICS_COLUMNS = (
     "epoch",
@@ -172,6 +174,45 @@ def read_config(run: RunFolder) -> dict[str, Any]:
         if not isinstance(config.get(key), dict):
             raise ValueError(f"run config {str(run.config)!r} lacks its {key!r} section")
     return config
+
+
+def spec_digest(text: str) -> str:
+    """sha256 of a ``spec.toml``'s text, recorded in ``config.json`` as ``spec_sha256``."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_run_spec(run: RunFolder, config: Mapping[str, Any]) -> ArchitectureSpec | None:
+    """The architecture a run trained, from its ``spec.toml``, checked against
+    ``config.json``; ``None`` for a run of a custom module (it has no spec).
+
+    A missing ``spec.toml``, or one that is not the file the run started with (another
+    network's, or a ``config.json`` edited to name another network), is an error
+    saying which file disagrees with which.
+    """
+    recorded = config["model"]
+    name = recorded.get("name")
+    if recorded.get("spec") is None and not run.spec.exists():
+        return None
+    where = f"run {str(run.path)!r}"
+    if not run.spec.is_file():
+        raise FileNotFoundError(
+            f"{where} lacks its spec.toml (config.json says it trained {name!r}); "
+            "restore the file from a copy of the run"
+        )
+    text = run.spec.read_text(encoding="utf-8")
+    spec = ArchitectureSpec.from_toml(text)
+    digest = recorded.get("spec_sha256")
+    if spec.name != name:
+        raise ValueError(
+            f"{where}: spec.toml describes {spec.name!r} but config.json says the run "
+            f"trained {name!r}; one of the two files was replaced"
+        )
+    if digest is not None and spec_digest(text) != digest:
+        raise ValueError(
+            f"{where}: spec.toml is not the file the run started with (its sha256 differs "
+            "from the one config.json records); restore it from a copy of the run"
+        )
+    return spec
 
 
 def write_classes(run: RunFolder, class_names: Sequence[str]) -> None:
