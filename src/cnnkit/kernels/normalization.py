@@ -119,15 +119,16 @@ class _Bands:
 def _bands(window: torch.Tensor, border: str, height: int, width: int, like: torch.Tensor):
     """The :class:`_Bands` of ``window`` for ``height x width`` maps in ``like``'s dtype and
     device, or None when the window is not ``u_p v_q / C`` on every map."""
-    values = window.detach().to("cpu", torch.float64).contiguous()
-    key = (values.numpy().tobytes(), tuple(values.shape), window.dtype)
+    raw = window.detach().contiguous().cpu().view(-1).view(torch.uint8)  # its exact bits
+    key = (raw.numpy().tobytes(), tuple(window.shape), window.dtype)
     return _cached_bands(key, border, height, width, like.dtype, like.device)
 
 
 @functools.lru_cache(maxsize=16)
 def _cached_bands(key, border, height, width, dtype, device):  # noqa: ANN001, ANN202
     data, shape, window_dtype = key
-    w = np.frombuffer(data, dtype=np.float64).reshape(shape)
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(window_dtype)
+    w = raw.to(torch.float64).reshape(shape).numpy()
     factors = _factorize(w, window_dtype)
     if factors is None:
         return None

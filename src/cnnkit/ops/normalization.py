@@ -260,8 +260,8 @@ def check_window(window: object) -> torch.Tensor:
             f"pixel, got shape {tuple(window.shape)}"
         )
     if is_concrete(window):
-        total = float(window.detach().to(torch.float64).sum())
-        if not math.isfinite(total) or not bool(torch.isfinite(window).all()):
+        total = float(window.detach().sum(dtype=torch.float64))  # NaN or inf if any is
+        if not math.isfinite(total):
             raise ValueError("window must hold finite numbers, got NaN or infinity")
         tolerance = max(1e-6, 16 * torch.finfo(window.dtype).eps)
         if abs(total - 1.0) > tolerance:
