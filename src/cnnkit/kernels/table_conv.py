@@ -164,7 +164,7 @@ def _unfold(
     products = torch.bmm(kernels, patches).view(c_in * slots, n * positions)
     # Whole rows added along dim 0: much faster than along an inner dim.
     sums = products.new_zeros(plan.out_maps + 1, n * positions)  # last map: the padding's
-    sums = sums.index_add(0, plan.slot_outputs.view(-1), products)
+    sums = sums.index_add_(0, plan.slot_outputs.view(-1), products)
     y = sums[: plan.out_maps]  # (C_out, N L)
     if bias is not None:
         y = y + bias.view(-1, 1)
@@ -240,7 +240,9 @@ def _dense_spectra(
     w_hat = w_hat.permute(1, 0, 2).reshape(freqs, 2 * rows)  # (F, K re/im pairs)
     at = 2 * table[:, 0] * c_out + table[:, 1]  # (K,) row 2i, column o of a 2C_in x C_out
     at = torch.stack([at, at + c_out], 1).view(2 * rows)  # (2K,) Re w^ at row 2i, Im at 2i+1
-    w_hat = w_hat.new_zeros(freqs, 2 * c_in * c_out).index_add(1, at, w_hat)
+    w_hat = w_hat.new_zeros(freqs, 2 * c_in * c_out).index_add_(
+        1, at, w_hat
+    )  # in place: no second copy
     return w_hat.view(freqs, 2 * c_in, c_out)
 
 
