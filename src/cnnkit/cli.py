@@ -780,10 +780,20 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _writer_lock(folder: str, out: str | None) -> contextlib.AbstractContextManager:
+    """The run folder's lock for a verb that writes its file into the folder (no
+    ``--out``): one writer per run folder, as for ``train``."""
+    from cnnkit._files import FolderLock
+
+    if out is None and Path(folder).is_dir():
+        return FolderLock(folder)
+    return contextlib.nullcontext()
+
+
 def run_export(args: argparse.Namespace) -> int:
     from cnnkit.export import export_run
 
-    with _data_warnings_as_lines():
+    with _writer_lock(args.run_dir, args.out), _data_warnings_as_lines():
         result = export_run(
             args.run_dir, format=args.format, checkpoint=args.checkpoint, out=args.out
         )
@@ -989,7 +999,7 @@ def _report_arguments(parser: argparse.ArgumentParser) -> None:
 def run_report(args: argparse.Namespace) -> int:
     from cnnkit.report import write_report
 
-    with _data_warnings_as_lines():
+    with _writer_lock(args.run_dir, args.out), _data_warnings_as_lines():
         path = write_report(
             args.run_dir,
             checkpoint=args.checkpoint,
