@@ -17,7 +17,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from cnnkit.models import _codec
 
 NONLINEARITIES = ("abs", "relu", "tanh", "none")
 TABLE_KINDS = ("full", "one-to-one", "random", "explicit")
@@ -312,52 +315,81 @@ class ArchitectureSpec:
             self, classifier=dataclasses.replace(self.classifier, classes=classes)
         )
 
-    # Serialization lives in cnnkit.models.serialize; these are the convenient doors.
+    # Text and files go through cnnkit.models._codec, which knows no spec class;
+    # cnnkit.models.serialize offers the same doors as plain functions.
     def to_dict(self) -> dict[str, Any]:
-        from cnnkit.models.serialize import spec_to_dict
-
-        return spec_to_dict(self)
+        """The spec as nested dicts and lists of str/int/float/bool."""
+        data = _codec.plain(self)
+        data["stages"] = [_codec.plain(stage) for stage in self.stages]
+        return data
 
     def to_toml(self) -> str:
-        from cnnkit.models.serialize import spec_to_toml
-
-        return spec_to_toml(self)
+        """The spec as a TOML document (``[[stages]]`` tables in order)."""
+        return _codec.dict_to_toml(self.to_dict())
 
     def to_json(self) -> str:
-        from cnnkit.models.serialize import spec_to_json
-
-        return spec_to_json(self)
+        return _codec.dict_to_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ArchitectureSpec:
-        from cnnkit.models.serialize import spec_from_dict
-
-        return spec_from_dict(data)
+        """Rebuild a spec from :meth:`to_dict`'s output, checking every key."""
+        return _spec_from_dict(cls, data)
 
     @classmethod
     def from_toml(cls, text: str) -> ArchitectureSpec:
-        from cnnkit.models.serialize import spec_from_toml
-
-        return spec_from_toml(text)
+        """Parse a TOML spec; a syntax error names its line and column."""
+        return cls.from_dict(_codec.parse_toml(text))
 
     @classmethod
     def from_json(cls, text: str) -> ArchitectureSpec:
-        from cnnkit.models.serialize import spec_from_json
-
-        return spec_from_json(text)
+        """Parse a JSON spec; a syntax error names its line and column."""
+        return cls.from_dict(_codec.parse_json(text))
 
     @classmethod
-    def load(cls, path: str) -> ArchitectureSpec:
-        """Read a spec from a ``.toml`` or ``.json`` file."""
-        from cnnkit.models.serialize import load_spec
+    def load(cls, path: str | Path) -> ArchitectureSpec:
+        """Read a spec from a ``.toml`` or ``.json`` file; errors name the file."""
+        suffix, text = _codec.read_spec_file(path)
+        try:
+            return cls.from_toml(text) if suffix == ".toml" else cls.from_json(text)
+        except ValueError as error:
+            raise ValueError(f"{Path(path)}: {error}") from None
 
-        return load_spec(path)
-
-    def save(self, path: str) -> None:
+    def save(self, path: str | Path) -> None:
         """Write the spec to ``path`` (TOML or JSON by its suffix), atomically."""
-        from cnnkit.models.serialize import save_spec
+        _codec.write_spec_file(path, self.to_dict())
 
-        save_spec(self, path)
+
+def _spec_from_dict(cls: type[ArchitectureSpec], data: Any) -> ArchitectureSpec:
+    if not isinstance(data, dict):
+        raise ValueError(f"spec: expected a table of keys, got {type(data).__name__}")
+    data = dict(data)
+    for key in ("name", "input", "stages", "classifier"):
+        if key not in data:
+            raise ValueError(f"spec: missing key {key!r}")
+    if not isinstance(data["stages"], list):
+        raise ValueError(f"spec: stages must be a list of stage tables, got {data['stages']!r}")
+    stages = []
+    for number, raw in enumerate(data["stages"], start=1):
+        where = f"stage {number}"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: expected a table of keys, got {raw!r}")
+        raw = dict(raw)
+        if "filters" not in raw:
+            raise ValueError(f"{where}: missing key 'filters'")
+        raw["filters"] = _codec.build(FilterBankSpec, raw["filters"], f"{where} filters")
+        if "norm" in raw:
+            raw["norm"] = _codec.build(NormSpec, raw["norm"], f"{where} norm")
+        if "pool" in raw:
+            raw["pool"] = _codec.build(PoolSpec, raw["pool"], f"{where} pool")
+        stages.append(_codec.build(StageSpec, raw, where))
+    data["input"] = _codec.build(InputSpec, data["input"], "input")
+    data["classifier"] = _codec.build(ClassifierSpec, data["classifier"], "classifier")
+    data["stages"] = tuple(stages)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ValueError(f"spec: unknown key {key!r} (allowed: {', '.join(sorted(known))})")
+    return cls(**data)
 
 
 def _check_table(where: str, bank: FilterBankSpec, in_maps: int) -> None:
