@@ -25,6 +25,8 @@ import os
 import torch
 import torch.autograd.forward_ad as forward_ad
 
+from cnnkit._validation import is_concrete
+
 __all__ = ["fast_enabled", "fast_path_allowed", "has_tangent", "recorded"]
 
 
@@ -63,12 +65,8 @@ def fast_path_allowed(*tensors: torch.Tensor | None, traced: bool = False) -> bo
     for tensor in tensors:
         if tensor is None:
             continue
-        if tensor.device.type == "meta" or has_tangent(tensor):
+        if not is_concrete(tensor) or has_tangent(tensor):
             return False
         if torch.is_autocast_enabled(tensor.device.type):  # the plain ops have cast rules
-            return False
-        if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
-            return False
-        if torch._C._functorch.is_functorch_wrapped_tensor(tensor):
             return False
     return True
