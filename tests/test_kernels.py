@@ -277,3 +277,14 @@ def test_every_normalization_rejects_a_window_that_does_not_sum_to_one(name):
     torch._dynamo.reset()
     compiled = torch.compile(lambda t: op(t, doubled), fullgraph=True, backend="aot_eager")
     assert compiled(x).shape == x.shape
+
+
+def test_max_pool_with_a_gradient_runs_the_registered_operator():
+    from cnnkit._native import native_ops
+
+    if native_ops() is None:
+        pytest.skip("the compiled kernels are not built here")
+    x = _x((2, 4, 40, 40)).requires_grad_()
+    y = pool2d(x, "max", 10, 5)
+    assert "cnnkit_max_pool2d" in type(y.grad_fn).__name__
+    assert "cnnkit_max_pool2d" not in type(pool2d(x.detach(), "max", 10, 5).grad_fn).__name__

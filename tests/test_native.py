@@ -247,3 +247,79 @@ def test_a_failed_build_is_remembered_until_its_marker_is_removed(tmp_path):
     available, again, warned = run()
     assert available == "False" and warned == "1"
     assert again == f"{reason}; an earlier build failed, remove {marker} to try again"
+
+
+def test_the_build_targets_the_instruction_set_torch_dispatches_to(tmp_path):
+    """The kernels are vectorized for the processor's instruction set, and a build folder
+    is named by it: a folder copied from an AVX-512 machine is not loaded on an AVX2 one."""
+    assert _native.instruction_set() == torch.backends.cpu.get_cpu_capability()
+    assert "-march=x86-64-v4" in _native._target_flags("AVX512", "x86_64")
+    assert _native._target_flags("AVX2", "AMD64") == ["-march=x86-64-v3"]
+    assert _native._target_flags("DEFAULT", "x86_64") == []
+    assert _native._target_flags("AVX512", "aarch64") == []  # the portable baseline
+    source = tmp_path / "k.cpp"
+    source.write_text("int f() { return 1; }\n")
+    wide = _native._build_directory(tmp_path, [source], "AVX512")
+    narrow = _native._build_directory(tmp_path, [source], "AVX2")
+    assert wide != narrow and "avx512" in wide.name and "avx2" in narrow.name
+
+
+def _pool_both(x, window, stride):
+    """The compiled kernel's values and indices, and the library's."""
+    ours = torch.ops.cnnkit_native.max_pool_forward(x, *window, *stride)
+    theirs = torch.nn.functional.max_pool2d(x, window, stride, return_indices=True)
+    return ours, theirs
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shape, window, stride",
+    [
+        ((2, 64, 75, 75), (10, 10), (5, 5)),  # the lecture's first stage
+        ((1, 3, 17, 13), (3, 4), (2, 3)),
+        ((2, 2, 9, 9), (9, 9), (1, 1)),  # one window covering the map
+        ((3, 1, 8, 11), (2, 2), (2, 2)),
+        ((1, 2, 12, 12), (4, 6), (2, 3)),  # tiled rows and columns
+    ],
+)
+def test_max_pool_kernel_gives_the_librarys_values_indices_and_gradient(
+    shape, window, stride, dtype
+):
+    # Values on a coarse grid, so that most windows hold ties: the first maximum in
+    # row-major order must win, as in the library's kernel.
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 2).round().to(dtype)
+    (out, index), (want, want_index) = _pool_both(x, window, stride)
+    assert torch.equal(out, want) and torch.equal(index, want_index)
+    grad = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    got = torch.ops.cnnkit_native.max_pool_backward(grad, index, *shape[-2:])
+    n, c = shape[:2]
+    expected = torch.zeros(n, c, shape[2] * shape[3], dtype=dtype)
+    expected.scatter_add_(2, want_index.view(n, c, -1), grad.view(n, c, -1))
+    assert torch.equal(got, expected.view(shape))
+
+
+@needs_kernels
+def test_max_pool_kernel_passes_a_nan_on():
+    x = torch.randn(1, 2, 12, 12, dtype=torch.float64)
+    x[0, 0, 3, 4] = float("nan")
+    (out, index), (want, _) = _pool_both(x, (4, 4), (2, 2))
+    assert torch.equal(out.isnan(), want.isnan()) and out.isnan().any()
+    nan_windows = out.isnan().view(2, -1)
+    assert (index.view(2, -1)[nan_windows] == 3 * 12 + 4).all()  # the NaN's own position
+    assert torch.equal(out[~out.isnan()], want[~want.isnan()])
+
+
+@needs_kernels
+def test_max_pool_operator_is_a_well_formed_registered_op():
+    """Schema, fake tensors, autograd registration and tracing (``torch.library.opcheck``),
+    first and second derivatives in float64, and the batching rule under ``vmap``."""
+    op = torch.ops.cnnkit.max_pool2d
+    x = torch.randn(2, 3, 13, 11, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(op.default, (x, 4, 3, 2, 2))
+    assert torch.autograd.gradcheck(lambda t: op(t, 4, 3, 2, 2)[0], (x,))
+    assert torch.autograd.gradgradcheck(lambda t: op(t, 4, 3, 2, 2)[0], (x,))
+    stacked = torch.randn(4, 2, 3, 13, 11, dtype=torch.float64)
+    values = torch.vmap(lambda t: op(t, 4, 3, 2, 2)[0])(stacked)
+    want = torch.nn.functional.max_pool2d(stacked.flatten(0, 1), (4, 3), (2, 2))
+    assert torch.equal(values, want.view(values.shape))

@@ -2,15 +2,20 @@
 
 Some ops are many small tensor operations in eager PyTorch, each a pass over maps that a
 compiled loop makes in one (``contrast_norm.cpp``: local contrast normalization in three
-passes instead of about ten). They are compiled once per machine with PyTorch's
-extension builder (a C++ compiler and ``ninja``; the result is kept under
-``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), which takes some
-seconds; later processes load the built library (one folder per Python version, torch
-version and source; one process builds at a time, and a build killed half-way does not
-block the next). Where the build fails -- no compiler, for instance -- one warning
-says why and the ops keep their eager form, which gives the same values to float
-rounding; the reason is kept in the build folder so that later processes do not spend
-the same seconds failing again. ``CNNKIT_NATIVE=0`` in the environment turns the kernels off.
+passes instead of about ten; ``max_pool.cpp``: max pooling with the positions of the
+maxima, and its gradient, without a copy into another layout). They are compiled once
+per machine with PyTorch's extension builder (a C++ compiler and ``ninja``; the result
+is kept under ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``),
+which takes some seconds; later processes load the built library (one folder per Python
+version, torch version, source and instruction set; one process builds at a time, and a
+build killed half-way does not block the next). The code is vectorized for the
+instruction set torch finds on the processor (:func:`instruction_set`: AVX-512 or AVX2
+on x86-64, the compiler's portable baseline elsewhere), so a build folder copied to a
+processor without that set is never loaded there: it has another folder. Where the build
+fails -- no compiler, for instance -- one warning says why and the ops keep their eager
+form, which gives the same values to float rounding; the reason is kept in the build
+folder so that later processes do not spend the same seconds failing again.
+``CNNKIT_NATIVE=0`` in the environment turns the kernels off.
 
 :func:`native_ops` returns the kernels (``torch.ops.cnnkit_native``) or ``None``;
 :func:`native_status` says what happened, :func:`native_attempted` whether anything has.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import platform
 import sys
 import threading
 import time
@@ -31,10 +37,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["NativeStatus", "native_attempted", "native_ops", "native_status"]
+__all__ = ["NativeStatus", "instruction_set", "native_attempted", "native_ops", "native_status"]
 
-_SOURCES = ("contrast_norm.cpp",)
+_SOURCES = ("contrast_norm.cpp", "max_pool.cpp")
 _NAME = "cnnkit_native"
+# The compiler's target for each instruction set torch reports on x86-64 (levels of the
+# x86-64 psABI: v3 has AVX2 and FMA, v4 adds AVX-512 F/BW/CD/DQ/VL).
+_X86_TARGETS = {
+    "AVX512": ["-march=x86-64-v4", "-mprefer-vector-width=512"],
+    "AVX2": ["-march=x86-64-v3"],
+}
 # How long a process waits for another one's build before giving up on the kernels.
 _LOCK_TIMEOUT_SECONDS = 600
 
@@ -131,6 +143,21 @@ def _first_cause(message: str) -> str:
     return lines[-1] if lines else "no message"
 
 
+def instruction_set() -> str:
+    """The vector instruction set the kernels are built for: what torch's own kernels
+    dispatch to on this processor (``torch.backends.cpu.get_cpu_capability()``, which
+    honours ``ATEN_CPU_CAPABILITY``), e.g. ``"AVX512"``, ``"AVX2"`` or ``"DEFAULT"``."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _target_flags(isa: str, machine: str) -> list[str]:
+    """Compiler flags that vectorize for ``isa`` on ``machine``; none (the compiler's
+    portable baseline) for a set or a processor family without an entry."""
+    if machine.lower() in ("x86_64", "amd64"):
+        return list(_X86_TARGETS.get(isa, []))
+    return []
+
+
 def _build() -> Path:
     """Build (or find built) and load the kernels; return the build folder.
 
@@ -145,7 +172,8 @@ def _build() -> Path:
 
     sources = [Path(__file__).parent / name for name in _SOURCES]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    folder = _build_directory(Path(root), sources)
+    isa = instruction_set()
+    folder = _build_directory(Path(root), sources, isa)
     marker = folder / "build-failed.txt"
     # One cnnkit process builds at a time. The operating system releases this lock when
     # its holder dies, unlike torch's own lock file, which a killed build leaves behind
@@ -161,7 +189,12 @@ def _build() -> Path:
                     sources=[str(source) for source in sources],
                     # -fopenmp: ATen's parallel_for is OpenMP in these headers; the
                     # library then shares the OpenMP runtime torch has loaded (same soname).
-                    extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"],
+                    extra_cflags=[
+                        "-O3",
+                        "-fopenmp",
+                        "-fno-math-errno",
+                        *_target_flags(isa, platform.machine()),
+                    ],
                     extra_ldflags=["-fopenmp"],
                     build_directory=str(folder),
                     is_python_module=False,
@@ -174,11 +207,12 @@ def _build() -> Path:
     return folder
 
 
-def _build_directory(root: Path, sources: list[Path]) -> Path:
-    """A folder per Python version, torch version and kernel source under ``root``."""
+def _build_directory(root: Path, sources: list[Path], isa: str) -> Path:
+    """A folder per Python version, torch version, kernel source and instruction set."""
     digest = hashlib.sha256(b"".join(source.read_bytes() for source in sources)).hexdigest()
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    folder = root / f"{_NAME}-{python}-torch{torch.__version__}-{digest[:12]}"
+    name = f"{_NAME}-{python}-torch{torch.__version__}-{platform.machine()}-{isa.lower()}"
+    folder = root / f"{name}-{digest[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -220,3 +254,13 @@ def _register_fakes() -> None:
     @torch.library.register_fake("cnnkit_native::contrast_norm_backward")
     def _(grad, x, *rest):
         return torch.empty_like(x)
+
+    @torch.library.register_fake("cnnkit_native::max_pool_forward")
+    def _(x, kh, kw, sh, sw):
+        n, c, h, w = x.shape
+        shape = (n, c, (h - kh) // sh + 1, (w - kw) // sw + 1)
+        return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+
+    @torch.library.register_fake("cnnkit_native::max_pool_backward")
+    def _(grad, index, h, w):
+        return grad.new_empty(*grad.shape[:2], h, w)

@@ -5,8 +5,13 @@
   ``s``-row block, then the running maximum of ``k / s`` neighbouring blocks, then the
   same along the columns -- a few reductions along whole rows instead of ``k_h k_w``
   comparisons per output.
-- Otherwise contiguous maps are pooled on a channels-last copy, whose library kernel is
-  several times faster, with a scatter for the backward.
+- With a derivative to record, float32 and float64 maps are pooled by the compiled
+  kernel of :mod:`cnnkit._native` through the registered operator
+  ``torch.ops.cnnkit.max_pool2d`` (the values and the flat index of each window's first
+  maximum, as ``F.max_pool2d(return_indices=True)``; its backward adds each window's
+  gradient at that index, directly in the maps' own layout);
+- otherwise maps are pooled on a channels-last copy, whose library kernel is several
+  times faster, with a scatter for the backward.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cnnkit._native import native_ops
 from cnnkit.kernels import fast_path_allowed, recorded
 
 __all__ = ["max_pool", "max_pool_applies"]
@@ -37,7 +43,10 @@ def max_pool(x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int]) 
     if channels_last:
         return F.max_pool2d(x, window, stride)
     batch = x.unsqueeze(0) if x.dim() == 3 else x  # (N, C, H, W)
-    out, _ = _ChannelsLastMaxPool.apply(batch, window, stride)
+    if x.dtype in (torch.float32, torch.float64) and native_ops() is not None:
+        out, _ = torch.ops.cnnkit.max_pool2d(batch.contiguous(), *window, *stride)
+    else:
+        out, _ = _ChannelsLastMaxPool.apply(batch, window, stride)
     return out.squeeze(0) if x.dim() == 3 else out
 
 
@@ -96,3 +105,74 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
         grad_x = grad.new_zeros(n, c, h * w)
         grad_x.scatter_add_(2, index.reshape(n, c, -1), grad.reshape(n, c, -1))
         return grad_x.view(n, c, h, w), None, None
+
+
+# ---------------------------------------------------------------------------------------
+# The compiled kernel as a registered operator
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("cnnkit::max_pool2d", mutates_args=())
+def _max_pool_op(
+    x: torch.Tensor, kh: int, kw: int, sh: int, sw: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.max_pool2d(x, (kh, kw), (sh, sw), return_indices=True)`` for contiguous
+    float32/float64 ``x`` ``(N, C, H, W)`` on a CPU, by the compiled kernel."""
+    return native_ops().max_pool_forward(x, kh, kw, sh, sw)
+
+
+@_max_pool_op.register_fake
+def _(x, kh, kw, sh, sw):  # noqa: ANN001, ANN202
+    n, c, h, w = x.shape
+    shape = (n, c, (h - kh) // sh + 1, (w - kw) // sw + 1)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("cnnkit::max_pool2d_backward", mutates_args=())
+def _max_pool_backward_op(grad: torch.Tensor, index: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``(N, C, h, w)`` zeros with each window's gradient added at its ``index``."""
+    return native_ops().max_pool_backward(grad, index, h, w)
+
+
+@_max_pool_backward_op.register_fake
+def _(grad, index, h, w):  # noqa: ANN001, ANN202
+    return grad.new_empty(*grad.shape[:2], h, w)
+
+
+def _pool_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    x = inputs[0]
+    _, index = output
+    ctx.save_for_backward(index)
+    ctx.size = x.shape[-2:]
+    ctx.mark_non_differentiable(index)
+
+
+def _pool_backward(ctx, grad, unused):  # noqa: ANN001, ANN202
+    (index,) = ctx.saved_tensors
+    return _max_pool_backward_op(grad, index, *ctx.size), None, None, None, None
+
+
+def _scatter_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    _, index, _, _ = inputs
+    ctx.save_for_backward(index)
+
+
+def _scatter_backward(ctx, grad_x):  # noqa: ANN001, ANN202
+    """The backward's own derivative: each window takes the gradient at its index."""
+    (index,) = ctx.saved_tensors
+    n, c = index.shape[:2]
+    picked = grad_x.reshape(n, c, -1).gather(2, index.reshape(n, c, -1))
+    return picked.view_as(index).to(grad_x.dtype), None, None, None
+
+
+_max_pool_op.register_autograd(_pool_backward, setup_context=_pool_setup_context)
+_max_pool_backward_op.register_autograd(_scatter_backward, setup_context=_scatter_setup_context)
+
+
+@_max_pool_op.register_vmap
+def _(info, in_dims, x, kh, kw, sh, sw):  # noqa: ANN001, ANN202
+    """Each map is pooled on its own: fold the mapped dimension into the batch."""
+    x = x.movedim(in_dims[0], 0)  # (B, N, C, H, W)
+    b, n = x.shape[:2]
+    outs = _max_pool_op(x.reshape(b * n, *x.shape[2:]).contiguous(), kh, kw, sh, sw)
+    return tuple(out.view(b, n, *out.shape[1:]) for out in outs), (0, 0)

@@ -232,18 +232,42 @@ def _dense_spectra(
     weight: torch.Tensor, plan: TablePlan, size: tuple[int, int], c_in: int
 ) -> torch.Tensor:
     """``(F, 2 C_in, C_out)``: the kernels' half spectra on the ``size`` grid, each pair
-    ``(Re w^, Im w^)`` at rows ``2 i, 2 i + 1`` and column ``o`` of its table row ``(i, o)``."""
+    ``(Re w^, Im w^)`` at rows ``2 i, 2 i + 1`` and column ``o`` of its table row ``(i, o)``.
+
+    The spectra of all ``K`` kernels are one matrix product with the DFT's basis
+    (:func:`_forward_basis`), ``(2F, kh kw) @ (kh kw, K)``: for small kernels far cheaper
+    than ``K`` zero-padded FFTs, and already in the order the scatter reads.
+    """
     table, c_out = plan.table, plan.out_maps
-    rows = table.shape[0]
+    rows, kh, kw = weight.shape
     freqs = size[0] * (size[1] // 2 + 1)
-    w_hat = torch.view_as_real(torch.fft.rfft2(weight, s=size)).view(rows, freqs, 2)
-    w_hat = w_hat.permute(1, 0, 2).reshape(freqs, 2 * rows)  # (F, K re/im pairs)
+    basis = _forward_basis(kh, kw, *size, weight.dtype, weight.device)  # (2F, kh kw)
+    w_hat = (basis @ weight.reshape(rows, kh * kw).T).view(freqs, 2 * rows)  # (F, Re K | Im K)
     at = 2 * table[:, 0] * c_out + table[:, 1]  # (K,) row 2i, column o of a 2C_in x C_out
-    at = torch.stack([at, at + c_out], 1).view(2 * rows)  # (2K,) Re w^ at row 2i, Im at 2i+1
-    w_hat = w_hat.new_zeros(freqs, 2 * c_in * c_out).index_add_(
-        1, at, w_hat
-    )  # in place: no second copy
-    return w_hat.view(freqs, 2 * c_in, c_out)
+    at = torch.cat([at, at + c_out])  # (2K,) Re w^ at row 2i, Im at row 2i + 1
+    dense = w_hat.new_zeros(freqs, 2 * c_in * c_out).index_add_(1, at, w_hat)
+    return dense.view(freqs, 2 * c_in, c_out)
+
+
+@functools.lru_cache(maxsize=8)
+def _forward_basis(
+    kh: int, kw: int, h: int, w: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The half-spectrum DFT of a ``kh x kw`` kernel zero-padded to ``h x w``, as a matrix.
+
+    Returns ``(2F, kh kw)`` with ``F = h (w // 2 + 1)``: row ``2 f`` gives ``Re w^(u, v)``
+    and row ``2 f + 1`` gives ``Im w^(u, v)`` at frequency ``f = (u, v)``, where
+    ``w^(u, v) = sum_{p, q} w(p, q) exp(-2 pi i (u p / h + v q / w))`` (``torch.fft.rfft2``).
+    """
+    f64 = torch.float64
+    u = torch.arange(h, dtype=f64).view(-1, 1, 1, 1)
+    v = torch.arange(w // 2 + 1, dtype=f64).view(1, -1, 1, 1)
+    p = torch.arange(kh, dtype=f64).view(1, 1, -1, 1)
+    q = torch.arange(kw, dtype=f64).view(1, 1, 1, -1)
+    angle = (2 * math.pi * (u * p / h + v * q / w)).reshape(-1, kh * kw)  # (F, kh kw)
+    with torch.inference_mode(False):  # kept: usable by a later training step
+        basis = torch.stack([angle.cos(), -angle.sin()], dim=1).reshape(-1, kh * kw)
+        return basis.to(device=device, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=8)

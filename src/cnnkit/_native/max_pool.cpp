@@ -1,0 +1,201 @@
+// Max pooling of (N, C, H, W) maps with the position of each window's maximum, and the
+// gradient it sends back: the values and indices of F.max_pool2d(return_indices=True).
+//
+// Each map is pooled in two passes. For output row a, the vertical pass takes, per
+// column c, the largest of rows a s_h .. a s_h + k_h - 1 and the first row holding it
+// (a loop along whole rows that vectorizes); the horizontal pass takes, per output
+// column b, the largest of those over columns b s_w .. b s_w + k_w - 1. Among equal
+// values it keeps the smallest flat index r W + c: the first maximal element of the
+// window in row-major order, as the library's kernel does. A NaN in a window wins (the
+// value is NaN, the index that of a NaN in it).
+//
+// The backward adds each window's gradient at its index of a zero (H, W) map.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline bool beats(T value, T best) {
+  return value > best || (value != value && best == best);
+}
+
+// Row numbers kept as wide as T, so that a vector of values and one of rows have as
+// many lanes.
+template <typename T>
+using Row = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+
+// Per column c, the largest of rows top .. top + count - 1 and the first row holding it,
+// merged into (best, row) when merge is set (the rows then follow those already seen).
+template <typename T>
+void column_max(const T* __restrict x, int64_t w, int64_t top, int64_t count, bool merge,
+                T* __restrict best, Row<T>* __restrict row) {
+  int64_t r = top;
+  if (!merge) {
+    for (int64_t c = 0; c < w; ++c) {
+      best[c] = x[r * w + c];
+      row[c] = static_cast<Row<T>>(r);
+    }
+    ++r;
+  }
+  for (; r < top + count; ++r) {
+    const T* line = x + r * w;
+    const Row<T> here = static_cast<Row<T>>(r);
+#pragma omp simd
+    for (int64_t c = 0; c < w; ++c) {
+      const bool take = beats(line[c], best[c]);
+      best[c] = take ? line[c] : best[c];
+      row[c] = take ? here : row[c];
+    }
+  }
+}
+
+// Scratch space for one map: the vertical pass's maxima and rows for every output row,
+// and the same transposed (columns first) with flat indices, for the horizontal pass.
+template <typename T>
+struct Scratch {
+  std::vector<T> blocks, best, across;
+  std::vector<Row<T>> block_rows, rows, flat;
+};
+
+// When the window is a whole number of strides (the lecture's 10x10 at stride 5), the
+// vertical pass takes each s_h-row block's maximum once and an output row merges its
+// k_h / s_h blocks, instead of reading k_h rows per output row. The horizontal pass
+// runs on the transposed maxima, so that it too is a loop along whole rows.
+template <typename T>
+void pool_map(const T* __restrict x, T* __restrict out, int64_t* __restrict index, int64_t h,
+              int64_t w, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t h_out,
+              int64_t w_out, Scratch<T>& s) {
+  const bool tiled = sh > 1 && kh % sh == 0;
+  const int64_t per_window = tiled ? kh / sh : 1;
+  if (tiled) {
+    for (int64_t j = 0; j < h_out + per_window - 1; ++j)
+      column_max(x, w, j * sh, sh, false, s.blocks.data() + j * w, s.block_rows.data() + j * w);
+  }
+  for (int64_t a = 0; a < h_out; ++a) {
+    T* best = s.best.data() + a * w;
+    Row<T>* row = s.rows.data() + a * w;
+    if (!tiled) {
+      column_max(x, w, a * sh, kh, false, best, row);
+      continue;
+    }
+    std::copy_n(s.blocks.data() + a * w, w, best);
+    std::copy_n(s.block_rows.data() + a * w, w, row);
+    for (int64_t j = a + 1; j < a + per_window; ++j) {
+      const T* block = s.blocks.data() + j * w;
+      const Row<T>* block_row = s.block_rows.data() + j * w;
+#pragma omp simd
+      for (int64_t c = 0; c < w; ++c) {
+        const bool take = beats(block[c], best[c]);
+        best[c] = take ? block[c] : best[c];
+        row[c] = take ? block_row[c] : row[c];
+      }
+    }
+  }
+  for (int64_t a = 0; a < h_out; ++a) {
+    for (int64_t c = 0; c < w; ++c) {
+      s.across[c * h_out + a] = s.best[a * w + c];
+      s.flat[c * h_out + a] = static_cast<Row<T>>(s.rows[a * w + c] * w + c);
+    }
+  }
+  T* value = s.best.data();  // reused: (h_out,) per output column
+  Row<T>* at = s.rows.data();
+  for (int64_t b = 0; b < w_out; ++b) {
+    const int64_t left = b * sw;
+    std::copy_n(s.across.data() + left * h_out, h_out, value);
+    std::copy_n(s.flat.data() + left * h_out, h_out, at);
+    for (int64_t c = left + 1; c < left + kw; ++c) {
+      const T* column = s.across.data() + c * h_out;
+      const Row<T>* flat = s.flat.data() + c * h_out;
+#pragma omp simd
+      for (int64_t a = 0; a < h_out; ++a) {
+        const bool take = beats(column[a], value[a]) || (column[a] == value[a] && flat[a] < at[a]);
+        value[a] = take ? column[a] : value[a];
+        at[a] = take ? flat[a] : at[a];
+      }
+    }
+    for (int64_t a = 0; a < h_out; ++a) {
+      out[a * w_out + b] = value[a];
+      index[a * w_out + b] = at[a];
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> max_pool_forward(const at::Tensor& x, int64_t kh,
+                                                    int64_t kw, int64_t sh, int64_t sw) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
+              "x must be contiguous (N, C, H, W) on the CPU");
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && kh <= h && kw <= w,
+              "the window must fit in the map and the stride be positive");
+  const int64_t h_out = (h - kh) / sh + 1, w_out = (w - kw) / sw + 1;
+  at::Tensor out = at::empty({n, c, h_out, w_out}, x.options());
+  at::Tensor index = at::empty({n, c, h_out, w_out}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool_forward", [&] {
+    using T = scalar_t;
+    const T* source = x.data_ptr<T>();
+    T* target = out.data_ptr<T>();
+    int64_t* indices = index.data_ptr<int64_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / (h * w));
+    at::parallel_for(0, n * c, grain, [&](int64_t begin, int64_t end) {
+      Scratch<T> scratch;
+      const int64_t block_count = sh > 1 && kh % sh == 0 ? h_out + kh / sh - 1 : 0;
+      scratch.blocks.resize(block_count * w);
+      scratch.block_rows.resize(block_count * w);
+      scratch.best.resize(h_out * w);
+      scratch.rows.resize(h_out * w);
+      scratch.across.resize(h_out * w);
+      scratch.flat.resize(h_out * w);
+      for (int64_t m = begin; m < end; ++m) {
+        pool_map(source + m * h * w, target + m * h_out * w_out, indices + m * h_out * w_out,
+                 h, w, kh, kw, sh, sw, h_out, w_out, scratch);
+      }
+    });
+  });
+  return {out, index};
+}
+
+at::Tensor max_pool_backward(const at::Tensor& grad, const at::Tensor& index, int64_t h,
+                             int64_t w) {
+  TORCH_CHECK(grad.dim() == 4 && grad.device().is_cpu(), "grad must be (N, C, H_out, W_out)");
+  TORCH_CHECK(index.sizes() == grad.sizes() && index.scalar_type() == at::kLong,
+              "index must be int64 with the shape of grad");
+  const at::Tensor g = grad.contiguous();
+  const at::Tensor at_index = index.contiguous();
+  const int64_t n = g.size(0), c = g.size(1), outputs = g.size(2) * g.size(3);
+  at::Tensor grad_x = at::empty({n, c, h, w}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "max_pool_backward", [&] {
+    using T = scalar_t;
+    const T* gs = g.data_ptr<T>();
+    const int64_t* indices = at_index.data_ptr<int64_t>();
+    T* target = grad_x.data_ptr<T>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / (h * w));
+    at::parallel_for(0, n * c, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        T* map = target + m * h * w;
+        std::fill(map, map + h * w, T(0));
+        const T* gm = gs + m * outputs;
+        const int64_t* im = indices + m * outputs;
+        for (int64_t j = 0; j < outputs; ++j) map[im[j]] += gm[j];
+      }
+    });
+  });
+  return grad_x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cnnkit_native, m) {
+  m.def("max_pool_forward(Tensor x, int kh, int kw, int sh, int sw) -> (Tensor, Tensor)");
+  m.impl("max_pool_forward", c10::DispatchKey::CPU, &max_pool_forward);
+  m.def("max_pool_backward(Tensor grad, Tensor index, int h, int w) -> Tensor");
+  m.impl("max_pool_backward", c10::DispatchKey::CPU, &max_pool_backward);
+}
