@@ -1,9 +1,15 @@
 """Fixtures shared by the whole suite."""
 
 import contextlib
+import os
 
 import pytest
 import torch
+
+# The suite checks values, not speed: no case is timed (cnnkit.kernels.tuning), so every
+# test and every process it starts takes the same safe defaults. Tests of the tuning
+# itself turn it on with a cache folder of their own.
+os.environ.setdefault("CNNKIT_TUNE", "0")
 
 
 @contextlib.contextmanager

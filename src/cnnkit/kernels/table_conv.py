@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from cnnkit.kernels import fast_path_allowed, recorded
+from cnnkit.kernels import fast_path_allowed, recorded, tuning
 from cnnkit.tables import TablePlan, dense_weight
 
 __all__ = ["METHODS", "auto_method", "conv", "valid_size"]
@@ -68,11 +68,54 @@ def valid_size(
 
 def auto_method(x: torch.Tensor, weight: torch.Tensor, plan: TablePlan, stride) -> str:  # noqa: ANN001
     """The method ``"auto"`` takes for ``x`` (N, C_in, H, W): ``"plain"`` where the fast
-    paths are not allowed, else the one with the fewest multiply-adds weighted by their
-    measured speed (:func:`_choose`)."""
+    paths are not allowed; else, on a CPU, the fastest on this machine for this shape
+    class (:func:`cnnkit.kernels.tuning.choose`, measured once per machine), with the
+    cost model of :func:`_choose` as the default where measuring is off
+    (``CNNKIT_TUNE=0``) and on other devices."""
     if not fast_path_allowed(x, weight):
         return "plain"
-    return _choose(x.shape, weight.shape, plan.out_maps, stride, x.dtype)
+    default = _choose(x.shape, weight.shape, plan.out_maps, stride, x.dtype)
+    if x.device.type != "cpu":
+        return default
+    grad = recorded(x) or recorded(weight)
+    case = (
+        f"table_conv x{tuple(x.shape)} w{tuple(weight.shape)} out{plan.out_maps} "
+        f"slots{plan.slot_rows.shape[1]} stride{tuple(stride)} {x.dtype} "
+        f"{'grad' if grad else 'nograd'} threads{torch.get_num_threads()}"
+    )
+    return tuning.choose(case, default, _candidates(x, weight, plan, stride, grad))
+
+
+def _candidates(x, weight, plan: TablePlan, stride, grad: bool) -> dict:  # noqa: ANN001
+    """Each exact method that applies, as a function that runs it once (forward, and
+    backward when ``grad``) on synthetic tensors of the shapes of ``x`` and ``weight``."""
+
+    @functools.cache
+    def inputs() -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(0)  # the global generator is untouched
+        xs = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        ws = torch.randn(weight.shape, generator=generator, dtype=x.dtype).to(x.device)
+        return xs.requires_grad_(recorded(x)), ws.requires_grad_(grad)
+
+    def run(method: str) -> None:
+        xs, ws = inputs()
+        with torch.set_grad_enabled(grad):
+            y = conv(method, xs, plan, ws, None, stride)
+            if grad:
+                torch.autograd.grad(y, [t for t in (xs, ws) if t.requires_grad], torch.ones_like(y))
+
+    n, c_in, height, width = x.shape
+    rows, kh, kw = weight.shape
+    methods = ["dense"]
+    if rows == plan.out_maps:
+        methods.append("depthwise")
+    h_out, w_out = valid_size((height, width), (kh, kw), stride)
+    patches = c_in * kh * kw * n * h_out * w_out * x.element_size()
+    if patches <= 2**28:  # the unfolded copy must fit in memory comfortably
+        methods.append("unfold")
+    if x.dtype in (torch.float32, torch.float64):
+        methods.append("fourier")
+    return {method: functools.partial(run, method) for method in methods}
 
 
 def conv(method: str, x, plan: TablePlan, weight, bias, stride) -> torch.Tensor:  # noqa: ANN001

@@ -7,12 +7,14 @@ tracing or inside a ``torch.func`` transform, ``CNNKIT_FAST`` not 0) it runs so:
 
 - a rectification followed by a contrast normalization is one op
   (:meth:`ContrastNorm.forward_rectified`: the same values and gradients);
-- on a CPU, a stage whose filter bank writes large maps -- lecun83's first stage makes
-  64 maps of 75x75, 1.4 MB per image -- runs on slices of the batch small enough for
-  those maps to stay in the processor's cache while the stage's other layers pass over
-  them. Every layer of such a stage works image by image, so the values are those of
-  the whole batch at once; the weight gradients are summed slice by slice, which
-  rounds differently, within float rounding of the whole-batch sum.
+- on a CPU, a stage whose layers all work image by image may run on slices of the
+  batch: lecun83's first stage makes 64 maps of 75x75, 1.4 MB per image, and a slice of
+  a few images keeps those maps in the processor's cache while the stage's other layers
+  pass over them. How many images a slice holds is measured once per machine and shape
+  (:func:`cnnkit.kernels.tuning.choose`); with measuring off the slice's maps fill
+  about ``SLICE_BYTES``. The values are those of the whole batch at once; the weight
+  gradients are summed slice by slice, which rounds differently, within float rounding
+  of the whole-batch sum.
 
 So a forward hook on one of a stage's layers sees each slice of the batch, and the
 rectification and normalization of a fused pair run as one call of the normalization's
@@ -28,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from cnnkit.kernels import fast_path_allowed
+from cnnkit.kernels import fast_path_allowed, recorded, tuning
 from cnnkit.kernels.table_conv import valid_size
 from cnnkit.nn.activation import Rectify, ReLU
 from cnnkit.nn.filter_bank import FilterBank
@@ -37,10 +39,9 @@ from cnnkit.nn.pooling import Pool, PoolSubsample, Subsample
 
 __all__ = ["Stage"]
 
-# A slice of the batch is sized so that the filter bank's output for it fits in about
-# this many bytes: lecun83's first stage then runs 4 images at a time, the fastest slice
-# here without a gradient and (with 8) with one; single images are far slower in
-# training (python -m benchmarks.bench_slices; docs/performance.md).
+# Where slices are not measured (CNNKIT_TUNE=0), a slice holds about this many bytes of
+# the filter bank's output: a few images of lecun83's first stage, a size that fits the
+# caches of current processors.
 SLICE_BYTES = 6 * 2**20
 
 # Layers that compute each image on its own (no statistics over the batch).
@@ -75,17 +76,29 @@ class Stage(nn.Sequential):
         if not (self.fast and fast_path_allowed(x)):
             return super().forward(x)
         if x.dim() == 4 and x.shape[0] > 1:
-            images = _slice_images(self, x)
-            if images < x.shape[0]:
-                return torch.cat([_run_fused(self, part) for part in x.split(images)])
+            return _run_sliced(self, x, _slice_images(self, x))
         return _run_fused(self, x)
 
 
 def _slice_images(stage: Stage, x: torch.Tensor) -> int:
-    """How many images of ``x`` ``(N, C, H, W)`` to run at a time: N unless slicing pays."""
+    """How many images of ``x`` ``(N, C, H, W)`` to run at a time: N unless slicing pays,
+    measured on this machine (module notes)."""
     layers = list(stage.children())
     if x.device.type != "cpu" or any(type(layer) not in _PER_IMAGE for layer in layers):
         return x.shape[0]
+    default = _default_slice(layers, x)
+    sizes = sorted({min(2**k, x.shape[0]) for k in range(x.shape[0].bit_length())})
+    grad = recorded(x) or any(recorded(p) for p in stage.parameters())
+    case = (
+        f"stage_slice {_signature(layers)} x{tuple(x.shape)} {x.dtype} "
+        f"{'grad' if grad else 'nograd'} threads{torch.get_num_threads()}"
+    )
+    candidates = {str(size): _slice_trial(stage, x, size, grad) for size in sizes}
+    return int(tuning.choose(case, str(default), candidates))
+
+
+def _default_slice(layers: list[nn.Module], x: torch.Tensor) -> int:
+    """About ``SLICE_BYTES`` of the filter bank's output per slice."""
     widest = math.prod(x.shape[1:])
     for layer in layers:
         if isinstance(layer, FilterBank):
@@ -93,7 +106,33 @@ def _slice_images(stage: Stage, x: torch.Tensor) -> int:
             h_out, w_out = valid_size(x.shape[-2:], layer.kernel_size, stride)
             widest = max(widest, layer.out_maps * max(0, h_out) * max(0, w_out))
             break
-    return max(1, SLICE_BYTES // (widest * x.element_size()))
+    return min(x.shape[0], max(1, SLICE_BYTES // (widest * x.element_size())))
+
+
+def _signature(layers: list[nn.Module]) -> str:
+    """The layers' kinds and settings, as ``print(model)`` names them."""
+    return "|".join(f"{type(layer).__name__}({layer.extra_repr()})" for layer in layers)
+
+
+def _slice_trial(stage: Stage, x: torch.Tensor, size: int, grad: bool):  # noqa: ANN202
+    """A function that runs ``stage`` once on a synthetic batch shaped like ``x``, in
+    slices of ``size`` images (with the backward, into fresh gradients, when ``grad``)."""
+
+    def run() -> None:
+        xs = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+        params = [p for p in stage.parameters() if p.requires_grad] if grad else []
+        with torch.set_grad_enabled(grad):
+            y = _run_sliced(stage, xs, size)
+            if params:
+                torch.autograd.grad(y, params, torch.ones_like(y), allow_unused=True)
+
+    return run
+
+
+def _run_sliced(stage: Stage, x: torch.Tensor, images: int) -> torch.Tensor:
+    if images >= x.shape[0]:
+        return _run_fused(stage, x)
+    return torch.cat([_run_fused(stage, part) for part in x.split(images)])
 
 
 def _run_fused(stage: Stage, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""Choices measured once per machine: the cache file, CNNKIT_TUNE=0, pinned choices."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cnnkit.kernels import tuning
+from cnnkit.models import build, from_name
+
+
+@pytest.fixture
+def tuned(monkeypatch, tmp_path):
+    """Measuring on, with a cache folder of the test's own and a fresh process state."""
+    monkeypatch.setenv("CNNKIT_TUNE", "1")
+    monkeypatch.setenv("CNNKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_choices", None)
+    monkeypatch.setattr(tuning, "_used", {})
+    monkeypatch.setattr(tuning, "_pinned", None)
+    return tmp_path
+
+
+def _counting(delays: dict[str, int]):
+    """Candidates that count their runs; ``delays`` makes some slower (busy loops)."""
+    runs = dict.fromkeys(delays, 0)
+
+    def make(name):
+        def run():
+            runs[name] += 1
+            sum(range(delays[name]))
+
+        return run
+
+    return {name: make(name) for name in delays}, runs
+
+
+def test_the_fastest_is_measured_once_and_kept_in_the_file(tuned, capsys):
+    candidates, runs = _counting({"slow": 300_000, "fast": 0})
+    assert tuning.choose("case a", "slow", candidates) == "fast"
+    assert runs == {"slow": 4, "fast": 4}  # a warm-up and three timed runs each
+    assert "timing the fastest methods" in capsys.readouterr().err
+    saved = json.loads(tuning.cache_path().read_text())
+    assert saved["choices"] == {"case a": "fast"} and saved["machine"] == tuning.machine_key()
+    tuning._choices = None  # as a new process: read from the file, nothing measured
+    assert tuning.choose("case a", "slow", candidates) == "fast"
+    assert runs == {"slow": 4, "fast": 4}
+    assert tuning.used() == {"case a": "fast"}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        '{"machine": {"processor": "another one"}, "choices": {"case a": "slow"}}',
+        '{"machine": MACHINE, "choices": {"case a": "gone"}}',  # a candidate that no longer is
+        '{"machine": MACHINE, "choices": ["slow"]}',
+        "",
+    ],
+)
+def test_a_corrupt_truncated_or_foreign_file_is_ignored_and_rebuilt(tuned, content):
+    path = tuning.cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content.replace("MACHINE", json.dumps(tuning.machine_key())))
+    candidates, runs = _counting({"slow": 300_000, "fast": 0})
+    assert tuning.choose("case a", "slow", candidates) == "fast"
+    assert runs["fast"] == 4
+    assert json.loads(path.read_text())["choices"] == {"case a": "fast"}
+
+
+def test_tune_zero_takes_the_default_and_measures_nothing(tuned, monkeypatch):
+    monkeypatch.setenv("CNNKIT_TUNE", "0")
+    candidates, runs = _counting({"slow": 0, "fast": 0})
+    assert tuning.choose("case a", "slow", candidates) == "slow"
+    assert runs == {"slow": 0, "fast": 0} and not tuning.cache_path().exists()
+
+
+def test_pinned_choices_win_over_the_file(tuned):
+    candidates, _ = _counting({"slow": 300_000, "fast": 0})
+    assert tuning.choose("case a", "slow", candidates) == "fast"
+    with tuning.pinned({"case a": "slow"}):
+        assert tuning.choose("case a", "fast", candidates) == "slow"
+    assert tuning.choose("case a", "slow", candidates) == "fast"
+
+
+def test_an_unwritable_cache_folder_still_chooses(tuned, monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("CNNKIT_CACHE_DIR", str(blocker / "below"))  # not a folder
+    candidates, _ = _counting({"slow": 300_000, "fast": 0})
+    assert tuning.choose("case a", "slow", candidates) == "fast"
+
+
+def test_tuned_and_untuned_networks_give_the_same_values(tuned, monkeypatch):
+    """Every candidate computes the same function: measured choices change only speed."""
+    torch.manual_seed(0)
+    model = build(from_name("lecun83", classes=5)).double()
+    x = torch.randn(3, 1, 83, 83, dtype=torch.float64)
+    tuned_out = model(x)
+    (tuned_grad,) = torch.autograd.grad(tuned_out.sum(), model.stage2.filters.weight)
+    assert any(case.startswith("table_conv") for case in tuning.used())
+    assert any(case.startswith("stage_slice") for case in tuning.used())
+    monkeypatch.setenv("CNNKIT_TUNE", "0")
+    default_out = model(x)
+    (default_grad,) = torch.autograd.grad(default_out.sum(), model.stage2.filters.weight)
+    torch.testing.assert_close(tuned_out, default_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tuned_grad, default_grad, rtol=1e-10, atol=1e-12)
