@@ -106,3 +106,20 @@ def test_tuned_and_untuned_networks_give_the_same_values(tuned, monkeypatch):
     (default_grad,) = torch.autograd.grad(default_out.sum(), model.stage2.filters.weight)
     torch.testing.assert_close(tuned_out, default_out, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(tuned_grad, default_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_tune_network_fills_the_file_for_a_network(tuned):
+    from cnnkit.models.tune import tune_network
+
+    choices = tune_network("lenet5", batch_sizes=(2,))
+    saved = json.loads(tuning.cache_path().read_text())["choices"]
+    assert choices and set(saved) <= set(choices)
+    assert any("nograd" in case for case in choices) and any(" grad " in case for case in choices)
+
+
+def test_tune_network_refuses_when_measuring_is_off(monkeypatch):
+    from cnnkit.models.tune import tune_network
+
+    monkeypatch.setenv("CNNKIT_TUNE", "0")
+    with pytest.raises(RuntimeError, match="CNNKIT_TUNE=0"):
+        tune_network("lenet5", batch_sizes=(1,))
