@@ -123,3 +123,20 @@ def test_tune_network_refuses_when_measuring_is_off(monkeypatch):
     monkeypatch.setenv("CNNKIT_TUNE", "0")
     with pytest.raises(RuntimeError, match="CNNKIT_TUNE=0"):
         tune_network("lenet5", batch_sizes=(1,))
+
+
+def test_read_mode_takes_kept_choices_and_measures_nothing(tuned, monkeypatch):
+    candidates, runs = _counting({"slow": 300_000, "fast": 0})
+    assert tuning.choose("case a", "slow", candidates) == "fast"
+    monkeypatch.setattr(tuning, "_choices", None)
+    monkeypatch.setenv("CNNKIT_TUNE", "read")
+    assert not tuning.tuning_enabled()
+    assert tuning.choose("case a", "slow", candidates) == "fast"  # from the file
+    assert tuning.choose("case b", "slow", candidates) == "slow"  # not kept: the default
+    assert runs == {"slow": 4, "fast": 4}
+
+
+def test_workers_are_given_read_mode():
+    assert tuning.worker_environment({})["CNNKIT_TUNE"] == "read"
+    assert tuning.worker_environment({"CNNKIT_TUNE": "1"})["CNNKIT_TUNE"] == "read"
+    assert tuning.worker_environment({"CNNKIT_TUNE": "0"})["CNNKIT_TUNE"] == "0"

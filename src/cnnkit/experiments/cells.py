@@ -29,6 +29,7 @@ from typing import Any
 
 from cnnkit.data import load
 from cnnkit.experiments.subsets import VAL_FRACTION
+from cnnkit.kernels import tuning
 from cnnkit.models.spec import ArchitectureSpec
 from cnnkit.training import TrainConfig, evaluate, fit, load_run, read_metrics, resume
 from cnnkit.training.run_folder import RunFolder, read_json, write_json
@@ -187,11 +188,18 @@ def run_cells(
         return [rows[n] for n in names]
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_as_worker
+    ) as pool:
         futures = {pool.submit(run_cell, folder, cell, threads): cell for cell in cells}
         for future in concurrent.futures.as_completed(futures):
             finished(futures[future], future.result())
     return [rows[n] for n in names]
+
+
+def _as_worker() -> None:
+    """A worker process reads the machine's kept choices but measures none."""
+    os.environ.update(tuning.worker_environment(os.environ))
 
 
 def mean_and_spread(values: Sequence[float]) -> tuple[float, float, float]:

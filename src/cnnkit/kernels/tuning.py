@@ -14,15 +14,17 @@ small JSON file for this machine, so later processes read it instead of measurin
   truncated, or holds another machine's key is ignored and written anew;
 - ``CNNKIT_TUNE=0`` turns measuring off: each case takes its safe default (a cost model
   that needs no measurement), and choices already in the file are not read either, so
-  every process with ``CNNKIT_TUNE=0`` computes the same way;
+  every process with ``CNNKIT_TUNE=0`` computes the same way; ``CNNKIT_TUNE=read``
+  takes the file's choices but never measures (the default for a case not in it);
 - every candidate computes the same function; a choice changes only how long it takes,
   and the rounding of the last bits.
 
 A training run records the choices it used (:func:`used`) in its run folder and a
 resume runs under them again (:func:`pinned`), so a resumed run is bitwise the run that
-was not interrupted. ``cnnkit tune`` measures the lecture's cases ahead of time. Workers
-of a multi-process run never measure (they run with ``CNNKIT_TUNE=0`` or under the
-parent's pinned choices), since timings taken while other processes compute mislead.
+was not interrupted. ``cnnkit tune`` measures a network's cases ahead of time. Workers
+of a multi-process run (``--nproc``, ``--jobs``) never measure (:func:`worker_environment`
+gives them ``CNNKIT_TUNE=read``), since timings taken while other processes compute
+mislead.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ __all__ = [
     "pinned",
     "tuning_enabled",
     "used",
+    "worker_environment",
 ]
 
 _FORMAT = 1
@@ -63,9 +66,22 @@ _pinned: dict[str, str] | None = None
 _announced = False
 
 
+def _mode() -> str:
+    return os.environ.get("CNNKIT_TUNE", "1").strip().lower()
+
+
 def tuning_enabled() -> bool:
-    """Whether cases may be measured: not turned off by ``CNNKIT_TUNE=0``."""
-    return os.environ.get("CNNKIT_TUNE", "1").strip() != "0"
+    """Whether cases may be measured: ``CNNKIT_TUNE`` is neither ``0`` nor ``read``."""
+    return _mode() not in ("0", "read")
+
+
+def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` for a worker process of a multi-process run: it reads the choices
+    kept for this machine but measures none (unless measuring is off altogether)."""
+    env = dict(environ)
+    if env.get("CNNKIT_TUNE", "1").strip() != "0":
+        env["CNNKIT_TUNE"] = "read"
+    return env
 
 
 def _processor_model() -> str:
@@ -135,20 +151,23 @@ def choose(case: str, default: str, candidates: Mapping[str, Callable[[], object
     ``case`` names the shape class (the same string for every call that should share a
     choice); ``candidates`` maps each name to a function that runs it once on synthetic
     inputs of that shape. Returns, in order: the pinned choice (:func:`pinned`); with
-    ``CNNKIT_TUNE=0``, ``default``; a choice made before (this process or the file); or
-    the fastest candidate, measured now and kept. One candidate needs no measuring.
+    ``CNNKIT_TUNE=0``, ``default``; a choice made before (this process or the file);
+    with ``CNNKIT_TUNE=read``, ``default``; or the fastest candidate, measured now and
+    kept. One candidate needs no measuring.
     """
     global _choices
     with _lock:
         if _pinned is not None and case in _pinned:
             choice = _pinned[case]
-        elif not tuning_enabled() or len(candidates) < 2:
+        elif _mode() == "0" or len(candidates) < 2:
             choice = default
         else:
             if _choices is None:
                 _choices = _read()
             choice = _choices.get(case)
-            if choice not in candidates:
+            if choice not in candidates and not tuning_enabled():
+                choice = default
+            elif choice not in candidates:
                 choice = _measure(case, candidates)
                 _choices = {**_read(), case: choice}  # another process may have added some
                 _write(_choices)

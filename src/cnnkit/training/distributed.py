@@ -49,6 +49,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from cnnkit.kernels import tuning
+
 DEFAULT_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "CNNKIT_DIST_TIMEOUT"
 
@@ -351,8 +353,9 @@ def launch_command(nproc: int, argv: Sequence[str]) -> list[str]:
 def launch(nproc: int, argv: Sequence[str]) -> int:
     """Run ``cnnkit ARGV`` in ``nproc`` processes on this machine (torchrun); return its
     exit status. Each process gets ``threads_per_process(nproc)`` threads unless
-    ``OMP_NUM_THREADS`` is set."""
-    env = dict(os.environ)
+    ``OMP_NUM_THREADS`` is set; the processes measure no implementation choice
+    (:func:`cnnkit.kernels.tuning.worker_environment`)."""
+    env = tuning.worker_environment(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads_per_process(nproc)))
     return subprocess.call(launch_command(nproc, argv), env=env)
 
