@@ -218,7 +218,8 @@ def _slot_kernels(weight: torch.Tensor, plan: TablePlan) -> torch.Tensor:
     """``(C_in, S, kh kw)``: the kernels of each input map's table rows, zero-padded."""
     rows, kh, kw = weight.shape
     padded = torch.cat([weight.reshape(rows, kh * kw), weight.new_zeros(1, kh * kw)])
-    return padded[plan.slot_rows]
+    slots = padded.index_select(0, plan.slot_rows.view(-1))  # its backward: one index_add
+    return slots.view(*plan.slot_rows.shape, kh * kw)
 
 
 def _depthwise(
