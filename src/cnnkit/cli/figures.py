@@ -13,7 +13,10 @@ SHOW_HELP = """\
 Draw what a network does to one image: the input, then every stage's maps after each of
 its steps (filter bank, non-linearity, normalization, pooling, subsampling), one grid per
 step titled like "stage 1 · filters · 64@75×75". A fused pooling layer is drawn as its
-two steps, the maps pooled at stride 1 and their subsampling.
+two steps, the maps pooled at stride 1 and their subsampling. Each grid shows the step's
+first --maps maps (16 by default), each at least 64 px, with its own colour bar; a last
+panel draws the first pooling window over one map at the network's sizes (for lecun83:
+10×10 window, step 5, 75×75 → 14×14).
 
 IMAGE may be any format Pillow reads (PNG, JPEG, GIF, BMP, TIFF, WebP ...), in any mode
 (RGB, RGBA, 16-bit, palette); it is converted exactly as training converts images.
@@ -68,6 +71,14 @@ def show_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int_at_least(0), default=None, help="seed of the random weights (0)"
     )
     parser.add_argument(
+        "--maps",
+        type=int_at_least(1),
+        default=16,
+        metavar="N",
+        help="maps drawn of each step, its first N (all when it has fewer); panels grow so "
+        "that every map stays at least 64 px",
+    )
+    parser.add_argument(
         "--per-stage", action="store_true", help="one figure per stage: OUT-stage1.png, ..."
     )
     parser.add_argument(
@@ -99,11 +110,15 @@ def run_show(args: argparse.Namespace) -> int:
         model = figures.random_network(spec, seed=seed)
         note = f"weights: seeded random (seed {seed}), not trained"
     out = _out_path(args.out, f"{Path(args.image).stem}-maps.png")
+    most = max(model.spec.input.maps, *(s.filters.maps for s in model.spec.stages))
+    if args.maps > most:
+        print(f"note: --maps {args.maps} is more than any step has (at most {most}); all drawn")
     if not args.per_stage:
-        _save_figure(figures.feature_maps_figure(model, args.image, note=note), out)
+        fig = figures.feature_maps_figure(model, args.image, note=note, maps=args.maps)
+        _save_figure(fig, out)
         return 0
     for stage in range(1, len(model.spec.stages) + 1):
-        fig = figures.feature_maps_figure(model, args.image, stage=stage, note=note)
+        fig = figures.feature_maps_figure(model, args.image, stage=stage, note=note, maps=args.maps)
         _save_figure(fig, out.with_name(f"{out.stem}-stage{stage}{out.suffix}"))
     return 0
 

@@ -7,7 +7,7 @@ Each docstring gives the figure's size in inches; at :data:`DPI` (100) a figure 
 ``w x h`` inches saves as a ``100 w x 100 h`` pixel PNG.
 """
 
-from cnnkit.figures._common import DPI, tile_maps, untile
+from cnnkit.figures._common import DPI, mosaic_shape, tile_maps, untile
 from cnnkit.figures.curves import curves_figure
 from cnnkit.figures.filters import (
     SOBEL_GX,
@@ -23,14 +23,18 @@ from cnnkit.figures.filters import (
     stage_kernels,
 )
 from cnnkit.figures.maps import (
+    DEFAULT_MAPS,
     MapStep,
     feature_maps,
     feature_maps_figure,
+    first_pooling_stage,
+    pooling_label,
     prepare_input,
     random_network,
 )
 
 __all__ = [
+    "DEFAULT_MAPS",
     "DPI",
     "SOBEL_GX",
     "MapStep",
@@ -42,6 +46,9 @@ __all__ = [
     "feature_maps",
     "feature_maps_figure",
     "filters_figure",
+    "first_pooling_stage",
+    "mosaic_shape",
+    "pooling_label",
     "prepare_input",
     "random_network",
     "resize_kernel",
