@@ -140,3 +140,21 @@ def test_workers_are_given_read_mode():
     assert tuning.worker_environment({})["CNNKIT_TUNE"] == "read"
     assert tuning.worker_environment({"CNNKIT_TUNE": "1"})["CNNKIT_TUNE"] == "read"
     assert tuning.worker_environment({"CNNKIT_TUNE": "0"})["CNNKIT_TUNE"] == "0"
+
+
+def test_cnnkit_tune_keeps_the_choices_and_prints_them(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CNNKIT_TUNE": "1", "CNNKIT_CACHE_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "cnnkit", "tune", "--preset", "lenet5", "--batch", "2"]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "cases in" in out.stdout and str(tmp_path) in out.stdout
+    files = list(tmp_path.glob("tuning-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["choices"]
+    env["CNNKIT_TUNE"] = "0"
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert out.stderr.startswith("cnnkit: error: CNNKIT_TUNE=0 turns timing off")

@@ -31,6 +31,7 @@ from cnnkit.cli.figures import FILTERS_HELP, SHOW_HELP, run_curves, run_filters,
 from cnnkit.cli.networks import SUMMARY_HELP, run_presets, run_spec, run_summary
 from cnnkit.cli.report import REPORT_HELP, run_report
 from cnnkit.cli.train import TRAIN_HELP, run_train
+from cnnkit.cli.tune import TUNE_HELP, run_tune
 
 __all__ = [
     "DESCRIPTIONS",
@@ -43,6 +44,7 @@ __all__ = [
     "SHOW_HELP",
     "SUMMARY_HELP",
     "TRAIN_HELP",
+    "TUNE_HELP",
     "USER_ERRORS",
     "VERBS",
     "Verb",
@@ -60,4 +62,5 @@ __all__ = [
     "run_spec",
     "run_summary",
     "run_train",
+    "run_tune",
 ]

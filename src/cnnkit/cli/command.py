@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from cnnkit import __version__
-from cnnkit.cli import evaluate, experiment, export, figures, networks, report, train
+from cnnkit.cli import evaluate, experiment, export, figures, networks, report, train, tune
 from cnnkit.cli._parsing import HelpFormatter, Parser
 
 # A user's mistakes and the machine's faults (OSError: read-only, disk full, folder in
@@ -72,12 +72,18 @@ VERBS: dict[str, Verb] = {
         networks.run_presets,
     ),
     "spec": ("print a preset as a spec file to edit", networks.spec_arguments, networks.run_spec),
+    "tune": (
+        "time the fastest ways to compute a network on this machine, once",
+        tune.tune_arguments,
+        tune.run_tune,
+    ),
 }
 # verb -> longer text for ``cnnkit VERB --help`` (the help line where there is none)
 DESCRIPTIONS: dict[str, str] = {
     "summary": networks.SUMMARY_HELP,
     "train": train.TRAIN_HELP,
     "show": figures.SHOW_HELP,
+    "tune": tune.TUNE_HELP,
     "filters": figures.FILTERS_HELP,
     "experiment": experiment.EXPERIMENT_HELP,
     "report": report.REPORT_HELP,
