@@ -41,17 +41,31 @@ def check_nonnegative_int(name: str, value: Any) -> int:
     return check_int(name, value, 0)
 
 
-def check_number(name: str, value: Any, rule: str, ok: Callable[[float], bool]) -> float:
+def check_number(
+    name: str,
+    value: Any,
+    rule: str,
+    ok: Callable[[float], bool],
+    *,
+    choices: Sequence[str] = (),
+) -> Any:
     """Return ``value`` as a ``float`` if it is a finite real number for which ``ok`` holds.
 
     ``rule`` says in words what ``ok`` tests, for the message: ``check_number("momentum",
     m, "in [0, 1)", lambda v: 0 <= v < 1)`` raises ``momentum must be a finite number in
     [0, 1), got 1.0``. ``bool`` is not a number here; NaN and infinities never pass.
+    ``choices`` are words accepted instead of a number and returned as they are
+    (``threshold must be 'mean' or a number >= 0, got 'median'``).
     """
+    words = "".join(f"{choice!r} or " for choice in choices)
+    if isinstance(value, str) and choices:
+        if value in choices:
+            return value
+        raise ValueError(f"{name} must be {words}a number {rule}, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number {rule}, got {value!r}")
+        raise TypeError(f"{name} must be {words}a number {rule}, got {value!r}")
     if not math.isfinite(value) or not ok(value):
-        raise ValueError(f"{name} must be a finite number {rule}, got {value}")
+        raise ValueError(f"{name} must be {words}a finite number {rule}, got {value}")
     return float(value)
 
 
@@ -60,10 +74,14 @@ def check_positive_float(name: str, value: Any) -> float:
     return check_number(name, value, "> 0", lambda v: v > 0)
 
 
-def check_bool(name: str, value: Any) -> bool:
-    """Return ``value`` if it is ``True`` or ``False`` (not 0 or 1), else raise."""
+def check_bool(name: str, value: Any, *, spelling: tuple[str, str] = ("True", "False")) -> bool:
+    """Return ``value`` if it is ``True`` or ``False`` (not 0 or 1), else raise.
+
+    ``spelling`` names the two values in the message as the caller's reader writes them:
+    a spec, read from TOML or JSON, passes ``("true", "false")``.
+    """
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+        raise TypeError(f"{name} must be {spelling[0]} or {spelling[1]}, got {value!r}")
     return value
 
 
