@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cnnkit._shapes import valid_size
 from cnnkit._validation import check_bool, check_choice, check_int, check_number
 from cnnkit.models import _codec
+from cnnkit.windowed_sum import BORDERS  # the normalization's borders, named once
 
 NONLINEARITIES = ("abs", "relu", "tanh", "none")
 TABLE_KINDS = ("full", "one-to-one", "random", "explicit")
 NORM_KINDS = ("contrast", "subtractive", "divisive")
-BORDERS = ("renormalize", "zero", "reflect")
 POOL_KINDS = ("max", "avg", "lp")
 POOL_ACTIVATIONS = ("none", "tanh")
 WEIGHT_SHARING = ("shared", "averaged", "none")
@@ -260,7 +261,7 @@ class ArchitectureSpec:
                     f"but {previous} {height}×{width}"
                 )
             _check_table(where, bank, maps)
-            height, width, maps = height - k + 1, width - k + 1, bank.maps
+            height, width, maps = valid_size(height, k), valid_size(width, k), bank.maps
             filtered = (maps, height, width)
             pooled = None
             if stage.pool is not None:
@@ -270,8 +271,10 @@ class ArchitectureSpec:
                         f"{where}: a {window}×{window} pooling window does not fit the "
                         f"{height}×{width} maps of its filter bank"
                     )
-                height = (height - window) // stride + 1
-                width = (width - window) // stride + 1
+                height, width = (
+                    valid_size(height, window, stride),
+                    valid_size(width, window, stride),
+                )
                 pooled = (maps, height, width)
             result.append(
                 StageShapes(filters=filtered, pooled=pooled, output=(maps, height, width))

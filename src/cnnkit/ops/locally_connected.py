@@ -155,7 +155,7 @@ def locally_connected2d(
         raise ValueError(
             f"bias must have shape {(layout.out_maps, out_h, out_w)}, got {tuple(bias.shape)}"
         )
-    out = _untied_correlation(x.unsqueeze(0) if unbatched else x, weight, bias, stride, layout)
+    out = _untied_correlation(x.unsqueeze(0) if unbatched else x, weight, bias, layout, stride)
     return out.squeeze(0) if unbatched else out
 
 
@@ -163,8 +163,8 @@ def _untied_correlation(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    stride: tuple[int, int],
     layout: UntiedLayout,
+    stride: tuple[int, int],
 ) -> torch.Tensor:
     """The math of :func:`locally_connected2d` on checked ``(N, C_in, H, W)`` input."""
     out_h, out_w, rows, kh, kw = weight.shape
