@@ -6,7 +6,7 @@ functions, with relative imports resolved. ``import cnnkit.a.b`` and
 ``from cnnkit.a import b`` are edges to the module ``cnnkit.a.b`` when it exists, else
 to the package ``cnnkit.a`` (its ``__init__``), whose name ``b`` is then imported.
 
-Floors (docs/architecture.md): 0 reference, _validation, _files, windowed_sum;
+Floors (docs/architecture.md): 0 reference, _validation, _files, _shapes, windowed_sum;
 1 ops, tables, runtime, kernels, _native; 2 nn, data, tying; 3 models; 4 training,
 experiments, analysis, figures, report, export; 5 cli. ``cnnkit/__init__.py`` is the
 public face and ``cnnkit/__main__.py`` the command's door: neither is a source of
@@ -28,6 +28,7 @@ FLOORS = {
     "reference": 0,
     "_validation": 0,
     "_files": 0,
+    "_shapes": 0,
     "windowed_sum": 0,
     "ops": 1,
     "tables": 1,

@@ -457,3 +457,33 @@ def test_with_adam_averaging_is_not_the_convolution(digits, scale_gradients):
     )
     assert tying.is_tied(groups)  # still a convolution, but a different one
     assert distance(conv, untied) > 1e-3
+
+
+def test_old_doors_name_the_same_objects():
+    import cnnkit.nn.locally_connected as old_layer
+    import cnnkit.nn.tying as home
+    from cnnkit.ops import locally_connected as op
+
+    for name in tying.__all__:
+        assert getattr(tying, name) is getattr(home, name), name
+    assert old_layer.LocallyConnected2d is home.LocallyConnected2d
+    assert old_layer.untie_filter_banks is home.untie_filter_banks
+    assert old_layer.locally_connected2d is op.locally_connected2d
+
+
+def test_methods_are_the_functions():
+    torch.manual_seed(0)
+    layer = LocallyConnected2d(2, 3, 3, (6, 5))
+    groups = tying.convolution_groups(layer)
+    assert not groups.is_tied() and not tying.is_tied(groups)
+    with pytest.raises(ValueError, match="is not tied") as by_method:
+        groups.check_tied()
+    with pytest.raises(ValueError, match="is not tied") as by_function:
+        tying.check_tied(groups)
+    assert str(by_method.value) == str(by_function.value)
+    means = layer.weight.detach().mean((0, 1))  # (K, kh, kw): each kernel over positions
+    groups.project_()
+    assert groups.is_tied() and tying.is_tied(groups)
+    torch.testing.assert_close(layer.weight[1, 2], means)
+    assert tying.free_parameters(groups) == groups.free == 2 * 3 * 9 + 3
+    assert tying.stored_entries(groups) == groups.stored == 4 * 3 * (6 * 9 + 3)

@@ -30,10 +30,13 @@ model so the two can be compared.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from cnnkit._shapes import valid_size
+from cnnkit.models.layers import Layer, stage_layers
 from cnnkit.models.spec import ArchitectureSpec, NormSpec, PoolSpec
 
 
@@ -76,6 +79,22 @@ class LayerRow:
         return f"{self.maps}@{self.height}×{self.width}"
 
 
+class _Total:
+    """A read-only attribute of a :class:`Summary`: the sum of its rows' attribute of the
+    same name."""
+
+    def __init__(self, doc: str = "") -> None:
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, summary: Summary | None, owner: type | None = None) -> int:
+        if summary is None:
+            return self  # the class's attribute: this descriptor
+        return sum(getattr(row, self.name) for row in summary.rows)
+
+
 @dataclass(frozen=True)
 class Summary:
     """All rows (the first is the input) and their totals."""
@@ -83,34 +102,16 @@ class Summary:
     spec: ArchitectureSpec
     rows: tuple[LayerRow, ...]
 
-    @property
-    def weights(self) -> int:
-        return sum(r.weights for r in self.rows)
-
-    @property
-    def biases(self) -> int:
-        return sum(r.biases for r in self.rows)
+    weights = _Total("Trainable weights of every row.")
+    biases = _Total("Trainable biases of every row.")
+    kernels = _Total("2-D kernels of every filter bank.")
+    stored = _Total("Parameter entries held in memory (differs from ``parameters`` when untied).")
+    connections = _Total("Connections of every row, per image.")
+    multiply_adds = _Total("Multiply-adds of every row, per image.")
 
     @property
     def parameters(self) -> int:
         return self.weights + self.biases
-
-    @property
-    def kernels(self) -> int:
-        return sum(r.kernels for r in self.rows)
-
-    @property
-    def stored(self) -> int:
-        """Parameter entries held in memory (differs from ``parameters`` when untied)."""
-        return sum(r.stored for r in self.rows)
-
-    @property
-    def connections(self) -> int:
-        return sum(r.connections for r in self.rows)
-
-    @property
-    def multiply_adds(self) -> int:
-        return sum(r.multiply_adds for r in self.rows)
 
     def row(self, name: str) -> LayerRow:
         for r in self.rows:
@@ -184,122 +185,111 @@ def _describe_pool(pool: PoolSpec, *, stride_one: bool = False) -> str:
     return text
 
 
+def _filter_row(layer: Layer, weight_sharing: str) -> LayerRow:
+    bank, in_maps = layer.part, layer.input[0]
+    k = bank.kernel
+    kernels = _table_size(bank.table, bank.fan_in, bank.connections, in_maps, bank.maps)
+    out_maps, out_h, out_w = layer.output
+    untied = weight_sharing == "averaged"
+    # weight_sharing="none": every position's kernel and bias is a free weight.
+    copies = out_h * out_w if weight_sharing == "none" else 1
+    table = {
+        "full": "full",
+        "one-to-one": "one-to-one",
+        "random": f"{bank.fan_in} random of {in_maps}",
+        "explicit": f"table of {kernels}",
+    }[bank.table]
+    return LayerRow(
+        layer.path,
+        f"filter bank {k}×{k}, {table}",
+        *layer.output,
+        weights=kernels * k * k * copies,
+        biases=(out_maps if bank.bias else 0) * copies,
+        kernels=kernels * copies,
+        connections=kernels * k * k * out_h * out_w,
+        multiply_adds=kernels * k * k * out_h * out_w,
+        stored_weights=kernels * k * k * out_h * out_w if untied else None,
+        stored_biases=(out_maps * out_h * out_w if bank.bias else 0) if untied else None,
+    )
+
+
+def _pool_rows(layer: Layer) -> list[LayerRow]:
+    """A pooling layer's rows; a fused one (``stride > 1``) as the lecture's two steps."""
+    pool, (maps, in_h, in_w) = layer.part, layer.input
+    trainable = maps if pool.trainable else 0
+    pooled_units = math.prod(layer.output)
+    if layer.stride == 1:  # pooling at stride 1: alone, or before its own subsampling
+        row = LayerRow(
+            layer.path,
+            _describe_pool(pool, stride_one=pool.stride > 1),
+            *layer.output,
+            weights=trainable,
+            biases=trainable,
+            connections=pooled_units * pool.window**2,
+            multiply_adds=pooled_units if pool.trainable else 0,
+        )
+        return [row]
+    # Fused: shown as pooling at stride 1, then subsampling, the lecture's two steps; it
+    # evaluates only the kept windows, so those carry the counts.
+    full = (maps, valid_size(in_h, pool.window), valid_size(in_w, pool.window))
+    return [
+        LayerRow(
+            layer.path,
+            _describe_pool(pool, stride_one=True),
+            *full,
+            weights=trainable,
+            biases=trainable,
+            connections=pooled_units * pool.window**2,
+            multiply_adds=pooled_units if pool.trainable else 0,
+            view="lecture",
+        ),
+        LayerRow(
+            f"stage{layer.stage}.subsample",
+            f"subsampling {pool.stride}",
+            *layer.output,
+            view="lecture",
+        ),
+    ]
+
+
+def _stage_rows(layer: Layer, weight_sharing: str) -> list[LayerRow]:
+    """The summary rows of one named layer (:mod:`cnnkit.models.layers`)."""
+    units = math.prod(layer.output)
+    if layer.kind == "filters":
+        return [_filter_row(layer, weight_sharing)]
+    if layer.kind == "nonlinearity":
+        operation = {"abs": "rectification |x|", "relu": "ReLU", "tanh": "tanh"}[layer.part]
+        return [LayerRow(layer.path, operation, *layer.output, connections=units)]
+    if layer.kind == "norm":
+        norm = layer.part
+        return [
+            LayerRow(
+                layer.path,
+                f"{norm.kind} normalization {norm.window}×{norm.window}",
+                *layer.output,
+                connections=_norm_connections(norm, *layer.output),
+            )
+        ]
+    if layer.kind == "pool":
+        return _pool_rows(layer)
+    if layer.kind == "subsample":
+        operation = f"subsampling {layer.stride}"
+        return [LayerRow(layer.path, operation, *layer.output, connections=units)]
+    return [LayerRow(layer.path, "tanh", *layer.output, connections=units)]  # pool_act
+
+
 def summarize(spec: ArchitectureSpec) -> Summary:
-    """Per-layer rows for ``spec``, in the order and with the names ``build`` uses."""
+    """Per-layer rows for ``spec``, in the order and with the names ``build`` uses
+    (:func:`cnnkit.models.layers.stage_layers`)."""
     if not isinstance(spec, ArchitectureSpec):
         raise TypeError(f"spec must be an ArchitectureSpec, got {type(spec).__name__}")
     maps, height, width = spec.input.maps, spec.input.height, spec.input.width
     kind = "gray image" if maps == 1 else f"{maps}-map image"
     rows = [LayerRow("input", kind, maps, height, width)]
-    for number, (stage, shapes) in enumerate(zip(spec.stages, spec.shapes(), strict=True), start=1):
-        prefix = f"stage{number}"
-        bank = stage.filters
-        k = bank.kernel
-        kernels = _table_size(bank.table, bank.fan_in, bank.connections, maps, bank.maps)
-        out_maps, out_h, out_w = shapes.filters
-        untied = spec.weight_sharing == "averaged"
-        # weight_sharing="none": every position's kernel and bias is a free weight.
-        copies = out_h * out_w if spec.weight_sharing == "none" else 1
-        table = {
-            "full": "full",
-            "one-to-one": "one-to-one",
-            "random": f"{bank.fan_in} random of {maps}",
-            "explicit": f"table of {kernels}",
-        }[bank.table]
-        rows.append(
-            LayerRow(
-                f"{prefix}.filters",
-                f"filter bank {k}×{k}, {table}",
-                out_maps,
-                out_h,
-                out_w,
-                weights=kernels * k * k * copies,
-                biases=(out_maps if bank.bias else 0) * copies,
-                kernels=kernels * copies,
-                connections=kernels * k * k * out_h * out_w,
-                multiply_adds=kernels * k * k * out_h * out_w,
-                stored_weights=kernels * k * k * out_h * out_w if untied else None,
-                stored_biases=(out_maps * out_h * out_w if bank.bias else 0) if untied else None,
-            )
-        )
-        units = out_maps * out_h * out_w
-        active = [n for n in stage.nonlinearity if n != "none"]
-        for index, name in enumerate(active, start=1):
-            label = f"nonlin{index}" if len(active) > 1 else "nonlin"
-            operation = {"abs": "rectification |x|", "relu": "ReLU", "tanh": "tanh"}[name]
-            rows.append(
-                LayerRow(f"{prefix}.{label}", operation, out_maps, out_h, out_w, connections=units)
-            )
-        if stage.norm is not None:
-            norm = stage.norm
-            rows.append(
-                LayerRow(
-                    f"{prefix}.norm",
-                    f"{norm.kind} normalization {norm.window}×{norm.window}",
-                    out_maps,
-                    out_h,
-                    out_w,
-                    connections=_norm_connections(norm, out_maps, out_h, out_w),
-                )
-            )
-        if stage.pool is not None:
-            pool = stage.pool
-            p_maps, p_h, p_w = shapes.pooled
-            trainable = out_maps if pool.trainable else 0
-            pooled_units = p_maps * p_h * p_w
-            if pool.stride == 1:
-                rows.append(
-                    LayerRow(
-                        f"{prefix}.pool",
-                        _describe_pool(pool),
-                        p_maps,
-                        p_h,
-                        p_w,
-                        weights=trainable,
-                        biases=trainable,
-                        connections=pooled_units * pool.window**2,
-                        multiply_adds=pooled_units if pool.trainable else 0,
-                    )
-                )
-            else:
-                # Pooling at stride 1, then subsampling: the lecture's two steps, which an
-                # unfused layer also computes; a fused one evaluates only the kept windows.
-                full_h, full_w = out_h - pool.window + 1, out_w - pool.window + 1
-                full_units = out_maps * full_h * full_w
-                evaluated = pooled_units if pool.fused else full_units
-                view = "lecture" if pool.fused else None
-                rows.append(
-                    LayerRow(
-                        f"{prefix}.pool",
-                        _describe_pool(pool, stride_one=True),
-                        out_maps,
-                        full_h,
-                        full_w,
-                        weights=trainable,
-                        biases=trainable,
-                        connections=evaluated * pool.window**2,
-                        multiply_adds=evaluated if pool.trainable else 0,
-                        view=view,
-                    )
-                )
-                rows.append(
-                    LayerRow(
-                        f"{prefix}.subsample",
-                        f"subsampling {pool.stride}",
-                        p_maps,
-                        p_h,
-                        p_w,
-                        connections=0 if pool.fused else pooled_units,
-                        view=view,
-                    )
-                )
-            if pool.activation == "tanh":
-                rows.append(
-                    LayerRow(
-                        f"{prefix}.pool_act", "tanh", p_maps, p_h, p_w, connections=pooled_units
-                    )
-                )
-        maps, height, width = shapes.output
+    for layers in stage_layers(spec):
+        for layer in layers:
+            rows += _stage_rows(layer, spec.weight_sharing)
+        maps, height, width = layers[-1].output
     features = maps * height * width
     head = spec.classifier
     if head.hidden is not None:

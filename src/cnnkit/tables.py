@@ -203,7 +203,7 @@ def check(
                 f"{role} maps exist (0..{limit - 1})"
             )
 
-    keys = rows[:, 0] * (int(rows[:, 1].max()) + 1) + rows[:, 1]  # (K,) one key per pair
+    keys = rows[:, 0] * _maps_named(rows[:, 1]) + rows[:, 1]  # (K,) one key per pair
     order = torch.argsort(keys, stable=True)
     repeated = (keys[order][1:] == keys[order][:-1]).nonzero()
     if len(repeated):
@@ -213,7 +213,7 @@ def check(
             f"{name} rows {first} and {second} both connect input map {i} to output map {o}"
         )
 
-    outputs = n_out if n_out is not None else int(rows[:, 1].max()) + 1
+    outputs = n_out if n_out is not None else _maps_named(rows[:, 1])
     empty = (torch.bincount(rows[:, 1], minlength=outputs) == 0).nonzero()
     if len(empty):
         raise ValueError(
@@ -223,16 +223,21 @@ def check(
     return table
 
 
+def _maps_named(column: torch.Tensor) -> int:
+    """How many maps a column of a table implies: its largest map number + 1."""
+    return int(column.max()) + 1
+
+
 def n_inputs(table: torch.Tensor) -> int:
     """The number of input maps a table reads: its largest input map + 1."""
     check(table)
-    return int(table[:, 0].max()) + 1
+    return _maps_named(table[:, 0])
 
 
 def n_outputs(table: torch.Tensor) -> int:
     """The number of output maps a table writes: its largest output map + 1."""
     check(table)
-    return int(table[:, 1].max()) + 1
+    return _maps_named(table[:, 1])
 
 
 def fan_in(table: torch.Tensor) -> torch.Tensor:
@@ -308,7 +313,7 @@ def _build_plan(table: torch.Tensor, in_maps: int | None) -> TablePlan:
     table = table.to(dtype=torch.int64)
     rows = table.shape[0]
     in_maps = n_inputs(table) if in_maps is None else in_maps
-    out_maps = int(table[:, 1].max()) + 1
+    out_maps = _maps_named(table[:, 1])
     order = torch.argsort(table[:, 0], stable=True)  # rows grouped by input map
     inputs = table[order, 0]
     counts = torch.bincount(inputs, minlength=in_maps)  # (in_maps,)

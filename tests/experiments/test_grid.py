@@ -51,12 +51,12 @@ def test_star_changes_every_stage(tmp_path, tiny_spec_file):
         ('[grid]\n"stages.1.filters" = [2]', "field 'stages.1.filters' is a section"),
         (
             '[grid]\n"stages.1.filters.maps" = [2, 0]',
-            "stages.1.filters.maps = 0: filters: maps must be >= 1, got 0",
+            "stages.1.filters.maps = 0: filters.maps must be a positive integer, got 0",
         ),
         (
             '[grid]\nweight_sharing = ["tied"]',
-            "weight_sharing = 'tied': unknown weight_sharing "
-            "'tied'; expected one of 'shared', 'averaged', 'none'",
+            "weight_sharing = 'tied': weight_sharing must be one of "
+            "'shared', 'averaged', 'none', got 'tied'",
         ),
         ('[grid]\n"classifier.hidden.width" = [3]', "the spec has no hidden there"),
         ("[grid]\ninput = [3]", "field 'input' is a section"),

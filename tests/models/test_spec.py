@@ -147,7 +147,9 @@ def test_unknown_layer_kind_in_file(tmp_path):
     data["stages"][0]["pool"]["kind"] = "median"
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"stage 1 pool: unknown pooling kind 'median'"):
+    with pytest.raises(
+        ValueError, match=r"stage 1 pool: kind must be one of 'max', 'avg', 'lp', got 'median'"
+    ):
         load_spec(path)
 
 
@@ -183,8 +185,11 @@ def test_missing_key_is_named():
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: InputSpec(height=0, width=3), r"input: height must be >= 1, got 0"),
-        (lambda: FilterBankSpec(maps=4, kernel=3, table="diagonal"), r"unknown table kind"),
+        (lambda: InputSpec(height=0, width=3), r"input.height must be a positive integer, got 0"),
+        (
+            lambda: FilterBankSpec(maps=4, kernel=3, table="diagonal"),
+            r"filters.table must be one of .*, got 'diagonal'",
+        ),
         (lambda: FilterBankSpec(maps=4, kernel=3, table="random"), r"random table needs fan_in"),
         (
             lambda: FilterBankSpec(maps=4, kernel=3, balanced=False),
@@ -192,13 +197,19 @@ def test_missing_key_is_named():
         ),
         (
             lambda: FilterBankSpec(maps=4, kernel=3, table="random", fan_in=2, balanced=0),
-            r"filters: balanced must be true or false, got 0",
+            r"filters.balanced must be true or false, got 0",
         ),
-        (lambda: NormSpec(border="wrap"), r"unknown border 'wrap'"),
-        (lambda: NormSpec(threshold=-1.0), r"threshold must be a finite number > 0, got -1.0"),
+        (lambda: NormSpec(border="wrap"), r"norm.border must be one of .*, got 'wrap'"),
+        (
+            lambda: NormSpec(threshold=-1.0),
+            r"norm.threshold must be 'mean' or a finite number > 0, got -1.0",
+        ),
         (lambda: PoolSpec(p=float("nan")), r"p must be a finite number > 0"),
-        (lambda: StageSpec(FilterBankSpec(4, 3), nonlinearity=("sigmoid",)), r"non-linearity"),
-        (lambda: ClassifierSpec(classes=1), r"classes must be >= 2, got 1"),
+        (
+            lambda: StageSpec(FilterBankSpec(4, 3), nonlinearity=("sigmoid",)),
+            r"stage.nonlinearity must be one of .*, got 'sigmoid'",
+        ),
+        (lambda: ClassifierSpec(classes=1), r"classifier.classes must be an integer >= 2, got 1"),
     ],
 )
 def test_field_errors(make, message):

@@ -32,9 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnkit._validation import check_fraction, check_nonnegative_int, pair
 from cnnkit.data.images import fit_to_size, unit_pixels
-from cnnkit.data.splits import DataSplits, ImageSet, split_train_val
+from cnnkit.data.splits import DataSplits, ImageSet, InputHW, PathLike, check_split_options
 
 
 @dataclass
@@ -168,33 +167,19 @@ def read_npz(path: str | os.PathLike[str]) -> ArrayData:
 
 
 def load_npz(
-    path: str | os.PathLike[str],
-    input_hw: tuple[int, int] | int,
-    *,
-    val_fraction: float = 0.2,
-    seed: int = 0,
+    path: PathLike, input_hw: InputHW, *, val_fraction: float = 0.2, seed: int = 0
 ) -> DataSplits:
     """Load a ``.npz`` image archive as train/validation(/test) splits fitted to ``input_hw``.
 
     The validation split is drawn from the training images (see
     :func:`cnnkit.data.splits.stratified_split`); ``digest`` is the sha256 of the file.
     """
-    input_hw = pair("input_hw", input_hw)
-    val_fraction = check_fraction("val_fraction", val_fraction)
-    seed = check_nonnegative_int("seed", seed)
+    input_hw, val_fraction, seed = check_split_options(input_hw, val_fraction, seed)
     path = Path(path).resolve()
     data = read_npz(path)
     train_full, test = data.to_image_sets(input_hw)
-    train, val = split_train_val(train_full, val_fraction, seed)
-    return DataSplits(
-        train,
-        val,
-        test,
-        source=str(path),
-        digest=file_digest(path),
-        kind="npz",
-        val_fraction=val_fraction,
-        seed=seed,
+    return DataSplits.drawn(
+        train_full, test, val_fraction, seed, source=str(path), digest=file_digest(path), kind="npz"
     )
 
 

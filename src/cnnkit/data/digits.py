@@ -12,16 +12,15 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from cnnkit._validation import check_fraction, check_nonnegative_int, pair
 from cnnkit.data.arrays import file_digest, read_npz
-from cnnkit.data.splits import DataSplits, ImageSet, split_train_val
+from cnnkit.data.splits import DataSplits, ImageSet, InputHW, check_split_options
 
 DIGITS_PATH = Path(__file__).with_name("digits.npz")
 """Path of the bundled archive (``train_images``, ``train_labels``, ``test_*``, ``class_names``)."""
 
 
 def load_digits(
-    input_hw: tuple[int, int] | int = (28, 28),
+    input_hw: InputHW = (28, 28),
     *,
     val_fraction: float = 0.2,
     seed: int = 0,
@@ -34,20 +33,11 @@ def load_digits(
     The fitted images of the last two sizes asked for are kept in memory, so loading again
     (another seed, another fraction) only redraws the split.
     """
-    input_hw = pair("input_hw", input_hw)
-    val_fraction = check_fraction("val_fraction", val_fraction)
-    seed = check_nonnegative_int("seed", seed)
+    input_hw, val_fraction, seed = check_split_options(input_hw, val_fraction, seed)
     train_full, test, digest = _fitted_digits(input_hw)
-    train, val = split_train_val(train_full, val_fraction, seed)
-    return DataSplits(
-        train,
-        val,
-        test.subset(range(len(test))),  # a copy: callers may change it without harm to the cache
-        source="digits",
-        digest=digest,
-        kind="digits",
-        val_fraction=val_fraction,
-        seed=seed,
+    test = test.subset(range(len(test)))  # a copy: callers may change it without harm to the cache
+    return DataSplits.drawn(
+        train_full, test, val_fraction, seed, source="digits", digest=digest, kind="digits"
     )
 
 

@@ -21,15 +21,13 @@ one, and a class folder with no readable image are errors. The folder has no tes
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from pathlib import Path
 
 import torch
 
-from cnnkit._validation import check_fraction, check_nonnegative_int, pair
 from cnnkit.data.images import decode_image, prepare_image
-from cnnkit.data.splits import DataSplits, ImageSet, split_train_val
+from cnnkit.data.splits import DataSplits, ImageSet, InputHW, PathLike, check_split_options
 
 
 class UnreadableFilesWarning(UserWarning):
@@ -37,11 +35,7 @@ class UnreadableFilesWarning(UserWarning):
 
 
 def load_folder(
-    path: str | os.PathLike[str],
-    input_hw: tuple[int, int] | int,
-    *,
-    val_fraction: float = 0.2,
-    seed: int = 0,
+    path: PathLike, input_hw: InputHW, *, val_fraction: float = 0.2, seed: int = 0
 ) -> DataSplits:
     """Load an image folder as train/validation splits of ``(N, 1, H, W)`` images.
 
@@ -49,9 +43,7 @@ def load_folder(
     ``path`` (with ``/``), its length and its bytes. The validation split follows
     :func:`cnnkit.data.splits.stratified_split`, so each class needs 2 readable images.
     """
-    input_hw = pair("input_hw", input_hw)
-    val_fraction = check_fraction("val_fraction", val_fraction)
-    seed = check_nonnegative_int("seed", seed)
+    input_hw, val_fraction, seed = check_split_options(input_hw, val_fraction, seed)
     root = Path(path).resolve()
     if not root.exists():
         raise FileNotFoundError(f"image folder {root} does not exist")
@@ -120,14 +112,6 @@ def load_folder(
 
     class_names = [d.name for d in class_dirs]
     full = ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), class_names)
-    train, val = split_train_val(full, val_fraction, seed)
-    return DataSplits(
-        train,
-        val,
-        None,
-        source=str(root),
-        digest=digest.hexdigest(),
-        kind="folder",
-        val_fraction=val_fraction,
-        seed=seed,
+    return DataSplits.drawn(
+        full, None, val_fraction, seed, source=str(root), digest=digest.hexdigest(), kind="folder"
     )

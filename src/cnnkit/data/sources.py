@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cnnkit._validation import check_fraction, check_nonnegative_int, pair
 from cnnkit.data.arrays import load_npz
 from cnnkit.data.digits import load_digits
 from cnnkit.data.folder import load_folder
-from cnnkit.data.splits import DataSplits
+from cnnkit.data.splits import DataSplits, InputHW, PathLike, check_split_options
 
 SOURCES_HELP = (
     "'digits' (the bundled handwritten digits), a folder with one sub-folder of images per "
@@ -18,11 +17,7 @@ SOURCES_HELP = (
 
 
 def load(
-    source: str | os.PathLike[str],
-    input_hw: tuple[int, int] | int,
-    *,
-    val_fraction: float = 0.2,
-    seed: int = 0,
+    source: PathLike, input_hw: InputHW, *, val_fraction: float = 0.2, seed: int = 0
 ) -> DataSplits:
     """Load a data source as train/validation(/test) splits fitted to ``input_hw``.
 
@@ -42,9 +37,7 @@ def load(
         of the archive's bytes for ``digits`` and ``.npz``, and of the relative paths and
         bytes of the files tried for a folder.
     """
-    input_hw = pair("input_hw", input_hw)
-    val_fraction = check_fraction("val_fraction", val_fraction)
-    seed = check_nonnegative_int("seed", seed)
+    input_hw, val_fraction, seed = check_split_options(input_hw, val_fraction, seed)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"data source must be a str or a path, got {type(source).__name__}")
     if isinstance(source, str) and source == "digits":

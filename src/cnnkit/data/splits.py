@@ -11,6 +11,7 @@ Both index lists are returned sorted, so each split keeps the source's order.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnnkit._validation import check_fraction, check_nonnegative_int
+from cnnkit._validation import check_fraction, check_nonnegative_int, pair
+
+PathLike = str | os.PathLike[str]
+"""Where a data source lies: a path as a string or a path object."""
+
+InputHW = tuple[int, int] | int
+"""The ``(H, W)`` a network reads, or one int for a square."""
+
+
+def check_split_options(
+    input_hw: InputHW, val_fraction: float, seed: int
+) -> tuple[tuple[int, int], float, int]:
+    """The options every loader takes, checked: ``(H, W)``, the share of each class's
+    training images drawn for validation, in (0, 1), and that draw's seed, >= 0."""
+    return (
+        pair("input_hw", input_hw),
+        check_fraction("val_fraction", val_fraction),
+        check_nonnegative_int("seed", seed),
+    )
 
 
 @dataclass
@@ -113,6 +132,23 @@ class DataSplits:
                     f"{name} images must have shape (N, *{tuple(self.train.images.shape[1:])}) "
                     f"like train, got {tuple(split.images.shape)}"
                 )
+
+    @classmethod
+    def drawn(
+        cls,
+        train: ImageSet,
+        test: ImageSet | None,
+        val_fraction: float,
+        seed: int,
+        *,
+        source: str,
+        digest: str,
+        kind: str,
+    ) -> DataSplits:
+        """The splits of a source whose validation images are drawn from its training
+        images ``train`` (:func:`split_train_val` with ``val_fraction`` and ``seed``)."""
+        train, val = split_train_val(train, val_fraction, seed)
+        return cls(train, val, test, source, digest, kind, val_fraction, seed)
 
     @property
     def class_names(self) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from cnnkit._shapes import valid_size
 from cnnkit.analysis import summarize
 from cnnkit.models.spec import ArchitectureSpec, ClassifierSpec, FilterBankSpec, StageSpec
 
@@ -102,7 +103,7 @@ def first_layer_weights(family: str, spec: ArchitectureSpec, size: int) -> int:
     shared = row.weights + row.biases
     if bank.kernel > size:
         raise ValueError(f"input size {size} is smaller than the first kernel ({bank.kernel})")
-    positions = (size - bank.kernel + 1) ** 2
+    positions = valid_size(size, bank.kernel) ** 2
     if family == "convolutional":
         return shared
     if family == "locally_connected":

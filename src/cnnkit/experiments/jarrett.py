@@ -157,12 +157,7 @@ def jarrett(
     rows = run_cells(out, cells, jobs=jobs, report=report)
     table = _table(rows, grid)
     summary = {
-        "study": "jarrett",
-        "data": images.source,
-        "test_set": images.test_note,
-        "test_images": len(images.test),
-        "training_images": len(images.train),
-        "preset": base.name,
+        **images.summary_head("jarrett", base.name, "training_images"),
         "axes": {k: list(v) for k, v in grid.items()},
         "seeds": seeds,
         "epochs": epochs,

@@ -40,11 +40,7 @@ def accuracy_plot(
     ax.set_xscale("log")
     ax.set_xlabel("training images (log scale)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    _finish(fig, ax, title, path, grid={"which": "both"})
 
 
 def weights_plot(path: Path, counts: Mapping[str, Mapping[int, int]], title: str) -> None:
@@ -65,11 +61,7 @@ def weights_plot(path: Path, counts: Mapping[str, Mapping[int, int]], title: str
     ax.set_yscale("log")
     ax.set_xlabel("input image side (pixels, log scale)")
     ax.set_ylabel("weights into the first hidden layer")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    _finish(fig, ax, title, path, grid={"which": "both"})
 
 
 def bar_plot(path: Path, labels: Sequence[str], series: Mapping[str, Sequence[float]], title: str):
@@ -83,8 +75,14 @@ def bar_plot(path: Path, labels: Sequence[str], series: Mapping[str, Sequence[fl
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("test accuracy (%)")
+    _finish(fig, ax, title, path, grid={"axis": "x"})
+
+
+def _finish(fig: Figure, ax: object, title: str, path: Path, grid: dict[str, str]) -> None:
+    """The studies' common finish: a small title, a light grid (``grid`` says which
+    lines), a small legend, a tight layout, then the file."""
     ax.set_title(title, fontsize=10)
-    ax.grid(True, axis="x", alpha=0.3)
+    ax.grid(True, alpha=0.3, **grid)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

@@ -139,12 +139,7 @@ def sharing(
     counts = {f: {s: first_layer_weights(f, base, s) for s in sides} for f in FAMILIES}
     table = _table(rows, chosen)
     summary = {
-        "study": "sharing",
-        "data": images.source,
-        "test_set": images.test_note,
-        "test_images": len(images.test),
-        "training_split": len(images.train),
-        "preset": base.name,
+        **images.summary_head("sharing", base.name, "training_split"),
         "sizes": chosen,
         "seeds": seeds,
         "epochs": {str(s): epochs_for(s, epochs, batch, min_steps) for s in chosen},

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,18 @@ class StudyImages:
     test: ImageSet
     source: str
     test_note: str
+
+    def summary_head(self, study: str, preset: str, training_key: str) -> dict[str, Any]:
+        """The first keys of a study's ``results.json``: the study, where its images come
+        from and how many (the training images' count under ``training_key``)."""
+        return {
+            "study": study,
+            "data": self.source,
+            "test_set": self.test_note,
+            "test_images": len(self.test),
+            training_key: len(self.train),
+            "preset": preset,
+        }
 
 
 def study_images(source: str, input_hw: tuple[int, int]) -> StudyImages:

@@ -1,6 +1,7 @@
 """Architecture specs, named presets and the builder that turns a spec into a module."""
 
 from cnnkit.models.build import Network, build
+from cnnkit.models.layers import Layer, stage_layers
 from cnnkit.models.presets import from_name, list_presets
 from cnnkit.models.serialize import load_spec, save_spec
 from cnnkit.models.spec import (
@@ -18,6 +19,7 @@ __all__ = [
     "ClassifierSpec",
     "FilterBankSpec",
     "InputSpec",
+    "Layer",
     "Network",
     "NormSpec",
     "PoolSpec",
@@ -27,4 +29,5 @@ __all__ = [
     "list_presets",
     "load_spec",
     "save_spec",
+    "stage_layers",
 ]

@@ -65,11 +65,13 @@ def build(cls: type, data: Any, where: str) -> Any:
 
 
 def _own_message(error: Exception) -> str:
-    """The error's text without the part's own prefix, which ``where`` replaces."""
+    """The error's text without the part's own prefix (``pool: `` or the ``pool.`` of a
+    field's dotted name), which ``where`` replaces."""
     message = str(error)
     for part in ("filters", "norm", "pool", "stage", "input", "classifier"):
-        if message.startswith(f"{part}: "):
-            return message[len(part) + 2 :]
+        for prefix in (f"{part}: ", f"{part}."):
+            if message.startswith(prefix):
+                return message[len(prefix) :]
     return message
 
 

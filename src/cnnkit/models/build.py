@@ -3,7 +3,8 @@
 Layers get stable names a reader can use to pull feature maps: ``stage1.filters``,
 ``stage1.nonlin`` (``nonlin1``, ``nonlin2`` ... when there are several), ``stage1.norm``,
 ``stage1.pool`` (and ``stage1.subsample`` when pooling is not fused), ``stage1.pool_act``,
-then ``classifier``.
+then ``classifier``; :func:`cnnkit.models.layers.stage_layers` gives them, and the
+summary of :mod:`cnnkit.analysis` counts the same list.
 
 ``Network.forward`` is what ``print(model)`` shows: each :class:`~cnnkit.models.stages.Stage`
 in order, then the classifier. A stage fuses a rectification into the contrast
@@ -19,7 +20,8 @@ import torch
 from torch import nn
 
 from cnnkit import tables, tying
-from cnnkit.models.spec import ArchitectureSpec, FilterBankSpec, NormSpec, PoolSpec, StageSpec
+from cnnkit.models.layers import Layer, layers_of_stage, stage_layers
+from cnnkit.models.spec import ArchitectureSpec, FilterBankSpec, NormSpec, StageSpec
 from cnnkit.models.stages import Stage
 from cnnkit.nn.activation import Rectify, ReLU
 from cnnkit.nn.classifier import Classifier
@@ -116,32 +118,15 @@ def _norm(spec: NormSpec, maps: int) -> nn.Module:
     return layer(maps, threshold=spec.threshold, **kwargs)
 
 
-def _pool_layers(spec: PoolSpec, maps: int) -> list[tuple[str, nn.Module]]:
+def _pool(layer: Layer) -> nn.Module:
+    spec, maps = layer.part, layer.input[0]
     options = {"maps": maps, "trainable": spec.trainable}
-    if spec.fused or spec.stride == 1:
-        layers = [("pool", PoolSubsample(spec.kind, spec.window, spec.stride, spec.p, **options))]
-    else:
-        layers = [
-            ("pool", Pool(spec.kind, spec.window, spec.p, **options)),
-            ("subsample", Subsample(spec.stride)),
-        ]
-    if spec.activation == "tanh":
-        layers.append(("pool_act", nn.Tanh()))
-    return layers
+    if layer.stride == spec.stride:  # fused (or stride 1): pools only at the kept points
+        return PoolSubsample(spec.kind, spec.window, spec.stride, spec.p, **options)
+    return Pool(spec.kind, spec.window, spec.p, **options)  # a Subsample follows
 
 
-def build_stage(
-    stage: StageSpec, in_maps: int, input_hw: tuple[int, int], untied: bool = False
-) -> Stage:
-    """One stage as a :class:`~cnnkit.models.stages.Stage` of named layers: filters,
-    nonlin, norm, pool.
-
-    ``untied`` stores the filter bank as a :class:`LocallyConnected2d` over ``input_hw``
-    (a kernel at every position) starting from one shared kernel per table row. A bank
-    whose spec says ``trainable = false`` keeps its initial kernels (``requires_grad``
-    off), so an optimizer over the trainable parameters never moves them.
-    """
-    bank = stage.filters
+def _filters(bank: FilterBankSpec, in_maps: int, input_hw: tuple[int, int], untied: bool):
     table = make_table(bank, in_maps)
     filters: nn.Module = FilterBank(table, bank.kernel, bias=bank.bias, in_maps=in_maps)
     if untied:
@@ -151,15 +136,40 @@ def build_stage(
             filters = LocallyConnected2d.from_filter_bank(filters, input_hw)
     if not bank.trainable:
         filters.requires_grad_(False)
-    layers: list[tuple[str, nn.Module]] = [("filters", filters)]
-    active = [name for name in stage.nonlinearity if name != "none"]
-    for index, name in enumerate(active, start=1):
-        layers.append((f"nonlin{index}" if len(active) > 1 else "nonlin", _nonlinearity(name)))
-    if stage.norm is not None:
-        layers.append(("norm", _norm(stage.norm, bank.maps)))
-    if stage.pool is not None:
-        layers += _pool_layers(stage.pool, bank.maps)
-    return Stage(OrderedDict(layers))
+    return filters
+
+
+def _module(layer: Layer, untied: bool) -> nn.Module:
+    """The module of one named layer (:mod:`cnnkit.models.layers`)."""
+    if layer.kind == "filters":
+        return _filters(layer.part, layer.input[0], layer.input[1:], untied)
+    if layer.kind == "nonlinearity":
+        return _nonlinearity(layer.part)
+    if layer.kind == "norm":
+        return _norm(layer.part, layer.input[0])
+    if layer.kind == "pool":
+        return _pool(layer)
+    if layer.kind == "subsample":
+        return Subsample(layer.stride)
+    return nn.Tanh()  # "pool_activation"
+
+
+def _stage(layers: tuple[Layer, ...], untied: bool) -> Stage:
+    return Stage(OrderedDict((layer.name, _module(layer, untied)) for layer in layers))
+
+
+def build_stage(
+    stage: StageSpec, in_maps: int, input_hw: tuple[int, int], untied: bool = False
+) -> Stage:
+    """One stage as a :class:`~cnnkit.models.stages.Stage` of named layers: filters,
+    nonlin, norm, pool (:func:`cnnkit.models.layers.layers_of_stage`).
+
+    ``untied`` stores the filter bank as a :class:`LocallyConnected2d` over ``input_hw``
+    (a kernel at every position) starting from one shared kernel per table row. A bank
+    whose spec says ``trainable = false`` keeps its initial kernels (``requires_grad``
+    off), so an optimizer over the trainable parameters never moves them.
+    """
+    return _stage(layers_of_stage(stage, in_maps, tuple(input_hw)), untied)
 
 
 def build(spec: ArchitectureSpec) -> Network:
@@ -170,12 +180,8 @@ def build(spec: ArchitectureSpec) -> Network:
     """
     if not isinstance(spec, ArchitectureSpec):
         raise TypeError(f"spec must be an ArchitectureSpec, got {type(spec).__name__}")
-    stages = []
-    maps, hw = spec.input.maps, (spec.input.height, spec.input.width)
     untied = spec.weight_sharing in ("averaged", "none")
-    for stage, shapes in zip(spec.stages, spec.shapes(), strict=True):
-        stages.append(build_stage(stage, maps, hw, untied))
-        maps, hw = stage.filters.maps, shapes.output[1:]
+    stages = [_stage(layers, untied) for layers in stage_layers(spec)]
     out_maps, out_h, out_w = spec.output_shape
     head = spec.classifier
     classifier = Classifier(

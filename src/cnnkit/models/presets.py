@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from cnnkit import tables
 from cnnkit.models.spec import (
@@ -37,28 +38,7 @@ def lecun83(
     -> 256@6×6 -> non-linearity -> normalization -> pooling 6×6, subsampling 4 ->
     256@1×1 -> linear classifier. With the defaults: 363,237 trainable parameters.
     """
-    norm = NormSpec(kind="contrast", window=9) if normalization else None
-    nonlin = (nonlinearity,)
-    return ArchitectureSpec(
-        name="lecun83",
-        input=InputSpec(height=83, width=83, maps=1),
-        stages=(
-            StageSpec(
-                filters=FilterBankSpec(maps=64, kernel=9, table="full"),
-                nonlinearity=nonlin,
-                norm=norm,
-                pool=PoolSpec(kind=pooling, window=10, stride=5, p=p),
-            ),
-            StageSpec(
-                filters=FilterBankSpec(maps=256, kernel=9, table="random", fan_in=16, seed=0),
-                nonlinearity=nonlin,
-                norm=norm,
-                pool=PoolSpec(kind=pooling, window=6, stride=4, p=p),
-            ),
-        ),
-        classifier=ClassifierSpec(classes=classes),
-        weight_sharing=weight_sharing,
-    )
+    return _lecture_kind(_LECUN83, classes, pooling, nonlinearity, normalization, weight_sharing, p)
 
 
 def lenet5(classes: int = 10, weight_sharing: str = "shared") -> ArchitectureSpec:
@@ -107,25 +87,61 @@ def digits28(
     16 (256 kernels 5×5) -> 32@8×8 -> non-linearity -> normalization -> pooling 2,
     subsampling 2 -> 32@4×4 -> linear classifier.
     """
-    norm = NormSpec(kind="contrast", window=5) if normalization else None
-    nonlin = (nonlinearity,)
+    return _lecture_kind(_DIGITS28, classes, pooling, nonlinearity, normalization, weight_sharing)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """The sizes of a two-stage network of the lecture's kind (see :func:`_lecture_kind`)."""
+
+    name: str
+    side: int
+    kernel: int
+    maps: tuple[int, int]
+    fan_in: int
+    pools: tuple[tuple[int, int], tuple[int, int]]  # (window, stride) of each stage
+
+
+_LECUN83 = _Geometry("lecun83", 83, kernel=9, maps=(64, 256), fan_in=16, pools=((10, 5), (6, 4)))
+_DIGITS28 = _Geometry("digits28", 28, kernel=5, maps=(16, 32), fan_in=8, pools=((2, 2), (2, 2)))
+
+
+def _lecture_kind(
+    size: _Geometry,
+    classes: int,
+    pooling: str,
+    nonlinearity: str,
+    normalization: bool,
+    weight_sharing: str,
+    p: float = 2.0,
+) -> ArchitectureSpec:
+    """Two stages of the lecture's kind on a ``size.side`` x ``size.side`` gray image.
+
+    A full bank of ``size.maps[0]`` kernels, then ``size.maps[1]`` maps each reading
+    ``size.fan_in`` random maps of the first (seed 0), all kernels ``size.kernel`` square;
+    each bank followed by the non-linearity, contrast normalization over a window of the
+    kernel's size (when ``normalization``) and pooling over ``size.pools[i] = (window,
+    stride)``, then a linear classifier. The other arguments are the presets' options.
+    """
+    kernel, (first, second) = size.kernel, size.maps
+    norm = NormSpec(kind="contrast", window=kernel) if normalization else None
+    banks = (
+        FilterBankSpec(maps=first, kernel=kernel, table="full"),
+        FilterBankSpec(maps=second, kernel=kernel, table="random", fan_in=size.fan_in, seed=0),
+    )
+    stages = tuple(
+        StageSpec(
+            filters=bank,
+            nonlinearity=(nonlinearity,),
+            norm=norm,
+            pool=PoolSpec(kind=pooling, window=window, stride=stride, p=p),
+        )
+        for bank, (window, stride) in zip(banks, size.pools, strict=True)
+    )
     return ArchitectureSpec(
-        name="digits28",
-        input=InputSpec(height=28, width=28, maps=1),
-        stages=(
-            StageSpec(
-                filters=FilterBankSpec(maps=16, kernel=5),
-                nonlinearity=nonlin,
-                norm=norm,
-                pool=PoolSpec(kind=pooling, window=2, stride=2),
-            ),
-            StageSpec(
-                filters=FilterBankSpec(maps=32, kernel=5, table="random", fan_in=8, seed=0),
-                nonlinearity=nonlin,
-                norm=norm,
-                pool=PoolSpec(kind=pooling, window=2, stride=2),
-            ),
-        ),
+        name=size.name,
+        input=InputSpec(height=size.side, width=size.side, maps=1),
+        stages=stages,
         classifier=ClassifierSpec(classes=classes),
         weight_sharing=weight_sharing,
     )

@@ -15,45 +15,29 @@ tensor is built, with a message naming the stage.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cnnkit._shapes import valid_size
+from cnnkit._validation import check_bool, check_choice, check_int, check_number
 from cnnkit.models import _codec
+from cnnkit.windowed_sum import BORDERS  # the normalization's borders, named once
 
 NONLINEARITIES = ("abs", "relu", "tanh", "none")
 TABLE_KINDS = ("full", "one-to-one", "random", "explicit")
 NORM_KINDS = ("contrast", "subtractive", "divisive")
-BORDERS = ("renormalize", "zero", "reflect")
 POOL_KINDS = ("max", "avg", "lp")
 POOL_ACTIVATIONS = ("none", "tanh")
 WEIGHT_SHARING = ("shared", "averaged", "none")
 AVERAGED_STEPS = ("scaled", "literal")
 
 
-def _where(path: str) -> str:
-    return f"{path}: " if path else ""
+_TOML_BOOL = ("true", "false")  # a spec's flags as its files spell them
 
 
-def _int(path: str, name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{_where(path)}{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{_where(path)}{name} must be >= {minimum}, got {value}")
-
-
-def _number(path: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{_where(path)}{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{_where(path)}{name} must be a finite number > 0, got {value}")
-
-
-def _choice(path: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        allowed = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{_where(path)}unknown {name} {value!r}; expected one of {allowed}")
+def _positive(v: float) -> bool:
+    return v > 0
 
 
 # --------------------------------------------------------------------------------------
@@ -71,7 +55,7 @@ class InputSpec:
 
     def __post_init__(self) -> None:
         for name in ("height", "width", "maps"):
-            _int("input", name, getattr(self, name))
+            check_int(f"input.{name}", getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -101,23 +85,19 @@ class FilterBankSpec:
     def __post_init__(self) -> None:
         where = "filters"
         for flag in ("bias", "trainable"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(
-                    f"{where}: {flag} must be true or false, got {getattr(self, flag)!r}"
-                )
-        _int(where, "maps", self.maps)
-        _int(where, "kernel", self.kernel)
-        _choice(where, "table kind", self.table, TABLE_KINDS)
-        _int(where, "seed", self.seed, minimum=0)
+            check_bool(f"filters.{flag}", getattr(self, flag), spelling=_TOML_BOOL)
+        check_int("filters.maps", self.maps)
+        check_int("filters.kernel", self.kernel)
+        check_choice("filters.table", self.table, TABLE_KINDS)
+        check_int("filters.seed", self.seed, minimum=0)
         if self.table == "random":
             if self.fan_in is None:
                 raise ValueError(f"{where}: a random table needs fan_in")
-            _int(where, "fan_in", self.fan_in)
+            check_int("filters.fan_in", self.fan_in)
         elif self.fan_in is not None:
             raise ValueError(f"{where}: fan_in applies only to a random table, not {self.table!r}")
         if self.balanced is not None:
-            if not isinstance(self.balanced, bool):
-                raise TypeError(f"{where}: balanced must be true or false, got {self.balanced!r}")
+            check_bool("filters.balanced", self.balanced, spelling=_TOML_BOOL)
             if self.table != "random":
                 raise ValueError(
                     f"{where}: balanced applies only to a random table, not {self.table!r}"
@@ -154,14 +134,12 @@ class NormSpec:
     threshold: float | str = "mean"
 
     def __post_init__(self) -> None:
-        where = "norm"
-        _choice(where, "normalization kind", self.kind, NORM_KINDS)
-        _int(where, "window", self.window)
+        check_choice("norm.kind", self.kind, NORM_KINDS)
+        check_int("norm.window", self.window)
         if self.sigma is not None:
-            _number(where, "sigma", self.sigma)
-        _choice(where, "border", self.border, BORDERS)
-        if self.threshold != "mean":
-            _number(where, "threshold", self.threshold)
+            check_number("norm.sigma", self.sigma, "> 0", _positive)
+        check_choice("norm.border", self.border, BORDERS)
+        check_number("norm.threshold", self.threshold, "> 0", _positive, choices=("mean",))
 
 
 @dataclass(frozen=True)
@@ -182,12 +160,11 @@ class PoolSpec:
     activation: str = "none"
 
     def __post_init__(self) -> None:
-        where = "pool"
-        _choice(where, "pooling kind", self.kind, POOL_KINDS)
-        _int(where, "window", self.window)
-        _int(where, "stride", self.stride)
-        _number(where, "p", self.p)
-        _choice(where, "activation", self.activation, POOL_ACTIVATIONS)
+        check_choice("pool.kind", self.kind, POOL_KINDS)
+        check_int("pool.window", self.window)
+        check_int("pool.stride", self.stride)
+        check_number("pool.p", self.p, "> 0", _positive)
+        check_choice("pool.activation", self.activation, POOL_ACTIVATIONS)
 
 
 @dataclass(frozen=True)
@@ -200,12 +177,11 @@ class StageSpec:
     pool: PoolSpec | None = None
 
     def __post_init__(self) -> None:
-        where = "stage"
         if isinstance(self.nonlinearity, str):
             object.__setattr__(self, "nonlinearity", (self.nonlinearity,))
         object.__setattr__(self, "nonlinearity", tuple(self.nonlinearity))
         for name in self.nonlinearity:
-            _choice(where, "non-linearity", name, NONLINEARITIES)
+            check_choice("stage.nonlinearity", name, NONLINEARITIES)
 
 
 @dataclass(frozen=True)
@@ -217,10 +193,10 @@ class ClassifierSpec:
     hidden_activation: str = "tanh"
 
     def __post_init__(self) -> None:
-        _int("classifier", "classes", self.classes, minimum=2)
+        check_int("classifier.classes", self.classes, minimum=2)
         if self.hidden is not None:
-            _int("classifier", "hidden", self.hidden)
-        _choice("classifier", "hidden activation", self.hidden_activation, NONLINEARITIES)
+            check_int("classifier.hidden", self.hidden)
+        check_choice("classifier.hidden_activation", self.hidden_activation, NONLINEARITIES)
 
 
 # --------------------------------------------------------------------------------------
@@ -266,8 +242,8 @@ class ArchitectureSpec:
         object.__setattr__(self, "stages", tuple(self.stages))
         if not self.stages:
             raise ValueError("stages: a network needs at least one stage")
-        _choice("", "weight_sharing", self.weight_sharing, WEIGHT_SHARING)
-        _choice("", "averaged_step", self.averaged_step, AVERAGED_STEPS)
+        check_choice("weight_sharing", self.weight_sharing, WEIGHT_SHARING)
+        check_choice("averaged_step", self.averaged_step, AVERAGED_STEPS)
         self.shapes()  # walks the network and raises on the first impossible stage
 
     def shapes(self) -> list[StageShapes]:
@@ -285,7 +261,7 @@ class ArchitectureSpec:
                     f"but {previous} {height}×{width}"
                 )
             _check_table(where, bank, maps)
-            height, width, maps = height - k + 1, width - k + 1, bank.maps
+            height, width, maps = valid_size(height, k), valid_size(width, k), bank.maps
             filtered = (maps, height, width)
             pooled = None
             if stage.pool is not None:
@@ -295,8 +271,10 @@ class ArchitectureSpec:
                         f"{where}: a {window}×{window} pooling window does not fit the "
                         f"{height}×{width} maps of its filter bank"
                     )
-                height = (height - window) // stride + 1
-                width = (width - window) // stride + 1
+                height, width = (
+                    valid_size(height, window, stride),
+                    valid_size(width, window, stride),
+                )
                 pooled = (maps, height, width)
             result.append(
                 StageShapes(filters=filtered, pooled=pooled, output=(maps, height, width))

@@ -3,9 +3,9 @@
 from cnnkit.nn.activation import Rectify, ReLU
 from cnnkit.nn.classifier import Classifier
 from cnnkit.nn.filter_bank import FilterBank
-from cnnkit.nn.locally_connected import LocallyConnected2d
 from cnnkit.nn.normalization import ContrastNorm, DivisiveNorm, SubtractiveNorm
 from cnnkit.nn.pooling import Pool, PoolSubsample, Subsample
+from cnnkit.nn.tying import LocallyConnected2d
 
 __all__ = [
     "Classifier",

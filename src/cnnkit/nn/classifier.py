@@ -6,13 +6,9 @@ import torch
 from torch import nn
 
 from cnnkit._validation import check_choice, check_positive_int
+from cnnkit.nn.activation import Rectify
 
-_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "abs": None, "none": nn.Identity}
-
-
-class _Abs(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.abs()
+_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "abs": Rectify, "none": nn.Identity}
 
 
 class Classifier(nn.Module):
@@ -41,8 +37,7 @@ class Classifier(nn.Module):
         if hidden is not None:
             check_positive_int("hidden", hidden)
             self.hidden = nn.Linear(in_features, hidden)
-            factory = _ACTIVATIONS[activation]
-            self.activation = _Abs() if factory is None else factory()
+            self.activation = _ACTIVATIONS[activation]()
             width = hidden
         self.output = nn.Linear(width, classes)
 

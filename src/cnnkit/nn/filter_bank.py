@@ -13,13 +13,13 @@ __all__ = ["FilterBank"]
 
 
 class FilterBank(nn.Module):
-    """A bank of 2-D kernels wired by a connection table; see :func:`table_conv2d`.
+    """A bank of 2-D kernels wired by a connection table: the module of :func:`table_conv2d`.
 
-    Output map ``o`` is ``bias[o]`` plus the valid 2-D correlation of every input map the
-    table connects to ``o`` with that connection's own kernel. ``(N, in_maps, H, W)`` or
-    ``(in_maps, H, W)`` in, ``(N, out_maps, (H - kh) // stride + 1, (W - kw) // stride + 1)``
-    out. The lecture's layer 3 is ``FilterBank(tables.random(64, 256, 16), 9)``: 14x14
-    maps in, 6x6 out, 4096 kernels of 9x9.
+    Shapes and math are in the notes of :mod:`cnnkit.ops.table_conv`, written once for
+    this bank, its functional form and the untied bank
+    (:class:`~cnnkit.nn.tying.LocallyConnected2d`): ``(N, in_maps, H, W)`` in,
+    ``(N, out_maps, H_out, W_out)`` out at the valid positions. The lecture's layer 3 is
+    ``FilterBank(tables.random(64, 256, 16), 9)``: 14x14 maps in, 6x6 out, 4096 kernels.
 
     Args:
         table: ``(K, 2)`` connection table of (input map, output map) rows

@@ -118,14 +118,17 @@ class SubtractiveNorm(_LocalNorm):
 
 
 class _DivisiveBase(_LocalNorm):
+    """The constructor shared by :class:`DivisiveNorm` and :class:`ContrastNorm`: the
+    window, then the threshold ``c`` of ``max(c, sigma)`` and its floor."""
+
     def __init__(
         self,
         maps: int,
-        window: int,
-        sigma: float | None,
-        border: str,
-        threshold: float | str,
-        floor: float,
+        window: int = 9,
+        sigma: float | None = None,
+        border: str = "renormalize",
+        threshold: float | str = "mean",
+        floor: float = 1e-4,
     ) -> None:
         super().__init__(maps, window, sigma, border)
         self.threshold, self.floor = _check_divisive_options(threshold, floor)
@@ -150,17 +153,6 @@ class DivisiveNorm(_DivisiveBase):
         floor: the least ``c`` can be, ``> 0``.
     """
 
-    def __init__(
-        self,
-        maps: int,
-        window: int = 9,
-        sigma: float | None = None,
-        border: str = "renormalize",
-        threshold: float | str = "mean",
-        floor: float = 1e-4,
-    ) -> None:
-        super().__init__(maps, window, sigma, border, threshold, floor)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return divisive_norm(x, self.window, self.threshold, self.border, self.floor)
 
@@ -170,17 +162,6 @@ class ContrastNorm(_DivisiveBase):
 
     Both steps use the same window. Arguments as in :class:`DivisiveNorm`.
     """
-
-    def __init__(
-        self,
-        maps: int,
-        window: int = 9,
-        sigma: float | None = None,
-        border: str = "renormalize",
-        threshold: float | str = "mean",
-        floor: float = 1e-4,
-    ) -> None:
-        super().__init__(maps, window, sigma, border, threshold, floor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return contrast_norm(x, self.window, self.threshold, self.border, self.floor)

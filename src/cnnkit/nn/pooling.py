@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from cnnkit._validation import (
+    check_bool,
     check_choice,
     check_maps,
     check_positive_float,
@@ -36,15 +37,17 @@ __all__ = ["Pool", "PoolSubsample", "Subsample"]
 
 
 class _Pooling(nn.Module):
-    """Settings, checks, optional per-map coefficient and bias shared by the pooling layers."""
+    """Settings, checks, optional per-map coefficient and bias shared by the pooling layers;
+    its constructor is :class:`Pool`'s."""
 
     def __init__(
         self,
         kind: str,
         window: int | tuple[int, int],
-        p: float,
-        maps: int | None,
-        trainable: bool,
+        p: float = 2.0,
+        *,
+        maps: int | None = None,
+        trainable: bool = False,
     ) -> None:
         super().__init__()
         self.kind = check_choice("kind", kind, KINDS)
@@ -52,8 +55,7 @@ class _Pooling(nn.Module):
         self.p = check_positive_float("p", p)
         if maps is not None:
             check_positive_int("maps", maps)
-        if not isinstance(trainable, bool):
-            raise TypeError(f"trainable must be True or False, got {trainable!r}")
+        check_bool("trainable", trainable)
         if trainable and maps is None:
             raise ValueError(
                 "trainable=True needs maps, the number of input maps (one weight and one "
@@ -103,17 +105,6 @@ class Pool(_Pooling):
             ``y = weight[c] * pool(x)[c] + bias[c]``.
     """
 
-    def __init__(
-        self,
-        kind: str,
-        window: int | tuple[int, int],
-        p: float = 2.0,
-        *,
-        maps: int | None = None,
-        trainable: bool = False,
-    ) -> None:
-        super().__init__(kind, window, p, maps, trainable)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         return pool2d(x, self.kind, self.window, 1, self.p, weight=self.weight, bias=self.bias)
@@ -143,7 +134,7 @@ class PoolSubsample(_Pooling):
         maps: int | None = None,
         trainable: bool = False,
     ) -> None:
-        super().__init__(kind, window, p, maps, trainable)
+        super().__init__(kind, window, p, maps=maps, trainable=trainable)
         self.stride = pair("stride", stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,22 +12,16 @@ from __future__ import annotations
 
 import torch
 
+from cnnkit._validation import check_real_tensor
+
 __all__ = ["rectify", "relu"]
-
-
-def _check_real_tensor(name: str, x: object) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.is_complex():
-        raise TypeError(f"{name} must have a real dtype, got {x.dtype}")
-    return x
 
 
 def rectify(x: torch.Tensor) -> torch.Tensor:
     """Rectification, ``x_ijk -> |x_ijk|``; same shape and dtype; derivative 0 at 0."""
-    return torch.abs(_check_real_tensor("x", x))
+    return torch.abs(check_real_tensor("x", x))
 
 
 def relu(x: torch.Tensor) -> torch.Tensor:
     """ReLU, ``x_ijk -> max(0, x_ijk)``; same shape and dtype; derivative 0 at 0."""
-    return torch.relu(_check_real_tensor("x", x))
+    return torch.relu(check_real_tensor("x", x))

@@ -41,6 +41,7 @@ from cnnkit._validation import (
     check_choice,
     check_floating,
     check_maps,
+    check_number,
     check_positive_float,
     check_positive_int,
     is_concrete,
@@ -228,15 +229,7 @@ def _contrast(
 
 
 def _check_threshold(threshold: object) -> float | str:
-    if isinstance(threshold, str):
-        if threshold != "mean":
-            raise ValueError(f"threshold must be 'mean' or a number >= 0, got {threshold!r}")
-        return threshold
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold must be 'mean' or a number >= 0, got {threshold!r}")
-    if not math.isfinite(threshold) or threshold < 0:
-        raise ValueError(f"threshold must be 'mean' or a finite number >= 0, got {threshold}")
-    return float(threshold)
+    return check_number("threshold", threshold, ">= 0", lambda v: v >= 0, choices=("mean",))
 
 
 def _check_divisive_options(threshold: object, floor: object) -> tuple[float | str, float]:

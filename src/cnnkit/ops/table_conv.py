@@ -20,7 +20,9 @@ a correlation: the lecture's 2-D convolution (its Section 5) with the kernel fli
 both axes and indexed from its corner, the form deep-learning libraries call
 convolution; for learned kernels the two describe the same layers. With the table
 ``random(64, 256, 16)`` and 9x9 kernels this is the lecture's layer 3: 64 maps of 14x14
-in, 256 maps of 6x6 out, 4096 kernels.
+in, 256 maps of 6x6 out, 4096 kernels. These notes serve every filter bank:
+:class:`~cnnkit.nn.filter_bank.FilterBank` is this function's module, and the untied bank
+(:mod:`cnnkit.ops.locally_connected`) differs only in holding a kernel per position.
 
 How it is computed
 ------------------
@@ -69,13 +71,10 @@ def table_conv2d(
             :mod:`cnnkit.kernels.table_conv`).
 
     Returns:
-        ``(N, C_out, (H - kh) // stride_h + 1, (W - kw) // stride_w + 1)``, or the same
-        without ``N`` for unbatched ``x``. Output map ``o`` is ``bias[o]`` plus, for every
-        row ``r`` with ``table[r, 1] == o``, the valid correlation of input map
-        ``table[r, 0]`` with ``weight[r]``. Usually contiguous; the fast dense method
-        returns channels-last maps on a CPU for float32 input that is channels-last or
-        has one map, when no derivative is recorded (a faster kernel; values equal to
-        rounding).
+        ``(N, C_out, H_out, W_out)`` as in the module notes, or the same without ``N`` for
+        unbatched ``x``. Usually contiguous; the fast dense method returns channels-last
+        maps on a CPU for float32 input that is channels-last or has one map, when no
+        derivative is recorded (a faster kernel; values equal to rounding).
     """
     unbatched = check_maps("x", x)
     c_in, height, width = x.shape[-3:]

@@ -21,6 +21,7 @@ import torch
 from cnnkit._validation import (
     check_choice,
     check_nonnegative_int,
+    check_number,
     check_positive_float,
     check_positive_int,
 )
@@ -118,11 +119,7 @@ class TrainConfig:
 
 def _check_number(name: str, value: Any, rule: str, ok: Callable[[float], bool]) -> float:
     """Require a finite real number satisfying ``ok``; ``rule`` says which, for the message."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number {rule}, got {value!r}")
-    if not math.isfinite(value) or not ok(value):
-        raise ValueError(f"{name} must be a finite number {rule}, got {value}")
-    return float(value)
+    return check_number(name, value, rule, ok)
 
 
 # --------------------------------------------------------------------------------------
