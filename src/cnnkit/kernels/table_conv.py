@@ -30,15 +30,15 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from cnnkit._shapes import valid_hw
 from cnnkit.kernels import fast_path_allowed, recorded, tuning
 from cnnkit.tables import TablePlan, dense_weight
 
-__all__ = ["METHODS", "auto_method", "conv", "valid_size"]
+__all__ = ["METHODS", "auto_method", "conv"]
 
 METHODS = ("auto", "dense", "depthwise", "fourier", "unfold")
 
@@ -57,13 +57,6 @@ _UNFOLD_MAX_POSITIONS = 512
 # "auto" takes "depthwise" for one-input-per-output tables from this many input maps on:
 # below it the dense convolution wastes little and runs faster than a grouped one.
 _DEPTHWISE_MIN_MAPS = 8
-
-
-def valid_size(
-    size: Sequence[int], kernel: tuple[int, int], stride: tuple[int, int]
-) -> tuple[int, int]:
-    """``(H_out, W_out)`` of a valid correlation: ``(H - kh) // stride_h + 1``, likewise W."""
-    return tuple((n - k) // s + 1 for n, k, s in zip(size, kernel, stride, strict=True))
 
 
 def auto_method(x: torch.Tensor, weight: torch.Tensor, plan: TablePlan, stride) -> str:  # noqa: ANN001
@@ -109,7 +102,7 @@ def _candidates(x, weight, plan: TablePlan, stride, grad: bool) -> dict:  # noqa
     methods = ["dense"]
     if rows == plan.out_maps:
         methods.append("depthwise")
-    h_out, w_out = valid_size((height, width), (kh, kw), stride)
+    h_out, w_out = valid_hw((height, width), (kh, kw), stride)
     patches = c_in * kh * kw * n * h_out * w_out * x.element_size()
     if patches <= 2**28:  # the unfolded copy must fit in memory comfortably
         methods.append("unfold")
@@ -141,7 +134,7 @@ def _choose(
     rows, kh, kw = weight_shape
     if rows == c_out and c_in >= _DEPTHWISE_MIN_MAPS:  # each output has exactly one input
         return "depthwise"
-    h_out, w_out = valid_size((height, width), (kh, kw), stride)
+    h_out, w_out = valid_hw((height, width), (kh, kw), stride)
     sparse = rows <= _UNFOLD_MAX_FILL * c_in * c_out
     if sparse and n * h_out * w_out <= _UNFOLD_MAX_POSITIONS:
         return "unfold"
@@ -196,7 +189,7 @@ def _unfold(
 ) -> torch.Tensor:
     n = x.shape[0]
     kh, kw = weight.shape[1:]
-    h_out, w_out = valid_size(x.shape[2:], (kh, kw), stride)
+    h_out, w_out = valid_hw(x.shape[2:], (kh, kw), stride)
     positions = h_out * w_out
     c_in, slots = plan.slot_rows.shape
     x = x[:, :c_in]  # maps beyond the table's are never read
@@ -250,7 +243,7 @@ def _fourier(
     n, c_in = x.shape[:2]
     c_out = plan.out_maps
     kh, kw = weight.shape[1:]
-    h_out, w_out = valid_size(x.shape[2:], (kh, kw), stride)
+    h_out, w_out = valid_hw(x.shape[2:], (kh, kw), stride)
     h, w = (h_out - 1) * stride[0] + kh, (w_out - 1) * stride[1] + kw
     freqs = h * (w // 2 + 1)
     x = x[:, :, :h, :w]  # the rows and columns the output reads

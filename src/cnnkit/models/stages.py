@@ -30,8 +30,8 @@ import math
 import torch
 from torch import nn
 
+from cnnkit._shapes import valid_hw
 from cnnkit.kernels import fast_path_allowed, recorded, tuning
-from cnnkit.kernels.table_conv import valid_size
 from cnnkit.nn.activation import Rectify, ReLU
 from cnnkit.nn.filter_bank import FilterBank
 from cnnkit.nn.normalization import ContrastNorm, DivisiveNorm, SubtractiveNorm
@@ -103,8 +103,10 @@ def _default_slice(layers: list[nn.Module], x: torch.Tensor) -> int:
     for layer in layers:
         if isinstance(layer, FilterBank):
             stride = (layer.stride,) * 2 if isinstance(layer.stride, int) else layer.stride
-            h_out, w_out = valid_size(x.shape[-2:], layer.kernel_size, stride)
-            widest = max(widest, layer.out_maps * max(0, h_out) * max(0, w_out))
+            fits = all(k <= n for k, n in zip(layer.kernel_size, x.shape[-2:], strict=True))
+            if fits:  # else the filter bank itself says what is wrong
+                h_out, w_out = valid_hw(x.shape[-2:], layer.kernel_size, stride)
+                widest = max(widest, layer.out_maps * h_out * w_out)
             break
     return min(x.shape[0], max(1, SLICE_BYTES // (widest * x.element_size())))
 
