@@ -370,6 +370,7 @@ def _with_weight_sharing(spec, args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     from cnnkit.training.distributed import DistributedError
+    from cnnkit.training.rules import RuleError
 
     try:
         with _run_folder_lock(args):
@@ -377,6 +378,11 @@ def run_train(args: argparse.Namespace) -> int:
     except DistributedError as error:
         print(f"cnnkit: error: {error}", file=sys.stderr)
         return 1
+    except RuleError as error:  # named as the flags the user gave
+        flags = {"init_checkpoint": "checkpoint"}
+        raise ValueError(
+            error.spelled(lambda name: f"--{flags.get(name, name).replace('_', '-')}")
+        ) from None
 
 
 def _run_folder_lock(args: argparse.Namespace) -> contextlib.AbstractContextManager:
@@ -423,7 +429,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from cnnkit import training
     from cnnkit._native import native_attempted, native_status
     from cnnkit.runtime import tune_runtime
-    from cnnkit.training import distributed
+    from cnnkit.training import distributed, rules
 
     # Built here, once, before any worker processes start.
     building = not native_attempted()
@@ -441,19 +447,15 @@ def _run_train(args: argparse.Namespace) -> int:
         return distributed.launch(args.nproc, distributed.strip_option(argv, "--nproc"))
     tune_runtime(args.threads)
     if args.resume is not None:
-        given = [
-            f"--{name.replace('_', '-')}"
+        rules.check_resume_options(
+            name
             for name in (
                 *_TRAIN_OPTIONS,
                 *("preset", "spec", "data", "val_fraction", "out"),
                 *("weight_sharing", "averaged_step", "init_from", "checkpoint"),
             )
-            if name not in training.RESUME_OVERRIDES and getattr(args, name) is not None
-        ]
-        if given:
-            raise ValueError(
-                f"--resume continues a run with its own options; {given[0]} cannot be given with it"
-            )
+            if getattr(args, name) is not None
+        )
         try:
             path = training.resume(
                 args.resume,
@@ -466,17 +468,12 @@ def _run_train(args: argparse.Namespace) -> int:
             print(f"cnnkit: error: {error}", file=sys.stderr)
             return 1
         return _report_after_training(path, args)
-    if args.checkpoint is not None and args.init_from is None:
-        raise ValueError("--checkpoint chooses the weights of --init-from; give it with it")
+    rules.check_init_choice(args.init_from, args.checkpoint)
     spec = _with_weight_sharing(_load_spec(args), args)
     options = {
         name: getattr(args, name) for name in _TRAIN_OPTIONS if getattr(args, name) is not None
     }
     if options.get("grad_clip") == 0:
-        options["grad_clip"] = None
-    if spec.weight_sharing == "averaged" and args.grad_clip is None:
-        # Clipping would measure the stored, size-scaled gradients of every position,
-        # not the shared kernel's gradient: off unless asked for.
         options["grad_clip"] = None
     config = training.TrainConfig(**options)
     from cnnkit.models.memory import check_memory
@@ -504,7 +501,7 @@ def _run_train(args: argparse.Namespace) -> int:
             progress=args.progress,
             invocation=invocation,
             init_from=args.init_from,
-            init_checkpoint=args.checkpoint or "best",
+            init_checkpoint=args.checkpoint,
         )
     except training.NonFiniteLossError as error:
         print(f"cnnkit: error: {error}", file=sys.stderr)
