@@ -35,6 +35,7 @@ from cnnkit.training.loop import (
     shift_images,
     train_step,
 )
+from cnnkit.training.rules import grad_clip_for
 
 WARMUP = 5
 
@@ -54,7 +55,9 @@ def main() -> None:
     config = TrainConfig()
     data = load("digits", (83, 83))
     torch.manual_seed(config.seed)
-    model = build(from_name("lecun83", classes=len(data.class_names)))
+    spec = from_name("lecun83", classes=len(data.class_names))
+    model = build(spec)
+    clip = grad_clip_for(config, spec)
     optimizer = make_optimizer(model, config)
     n = len(data.train)
     order = epoch_order(n, config.seed, 0)
@@ -64,7 +67,7 @@ def main() -> None:
         index = order[(step * config.batch_size) % n :][: config.batch_size]
         images = shift_images(data.train.images[index], shifts[index])
         start = time.perf_counter()
-        train_step(model, optimizer, images, data.train.labels[index], 0.01, config.grad_clip)
+        train_step(model, optimizer, images, data.train.labels[index], 0.01, clip)
         seconds.append(time.perf_counter() - start)
     timed = seconds[WARMUP:]
     median = statistics.median(timed)

@@ -13,7 +13,7 @@ from cnnkit.experiments import cells as cells_module
 from cnnkit.experiments.jarrett import COLUMNS as JARRETT_COLUMNS
 from cnnkit.experiments.sharing import COLUMNS as SHARING_COLUMNS
 from cnnkit.models import build
-from cnnkit.training import loop
+from cnnkit.training import epochs as training_epochs  # the loop that calls train_step
 
 ONE_CELL = {
     "filters": ["learned"],
@@ -135,7 +135,7 @@ def test_an_interrupted_cell_resumes_exactly(tiny_npz, tiny_spec, tmp_path, monk
     options["training"] = {"checkpoint_every_steps": 1, "batch_size": 16}
     experiments.jarrett(tmp_path / "whole", **options)
 
-    real_step, calls = loop.train_step, []
+    real_step, calls = training_epochs.train_step, []
 
     def dies_at_step_three(*args, **kwargs):
         calls.append(1)
@@ -143,7 +143,7 @@ def test_an_interrupted_cell_resumes_exactly(tiny_npz, tiny_spec, tmp_path, monk
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_step", dies_at_step_three)
+    monkeypatch.setattr(training_epochs, "train_step", dies_at_step_three)
     with pytest.raises(KeyboardInterrupt):
         experiments.jarrett(tmp_path / "killed", **options)
     cell = "cells/learned-abs-on-max-2-seed0"
@@ -151,7 +151,7 @@ def test_an_interrupted_cell_resumes_exactly(tiny_npz, tiny_spec, tmp_path, monk
     assert json.loads((killed / "last.json").read_text())["step"] == 2
     assert not (tmp_path / "killed" / f"{cell}.json").exists()
 
-    monkeypatch.setattr(loop, "train_step", real_step)
+    monkeypatch.setattr(training_epochs, "train_step", real_step)
     lines = []
     experiments.jarrett(tmp_path / "killed", **options, report=lines.append)
     whole = load_file(tmp_path / "whole" / cell / "last.safetensors")

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 TINY_SPEC = """\
 name = "tiny"
@@ -97,3 +105,42 @@ def trained(tiny_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
 
     out = tmp_path_factory.mktemp("runs") / "run"
     return train_tiny(tiny_files, TrainConfig(**TINY_CONFIG), out)
+
+
+def tiny_argv(tiny_files: dict[str, Path], *extra: str) -> list[str]:
+    """``cnnkit train`` of the tiny network on the stripes, one thread, no progress."""
+    return [
+        "train",
+        "--spec",
+        str(tiny_files["spec"]),
+        "--data",
+        str(tiny_files["data"]),
+        "--threads",
+        "1",
+        "--progress",
+        "none",
+        *extra,
+    ]
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(folder: Path) -> Iterator[int]:
+    """Inside the block another process holds ``folder``'s lock (its PID is yielded);
+    the process is killed with SIGKILL at the end, leaving its lock file behind."""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from cnnkit._files import FolderLock; "
+            f"FolderLock({str(folder)!r}).acquire(); print('held', flush=True); time.sleep(60)",
+        ],
+        env={**os.environ, "PYTHONPATH": SRC},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()

@@ -7,7 +7,6 @@ import errno
 import hashlib
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -19,9 +18,7 @@ import pytest
 from cnnkit import _files
 from cnnkit.cli import main
 
-from .conftest import TINY_SPEC
-
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+from .conftest import SRC, TINY_SPEC, lock_held_elsewhere, tiny_argv
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
@@ -45,21 +42,6 @@ def run_copy(trained: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "run"
     shutil.copytree(trained, copy)
     return copy
-
-
-def tiny_argv(tiny_files: dict[str, Path], *extra: str) -> list[str]:
-    return [
-        "train",
-        "--spec",
-        str(tiny_files["spec"]),
-        "--data",
-        str(tiny_files["data"]),
-        "--threads",
-        "1",
-        "--progress",
-        "none",
-        *extra,
-    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -230,26 +212,11 @@ def test_an_ascii_terminal_gets_x_for_the_times_sign():
 
 
 def test_one_writer_per_run_folder_and_free_after_kill_9(run_copy):
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time; from cnnkit._files import FolderLock; "
-            f"FolderLock({str(run_copy)!r}).acquire(); print('held', flush=True); time.sleep(60)",
-        ],
-        env={**os.environ, "PYTHONPATH": SRC},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(run_copy) as holder:
         second = run_cli("train", "--resume", str(run_copy), "--progress", "none")
         out, err = second.communicate(timeout=120)
         assert second.returncode == 2
-        assert err.count("\n") == 1 and f"process {holder.pid} is writing" in err
-    finally:
-        os.kill(holder.pid, signal.SIGKILL)
-        holder.wait()
+        assert err.count("\n") == 1 and f"process {holder} is writing" in err
     time.sleep(0.1)
     third = run_cli("train", "--resume", str(run_copy), "--progress", "lines")
     out, err = third.communicate(timeout=120)
@@ -258,12 +225,12 @@ def test_one_writer_per_run_folder_and_free_after_kill_9(run_copy):
 
 
 def test_ctrl_c_prints_the_resume_command(tiny_files, tmp_path, monkeypatch, capsys):
-    from cnnkit.training import loop
+    from cnnkit.training import epochs
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "train_step", interrupted)
+    monkeypatch.setattr(epochs, "train_step", interrupted)
     out = tmp_path / "run"
     assert main(tiny_argv(tiny_files, "--out", str(out), "--epochs", "1")) == 130
     err = capsys.readouterr().err

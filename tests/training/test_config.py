@@ -57,6 +57,7 @@ def test_default_learning_rate_follows_the_optimizer() -> None:
         ({"momentum": 1.0}, ValueError, r"momentum must be a finite number in \[0, 1\), got 1.0"),
         ({"warmup": "a"}, TypeError, r"warmup must be a number in \[0, 1\), got 'a'"),
         ({"grad_clip": 0.0}, ValueError, "grad_clip must be a finite number > 0, got 0.0"),
+        ({"grad_clip": "off"}, ValueError, "grad_clip must be a positive number, None or 'auto'"),
         ({"schedule": "linear"}, ValueError, "schedule must be one of"),
         ({"device": "tpu"}, ValueError, "device must be one of 'auto', 'cpu', 'cuda'"),
         ({"threads": 0}, ValueError, "threads must be a positive integer, got 0"),

@@ -158,7 +158,9 @@ def test_tied_weights_under_two_processes(tiny_files: dict[str, Path], tmp_path:
     )
     spec = ArchitectureSpec.load(str(spec_path))
     assert spec.weight_sharing == "averaged"
-    options = {**OPTIONS, "epochs": 1}
+    # clipped as fit did before it learned the rule that averaged networks are not
+    # clipped by default; unclipped, float32 summation order alone moves them by ~1.4e-6
+    options = {**OPTIONS, "epochs": 1, "grad_clip": 5.0}
     single = fit(
         spec, load(tiny_files["data"], (12, 12)), TrainConfig(**options), out=tmp_path / "a"
     )

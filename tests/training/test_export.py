@@ -14,7 +14,7 @@ import torch
 from cnnkit.cli import main
 from cnnkit.export import export_run
 
-from .conftest import TINY_SPEC, train_tiny
+from .conftest import TINY_SPEC, lock_held_elsewhere, train_tiny
 from .test_cli_training import one_line_error
 
 pytest.importorskip("onnxruntime")
@@ -106,29 +106,8 @@ def test_bad_input_is_one_line(run, tmp_path, argv, message, capsys):
 
 
 def test_export_into_a_run_folder_another_process_writes_is_refused(run, tmp_path, capsys):
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    source = str(Path(__file__).parents[2] / "src")
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import time; from cnnkit._files import FolderLock; "
-            f"FolderLock({str(run)!r}).acquire(); print('held', flush=True); time.sleep(60)",
-        ],
-        env={**os.environ, "PYTHONPATH": source},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(run) as holder:
         assert main(["export", str(run), "--format", "pt2"]) == 2
-        assert f"process {holder.pid} is writing" in one_line_error(capsys)
+        assert f"process {holder} is writing" in one_line_error(capsys)
         elsewhere = tmp_path / "net.pt2"  # a file outside the run: no lock needed
         assert main(["export", str(run), "--format", "pt2", "--out", str(elsewhere)]) == 0
-    finally:
-        os.kill(holder.pid, signal.SIGKILL)
-        holder.wait()

@@ -12,30 +12,15 @@ from cnnkit.cli import main
 from cnnkit.models import ArchitectureSpec, from_name
 from cnnkit.training.checkpoint import read_checkpoint
 
-from .conftest import TINY_SPEC
+from .conftest import TINY_SPEC, tiny_argv
 
 
 def tiny_train(tiny_files, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--spec",
-        str(tiny_files["spec"]),
-        "--data",
-        str(tiny_files["data"]),
-        "--threads",
-        "1",
-        "--device",
-        "cpu",
-        "--batch-size",
-        "8",
-        "--schedule",
-        "constant",
-        "--progress",
-        "none",
-        "--out",
-        str(out),
-        *extra,
-    ]
+    return tiny_argv(
+        tiny_files,
+        *("--device", "cpu", "--batch-size", "8", "--schedule", "constant"),
+        *("--out", str(out), *extra),
+    )
 
 
 def weights(run: Path, which: str = "last") -> dict[str, torch.Tensor]:

@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from cnnkit.cli import main
-from cnnkit.data import load
-from cnnkit.models import ArchitectureSpec
-from cnnkit.training import TrainConfig, fit, read_checkpoint, resume
+from cnnkit.training import TrainConfig, read_checkpoint, resume
+
+from .conftest import train_tiny
 
 EPOCHS = 4  # 128 training images in batches of 8: 16 steps per epoch, 64 in all
+TWO_EPOCHS = TrainConfig(epochs=2, batch_size=16, threads=1, device="cpu")
 
 
 def train_command(tiny_files: dict[str, Path], out: Path) -> list[str]:
@@ -108,10 +109,7 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(
 def test_resume_without_a_checkpoint_starts_from_step_zero(
     tiny_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    spec = ArchitectureSpec.load(str(tiny_files["spec"]))
-    data = load(tiny_files["data"], (12, 12))
-    config = TrainConfig(epochs=2, batch_size=16, threads=1, device="cpu")
-    whole = fit(spec, data, config, out=tmp_path / "whole")
+    whole = train_tiny(tiny_files, TWO_EPOCHS, tmp_path / "whole")
     shutil.copytree(whole, tmp_path / "fresh")
     fresh = tmp_path / "fresh"
     for name in ("last.safetensors", "last.json", "best.safetensors", "best.json"):
@@ -125,10 +123,7 @@ def test_resume_without_a_checkpoint_starts_from_step_zero(
 def test_resume_cuts_metrics_back_to_the_checkpoint(
     tiny_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    spec = ArchitectureSpec.load(str(tiny_files["spec"]))
-    data = load(tiny_files["data"], (12, 12))
-    config = TrainConfig(epochs=2, batch_size=16, threads=1, device="cpu")
-    run = fit(spec, data, config, out=tmp_path / "run")
+    run = train_tiny(tiny_files, TWO_EPOCHS, tmp_path / "run")
     # a row written for an epoch whose checkpoint never made it to disk
     with (run / "metrics.csv").open("a") as handle:
         handle.write("3,1,0,1,0,1,0,0.1,1,1\n")

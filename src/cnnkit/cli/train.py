@@ -1,10 +1,8 @@
 """``train``: a new run (``fit``) or the continuation of one (``--resume``), in one
-process or in ``--nproc N`` (the logic lives in :mod:`cnnkit.training`).
-
-Three rules about what a run may do are still applied here and belong with the training
-code, so that the Python API applies them too: ``_clipping_off_by_default`` (averaged
-weight sharing), ``_check_resume_options`` (what ``--resume`` refuses) and
-``_check_process_split`` (the batch must split into ``--nproc`` shares).
+process or in ``--nproc N`` (the logic lives in :mod:`cnnkit.training`; the rules about
+what a run may do in :mod:`cnnkit.training.rules`, which ``fit`` and ``resume`` apply
+too). ``_check_process_split`` checks, before any process starts, the rule that
+``World.check_batch`` enforces inside them.
 """
 
 from __future__ import annotations
@@ -182,6 +180,7 @@ def _with_weight_sharing(spec, args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     from cnnkit.training.distributed import DistributedError
+    from cnnkit.training.rules import RuleError
 
     try:
         with _run_folder_lock(args):
@@ -189,6 +188,11 @@ def run_train(args: argparse.Namespace) -> int:
     except DistributedError as error:
         print(f"cnnkit: error: {error}", file=sys.stderr)
         return 1
+    except RuleError as error:  # named as the flags the user gave
+        flags = {"init_checkpoint": "checkpoint"}
+        raise ValueError(
+            error.spelled(lambda name: f"--{flags.get(name, name).replace('_', '-')}")
+        ) from None
 
 
 def _run_folder_lock(args: argparse.Namespace) -> contextlib.AbstractContextManager:
@@ -261,37 +265,19 @@ def _check_process_split(args: argparse.Namespace) -> None:
         )
 
 
-def _check_resume_options(args: argparse.Namespace) -> None:
-    """``--resume`` continues a run with its own options: only those in
-    ``cnnkit.training.RESUME_OVERRIDES`` (device, threads, epochs) may be given again."""
+def _resume(args: argparse.Namespace) -> int:
     from cnnkit import training
+    from cnnkit.training import rules
 
-    given = [
-        f"--{name.replace('_', '-')}"
+    rules.check_resume_options(
+        name
         for name in (
             *_TRAIN_OPTIONS,
             *("preset", "spec", "data", "val_fraction", "out"),
             *("weight_sharing", "averaged_step", "init_from", "checkpoint"),
         )
-        if name not in training.RESUME_OVERRIDES and getattr(args, name) is not None
-    ]
-    if given:
-        raise ValueError(
-            f"--resume continues a run with its own options; {given[0]} cannot be given with it"
-        )
-
-
-def _clipping_off_by_default(spec) -> bool:
-    """Whether gradient clipping is off unless ``--grad-clip`` asks for it: with averaged
-    weight sharing, clipping would measure the stored, size-scaled gradients of every
-    position, not the shared kernel's gradient."""
-    return spec.weight_sharing == "averaged"
-
-
-def _resume(args: argparse.Namespace) -> int:
-    from cnnkit import training
-
-    _check_resume_options(args)
+        if getattr(args, name) is not None
+    )
     resume = functools.partial(
         training.resume,
         args.resume,
@@ -307,16 +293,14 @@ def _fit(args: argparse.Namespace) -> int:
     from cnnkit import data as datasets
     from cnnkit import training
     from cnnkit.models.memory import check_memory
+    from cnnkit.training import rules
 
-    if args.checkpoint is not None and args.init_from is None:
-        raise ValueError("--checkpoint chooses the weights of --init-from; give it with it")
+    rules.check_init_choice(args.init_from, args.checkpoint)
     spec = _with_weight_sharing(load_spec(args), args)
     options = {
         name: getattr(args, name) for name in _TRAIN_OPTIONS if getattr(args, name) is not None
     }
     if options.get("grad_clip") == 0:  # TrainConfig's "no clipping"
-        options["grad_clip"] = None
-    if args.grad_clip is None and _clipping_off_by_default(spec):
         options["grad_clip"] = None
     config = training.TrainConfig(**options)
     element_bytes = 8 if config.dtype == "float64" else 4
@@ -342,7 +326,7 @@ def _fit(args: argparse.Namespace) -> int:
         progress=args.progress,
         invocation=invocation,
         init_from=args.init_from,
-        init_checkpoint=args.checkpoint or "best",
+        init_checkpoint=args.checkpoint,
     )
     return _trained(fit, args)
 

@@ -1,19 +1,17 @@
-"""Training: the loop (``fit``, ``resume``, ``train_step``, ``evaluate``), its options and
-schedule, checkpoints (safetensors + JSON, atomic) and run folders, and reading runs back."""
+"""Training, one module per job: the seeded order and shifts (``order``), one step for
+one or many processes (``step``), ``evaluation``, the ``epochs`` of a run, ``fit``
+(``fitting``) and ``resume`` (``resuming``), the ``rules`` of what a run may do, its
+options and schedule (``config``), checkpoints (safetensors + JSON, atomic), run folders,
+distributed training, and reading runs back (``run``)."""
 
 from cnnkit.training.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from cnnkit.training.config import TrainConfig, lr_at, make_optimizer
-from cnnkit.training.loop import (
-    RESUME_OVERRIDES,
-    Evaluation,
-    NonFiniteLossError,
-    TrainingInterrupted,
-    epoch_order,
-    evaluate,
-    fit,
-    resume,
-    train_step,
-)
+from cnnkit.training.epochs import TrainingInterrupted
+from cnnkit.training.evaluation import Evaluation, evaluate
+from cnnkit.training.fitting import fit
+from cnnkit.training.order import epoch_order
+from cnnkit.training.resuming import resume
+from cnnkit.training.rules import RESUME_OVERRIDES, RuleError
 from cnnkit.training.run import (
     LoadedRun,
     Prediction,
@@ -23,6 +21,7 @@ from cnnkit.training.run import (
     predict,
 )
 from cnnkit.training.run_folder import METRICS_COLUMNS, RunFolder, read_metrics
+from cnnkit.training.step import NonFiniteLossError, train_step
 
 __all__ = [
     "METRICS_COLUMNS",
@@ -32,6 +31,7 @@ __all__ = [
     "LoadedRun",
     "NonFiniteLossError",
     "RESUME_OVERRIDES",
+    "RuleError",
     "TrainingInterrupted",
     "Prediction",
     "RunEvaluation",

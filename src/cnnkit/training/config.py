@@ -33,6 +33,7 @@ AUGMENTATIONS = ("none", "shift")
 DTYPES = ("float32", "float64")
 DEFAULT_LR = {"sgd": 0.02, "adam": 0.001}
 DEFAULT_EPOCHS = 15
+DEFAULT_GRAD_CLIP = 5.0  # what grad_clip="auto" is for a network that is not tied by averaging
 SEED_MAX = 2**63 - 1  # torch's generators take 64-bit seeds; derived seeds are 63-bit
 
 
@@ -43,7 +44,9 @@ class TrainConfig:
     ``lr`` left at ``None`` becomes the optimizer's default (:data:`DEFAULT_LR`).
     ``warmup`` is the fraction of all steps spent raising the learning rate linearly
     from ``lr / warmup_steps`` to ``lr``. ``grad_clip`` (``None`` for no clipping) bounds
-    the Euclidean norm of the gradient of all parameters together. ``momentum`` is
+    the Euclidean norm of the gradient of all parameters together; ``"auto"`` is
+    :data:`DEFAULT_GRAD_CLIP`, or no clipping for a network tied by averaging
+    (:func:`cnnkit.training.rules.grad_clip_for` says why). ``momentum`` is
     Adam's first beta when ``optimizer="adam"``. ``augment="shift"`` moves each training
     image by up to 1/14 of the input's shorter side in each direction (rounded: 2 pixels
     at 28×28, 6 at 83×83), a random amount that depends only on (seed, epoch, sample
@@ -63,7 +66,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup: float = 0.05
-    grad_clip: float | None = 5.0
+    grad_clip: float | str | None = "auto"
     augment: str = "shift"
     seed: int = 0
     device: str = "auto"
@@ -84,7 +87,12 @@ class TrainConfig:
         _check_number("weight_decay", self.weight_decay, ">= 0", lambda v: v >= 0)
         check_choice("schedule", self.schedule, SCHEDULES)
         _check_number("warmup", self.warmup, "in [0, 1)", lambda v: 0 <= v < 1)
-        if self.grad_clip is not None:
+        if isinstance(self.grad_clip, str):
+            if self.grad_clip != "auto":
+                raise ValueError(
+                    f"grad_clip must be a positive number, None or 'auto', got {self.grad_clip!r}"
+                )
+        elif self.grad_clip is not None:
             check_positive_float("grad_clip", self.grad_clip)
         check_choice("augment", self.augment, AUGMENTATIONS)
         check_nonnegative_int("seed", self.seed)
@@ -152,6 +160,18 @@ def lr_at(step: int, *, lr: float, total_steps: int, warmup: int, schedule: str)
     if schedule == "constant":
         return lr
     raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
+
+
+def run_schedule(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The learning rate of each step of a run of ``config.epochs`` epochs of
+    ``steps_per_epoch`` steps: :func:`lr_at` with the run's options."""
+    total = steps_per_epoch * config.epochs
+    warmup = warmup_steps(total, config.warmup)
+
+    def rate(step: int) -> float:
+        return lr_at(step, lr=config.lr, total_steps=total, warmup=warmup, schedule=config.schedule)
+
+    return rate
 
 
 # --------------------------------------------------------------------------------------

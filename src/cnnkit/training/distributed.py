@@ -167,7 +167,10 @@ class World:
 
     def collective(self, what: str) -> contextlib.AbstractContextManager[None]:
         """Context for communication (``what`` it does, for the message): a peer that
-        stopped or timed out becomes a :class:`DistributedError`."""
+        stopped or timed out becomes a :class:`DistributedError`. With one process
+        nothing is communicated, and the block's errors pass as they are."""
+        if not self.active:
+            return contextlib.nullcontext()
         return _stopped_peer(self, what)
 
     def all_reduce_sum(self, tensor: torch.Tensor, what: str) -> torch.Tensor:

@@ -18,13 +18,14 @@ from cnnkit.data.splits import DataSplits, ImageSet
 from cnnkit.models.spec import ArchitectureSpec
 from cnnkit.training.checkpoint import load_model_state, read_checkpoint
 from cnnkit.training.config import DTYPES
-from cnnkit.training.loop import Evaluation, evaluate, resolve_device
+from cnnkit.training.device import resolve_device
+from cnnkit.training.evaluation import Evaluation, evaluate
 from cnnkit.training.run_folder import (
     open_run,
     read_classes,
     read_config,
     read_metrics,
-    read_run_spec,
+    require_run_spec,
 )
 
 
@@ -93,12 +94,7 @@ def load_run(
     class_names = read_classes(run)
     spec = None
     if model is None:
-        spec = read_run_spec(run, config)
-        if spec is None:
-            raise ValueError(
-                f"run {str(run.path)!r} trained a custom module (it has no spec.toml); "
-                "load it from Python with load_run(..., model=that module)"
-            )
+        spec = require_run_spec(run, config, "load", "load_run")
         from cnnkit.models import build
 
         if spec.classifier.classes != len(class_names):
@@ -133,7 +129,7 @@ def load_run(
 
 @dataclass(frozen=True)
 class RunEvaluation:
-    """An :class:`~cnnkit.training.loop.Evaluation` with what was evaluated on what."""
+    """An :class:`~cnnkit.training.evaluation.Evaluation` with what was evaluated on what."""
 
     run: Path
     checkpoint: str

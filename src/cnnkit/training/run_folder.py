@@ -26,6 +26,7 @@ import os
 import platform
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,25 @@ def read_run_spec(run: RunFolder, config: Mapping[str, Any]) -> ArchitectureSpec
             "from the one config.json records); restore it from a copy of the run"
         )
     return spec
+
+
+def require_run_spec(
+    run: RunFolder, config: Mapping[str, Any], verb: str, function: str
+) -> ArchitectureSpec:
+    """:func:`read_run_spec`, for a caller that must build the network itself: a run of
+    a custom module is an error saying how to ``verb`` it with ``function(model=...)``."""
+    spec = read_run_spec(run, config)
+    if spec is None:
+        raise ValueError(
+            f"run {str(run.path)!r} trained a custom module (it has no spec.toml); "
+            f"{verb} it from Python with {function}(..., model=that module)"
+        )
+    return spec
+
+
+def utc_now() -> str:
+    """The time now, as config.json and the checkpoints' sidecars record it."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def write_classes(run: RunFolder, class_names: Sequence[str]) -> None:
