@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cnnkit.data.splits import DataSplits
+from cnnkit.kernels import tuning
 from cnnkit.models.spec import ArchitectureSpec
 from cnnkit.training.checkpoint import (
     Checkpoint,
@@ -45,7 +46,14 @@ from cnnkit.training.order import (
 )
 from cnnkit.training.progress import Progress
 from cnnkit.training.rules import grad_clip_for
-from cnnkit.training.run_folder import RunFolder, read_metrics, utc_now, write_metrics
+from cnnkit.training.run_folder import (
+    RunFolder,
+    read_methods,
+    read_metrics,
+    record_methods,
+    utc_now,
+    write_metrics,
+)
 from cnnkit.training.step import NonFiniteLossError, train_step
 
 
@@ -138,9 +146,14 @@ class Position:
 
 def train(session: Session, checkpoint: Checkpoint | None) -> Path:
     """Train from ``checkpoint`` (or step 0) to the end; return the run folder. Ctrl-C
-    becomes :class:`TrainingInterrupted`, naming the run folder to resume."""
+    becomes :class:`TrainingInterrupted`, naming the run folder to resume.
+
+    The implementation choices the run has recorded (``methods.json``) are taken again,
+    so a resumed run computes exactly as the interrupted one did; each save of ``last``
+    records the choices taken so far."""
     try:
-        return _train_epochs(session, checkpoint)
+        with tuning.pinned(read_methods(session.run)):
+            return _train_epochs(session, checkpoint)
     except KeyboardInterrupt:
         session.report.close()
         raise TrainingInterrupted(session.run.path) from None
@@ -215,9 +228,11 @@ def _train_epochs(s: Session, checkpoint: Checkpoint | None) -> Path:
 def _save_last(
     s: Session, optimizer: torch.optim.Optimizer, at: Position, schedule: Callable[[int], float]
 ) -> None:
-    """Process 0 saves ``last``: weights, optimizer state and the position ``at``."""
+    """Process 0 saves ``last``: weights, optimizer state and the position ``at``, and
+    records the implementation choices taken so far."""
     if not s.world.is_main:
         return
+    record_methods(s.run, tuning.used())
     meta = {
         **at.to_meta(),
         "kind": "last",

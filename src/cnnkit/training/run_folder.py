@@ -58,6 +58,7 @@ class RunFolder:
         self.config = self.path / "config.json"
         self.classes = self.path / "classes.json"
         self.metrics = self.path / "metrics.csv"
+        self.methods = self.path / "methods.json"
 
     def checkpoint(self, which: str) -> Path:
         """``best`` or ``last`` -> the path of that ``.safetensors`` file."""
@@ -164,6 +165,30 @@ def read_json(path: Path, what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"{what} {str(path)!r} is not valid JSON ({error})") from None
+
+
+def read_methods(run: RunFolder) -> dict[str, str]:
+    """The implementation choices the run has used (:mod:`cnnkit.kernels.tuning`), case
+    by case; none for a run that recorded none."""
+    if not run.methods.exists():
+        return {}
+    methods = read_json(run.methods, "methods file")
+    if not isinstance(methods, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in methods.items()
+    ):
+        raise ValueError(
+            f"methods file {str(run.methods)!r} must map each case to a method, got "
+            f"{type(methods).__name__}"
+        )
+    return methods
+
+
+def record_methods(run: RunFolder, methods: Mapping[str, str]) -> None:
+    """Add ``methods`` to the run's methods file (cases already there keep theirs)."""
+    recorded = read_methods(run)
+    merged = {**methods, **recorded}
+    if merged != recorded:
+        write_json(run.methods, merged)
 
 
 def read_config(run: RunFolder) -> dict[str, Any]:
