@@ -19,6 +19,7 @@ def tuned(monkeypatch, tmp_path):
     monkeypatch.setattr(tuning, "_choices", None)
     monkeypatch.setattr(tuning, "_used", {})
     monkeypatch.setattr(tuning, "_pinned", None)
+    monkeypatch.setattr(tuning, "_announced", False)
     return tmp_path
 
 

@@ -49,6 +49,7 @@ def test_short_run_lowers_the_loss_and_writes_every_file(
         "config.json",
         "last.json",
         "last.safetensors",
+        "methods.json",
         "metrics.csv",
         "spec.toml",
     ]

@@ -22,6 +22,7 @@ def measured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(tuning, "_choices", None)
     monkeypatch.setattr(tuning, "_used", {})
     monkeypatch.setattr(tuning, "_pinned", None)
+    monkeypatch.setattr(tuning, "_announced", False)
 
 
 def test_a_resume_computes_with_the_methods_the_run_recorded(
