@@ -44,7 +44,9 @@ def max_pool(x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int]) 
         return F.max_pool2d(x, window, stride)
     batch = x.unsqueeze(0) if x.dim() == 3 else x  # (N, C, H, W)
     if x.dtype in (torch.float32, torch.float64) and native_ops() is not None:
-        out, _ = torch.ops.cnnkit.max_pool2d(batch.contiguous(), *window, *stride)
+        # nothing to differentiate: the kernel itself, without the operator's dispatch
+        pool = native_ops().max_pool_forward if not recorded(x) else torch.ops.cnnkit.max_pool2d
+        out, _ = pool(batch.contiguous(), *window, *stride)
     else:
         out, _ = _ChannelsLastMaxPool.apply(batch, window, stride)
     return out.squeeze(0) if x.dim() == 3 else out

@@ -210,8 +210,10 @@ def _unfold(
 def _slot_kernels(weight: torch.Tensor, plan: TablePlan) -> torch.Tensor:
     """``(C_in, S, kh kw)``: the kernels of each input map's table rows, zero-padded."""
     rows, kh, kw = weight.shape
-    padded = torch.cat([weight.reshape(rows, kh * kw), weight.new_zeros(1, kh * kw)])
-    slots = padded.index_select(0, plan.slot_rows.view(-1))  # its backward: one index_add
+    flat = weight.reshape(rows, kh * kw)
+    if plan.slot_rows.numel() > rows:  # some input maps have fewer rows: pad with zeros
+        flat = torch.cat([flat, weight.new_zeros(1, kh * kw)])
+    slots = flat.index_select(0, plan.slot_rows.view(-1))  # its backward: one index_add
     return slots.view(*plan.slot_rows.shape, kh * kw)
 
 

@@ -1,12 +1,14 @@
-"""Implementation choices measured on the machine that runs them, kept in a file per machine.
+"""Implementation choices measured on the machine that runs them, kept in a file per
+machine.
 
 Where the fastest way to compute something depends on the processor -- which exact
 method a connection-table filter bank takes, how many images of a batch a large stage
 runs at a time -- cnnkit does not carry constants measured on one machine. The first
 time a process meets a case (a *shape class*: the op, its shapes, dtype, whether a
 derivative is recorded, the thread count), :func:`choose` times each candidate a few
-times on synthetic inputs of that shape and keeps the fastest. The choice goes into a
-small JSON file for this machine, so later processes read it instead of measuring:
+times (the fastest of five runs after a warm-up) on synthetic inputs of that shape and
+keeps the fastest. The choice goes into a small JSON file for this machine, so later
+processes read it instead of measuring:
 
 - the file is named by the machine's key (:func:`machine_key`: processor model,
   instruction set, torch and cnnkit versions), under ``$CNNKIT_CACHE_DIR`` or
@@ -34,7 +36,6 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import sys
 import threading
 import time
@@ -57,7 +58,7 @@ __all__ = [
 ]
 
 _FORMAT = 1
-_REPEATS = 3  # timed runs per candidate, after one warm-up run
+_REPEATS = 5  # timed runs per candidate, after one warm-up run; the fastest counts
 
 _lock = threading.RLock()
 _choices: dict[str, str] | None = None  # the file's choices and this process's
@@ -192,7 +193,7 @@ def _measure(case: str, candidates: Mapping[str, Callable[[], object]]) -> str:
             start = time.perf_counter()
             run()
             runs.append(time.perf_counter() - start)
-        times[name] = statistics.median(runs)
+        times[name] = min(runs)  # what the candidate can do: other work only slows it
     return min(times, key=times.__getitem__)
 
 
