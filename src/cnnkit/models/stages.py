@@ -112,8 +112,21 @@ def _default_slice(layers: list[nn.Module], x: torch.Tensor) -> int:
 
 
 def _signature(layers: list[nn.Module]) -> str:
-    """The layers' kinds and settings, as ``print(model)`` names them."""
-    return "|".join(f"{type(layer).__name__}({layer.extra_repr()})" for layer in layers)
+    """The layers' kinds and settings, as ``print(model)`` names them; a filter bank by
+    its sizes and kernel count (describing its table would cost more than the stage's
+    own bookkeeping)."""
+    parts = []
+    for layer in layers:
+        if isinstance(layer, FilterBank):
+            kh, kw = layer.kernel_size
+            settings = (
+                f"{layer.in_maps}->{layer.out_maps}, kernel {kh}x{kw}, "
+                f"stride {layer.stride}, {len(layer.weight)} kernels"
+            )
+        else:
+            settings = layer.extra_repr()
+        parts.append(f"{type(layer).__name__}({settings})")
+    return "|".join(parts)
 
 
 def _slice_trial(stage: Stage, x: torch.Tensor, size: int, grad: bool):  # noqa: ANN202
