@@ -6,9 +6,9 @@ method a connection-table filter bank takes, how many images of a batch a large 
 runs at a time -- cnnkit does not carry constants measured on one machine. The first
 time a process meets a case (a *shape class*: the op, its shapes, dtype, whether a
 derivative is recorded, the thread count), :func:`choose` times each candidate a few
-times (the fastest of five runs after a warm-up) on synthetic inputs of that shape and
-keeps the fastest. The choice goes into a small JSON file for this machine, so later
-processes read it instead of measuring:
+times (the fastest of five runs, taken in turns, after a warm-up) on synthetic inputs
+of that shape and keeps the fastest. The choice goes into a small JSON file for this
+machine, so later processes read it instead of measuring:
 
 - the file is named by the machine's key (:func:`machine_key`: processor model,
   instruction set, torch and cnnkit versions), under ``$CNNKIT_CACHE_DIR`` or
@@ -185,15 +185,14 @@ def _measure(case: str, candidates: Mapping[str, Callable[[], object]]) -> str:
             f"{cache_path()} (CNNKIT_TUNE=0 skips this)",
             file=sys.stderr,
         )
-    times = {}
-    for name, run in candidates.items():
+    for run in candidates.values():
         run()  # warm-up: first-call allocations and library set-up
-        runs = []
-        for _ in range(_REPEATS):
+    times = dict.fromkeys(candidates, float("inf"))
+    for _ in range(_REPEATS):  # in turns, so that a slow spell of the machine hits all
+        for name, run in candidates.items():
             start = time.perf_counter()
             run()
-            runs.append(time.perf_counter() - start)
-        times[name] = min(runs)  # what the candidate can do: other work only slows it
+            times[name] = min(times[name], time.perf_counter() - start)
     return min(times, key=times.__getitem__)
 
 
