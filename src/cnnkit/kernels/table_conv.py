@@ -22,8 +22,9 @@ weight (the plain path). The methods here compute the same values:
   -- it needs far fewer multiply-adds than any direct method.
 
 Everything derived from the weight (the dense weight, the grouped kernels, the spectra)
-is computed on every call, so an edited weight is always seen. The measurements behind
-the choice are in ``docs/performance.md`` (connection-table filter bank).
+is computed on every call, so an edited weight is always seen. Which method ``"auto"``
+takes is timed once per machine and shape (:mod:`cnnkit.kernels.tuning`,
+``docs/tuning.md``); the cost model below is the default where timing is off.
 """
 
 from __future__ import annotations
@@ -42,20 +43,18 @@ __all__ = ["METHODS", "auto_method", "conv"]
 
 METHODS = ("auto", "dense", "depthwise", "fourier", "unfold")
 
-# "auto" takes "fourier" when the dense convolution needs this many times more
-# multiply-adds. The library convolution ran each multiply-add about 2.2x faster than the
-# Fourier method's smaller products and transforms on shapes around the lecture's; the
-# margin above that keeps "auto" off every Fourier call that measured slower than dense
-# (docs/performance.md, connection-table filter bank).
+# The cost model that "auto" follows where no timing is allowed (CNNKIT_TUNE=0, or a
+# device other than the CPU): safe defaults, not a machine's measurements.
+# "fourier" when the dense convolution needs this many times more multiply-adds (a
+# library convolution runs each of its multiply-adds some times faster than the Fourier
+# method's smaller products and transforms):
 _FOURIER_MARGIN = 3.5
-# "auto" takes "unfold" for tables with at most this share of the dense weight's kernels
-# when the batch has at most _UNFOLD_MAX_POSITIONS output positions per map in all
-# (measured at the lecture's layer 3, forward + backward: 2.2x faster than dense for 1
-# image, 1.2x for 8, 1.1x for 16 where "fourier" is 1.5x; docs/performance.md).
+# "unfold" for tables with at most this share of the dense weight's kernels, when the
+# batch has at most _UNFOLD_MAX_POSITIONS output positions per map in all (a few images):
 _UNFOLD_MAX_FILL = 0.5
 _UNFOLD_MAX_POSITIONS = 512
-# "auto" takes "depthwise" for one-input-per-output tables from this many input maps on:
-# below it the dense convolution wastes little and runs faster than a grouped one.
+# "depthwise" for one-input-per-output tables from this many input maps on (below it the
+# dense convolution wastes little):
 _DEPTHWISE_MIN_MAPS = 8
 
 
