@@ -190,6 +190,7 @@ def test_deepcopy_and_jit_trace(name, make, shape):
     _close(traced(x), expected)
 
 
+@pytest.mark.usefixtures("fast_paths")  # the operators are the fast paths' nodes
 def test_a_compiled_lecun83_shows_cnnkit_operators_as_nodes():
     torch.manual_seed(0)
     model = build(from_name("lecun83", classes=5))

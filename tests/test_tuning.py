@@ -12,8 +12,9 @@ from cnnkit.models import build, from_name
 
 
 @pytest.fixture
-def tuned(monkeypatch, tmp_path):
-    """Measuring on, with a cache folder of the test's own and a fresh process state."""
+def tuned(monkeypatch, tmp_path, fast_paths):
+    """Measuring on (and the fast paths, which are what is measured), with a cache folder
+    of the test's own and a fresh process state."""
     monkeypatch.setenv("CNNKIT_TUNE", "1")
     monkeypatch.setenv("CNNKIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tuning, "_choices", None)
@@ -148,7 +149,7 @@ def test_cnnkit_tune_keeps_the_choices_and_prints_them(tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, "CNNKIT_TUNE": "1", "CNNKIT_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "CNNKIT_TUNE": "1", "CNNKIT_FAST": "1", "CNNKIT_CACHE_DIR": str(tmp_path)}
     command = [sys.executable, "-m", "cnnkit", "tune", "--preset", "lenet5", "--batch", "2"]
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

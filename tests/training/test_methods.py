@@ -18,6 +18,7 @@ from .conftest import TINY_CONFIG, train_tiny
 @pytest.fixture
 def measured(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CNNKIT_TUNE", "1")
+    monkeypatch.setenv("CNNKIT_FAST", "1")  # the fast paths are what is timed
     monkeypatch.setenv("CNNKIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(tuning, "_choices", None)
     monkeypatch.setattr(tuning, "_used", {})

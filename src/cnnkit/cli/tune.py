@@ -57,6 +57,13 @@ def run_tune(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps({"file": str(path), "seconds": seconds, "choices": choices}, indent=2))
         return 0
+    if not choices:
+        print(
+            "nothing to time: the fast paths are off (CNNKIT_FAST=0)"
+            if os.environ.get("CNNKIT_FAST", "1").strip() == "0"
+            else "nothing to time"
+        )
+        return 0
     width = max(len(case) for case in choices)
     for case, choice in sorted(choices.items()):
         print(f"{case:{width}s}  {choice}")
