@@ -287,4 +287,7 @@ def test_max_pool_with_a_gradient_runs_the_registered_operator():
     x = _x((2, 4, 40, 40)).requires_grad_()
     y = pool2d(x, "max", 10, 5)
     assert "cnnkit_max_pool2d" in type(y.grad_fn).__name__
-    assert "cnnkit_max_pool2d" not in type(pool2d(x.detach(), "max", 10, 5).grad_fn).__name__
+    with torch.no_grad():  # nothing to record: the block maxima, no operator
+        assert pool2d(x, "max", 10, 5).grad_fn is None
+    y = pool2d(x, "max", (3, 4), (2, 3))  # not a whole number of strides: the operator too
+    assert "cnnkit_max_pool2d" in type(y.grad_fn).__name__

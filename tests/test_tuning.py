@@ -86,12 +86,41 @@ def test_pinned_choices_win_over_the_file(tuned):
     assert tuning.choose("case a", "slow", candidates) == "fast"
 
 
-def test_an_unwritable_cache_folder_still_chooses(tuned, monkeypatch, tmp_path):
+def test_an_unwritable_cache_folder_still_keeps_each_choice_for_the_process(
+    tuned, monkeypatch, tmp_path
+):
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("CNNKIT_CACHE_DIR", str(blocker / "below"))  # not a folder
+    first, runs_first = _counting({"slow": 300_000, "fast": 0})
+    second, runs_second = _counting({"slow": 300_000, "fast": 0})
+    for _ in range(3):  # two cases in turn, as the layers of a network meet them
+        assert tuning.choose("case a", "slow", first) == "fast"
+        assert tuning.choose("case b", "slow", second) == "fast"
+    assert runs_first["fast"] == runs_second["fast"] == 6  # each timed once only
+
+
+def test_timing_is_not_seen_by_hooks_checkpointing_or_the_caller(tuned):
+    """The synthetic runs happen in a thread of their own and call the layers' forward
+    directly: a forward hook sees only the real images, ``torch.utils.checkpoint``'s
+    saved-tensor hooks are not disturbed, and the global generator is untouched."""
+    torch.manual_seed(0)
+    model = build(from_name("lecun83", classes=5))
+    seen = []
+    model.stage1.filters.register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
+    x = torch.randn(3, 1, 83, 83)
+    state = torch.random.get_rng_state()
+    y = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
+    y.sum().backward()
+    assert sum(seen) == 2 * 3  # the forward, and checkpoint's recomputation of it
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert any(case.startswith("stage_slice") for case in tuning.used())
+
+
+def test_a_pinned_choice_that_is_no_candidate_is_ignored(tuned):
     candidates, _ = _counting({"slow": 300_000, "fast": 0})
-    assert tuning.choose("case a", "slow", candidates) == "fast"
+    with tuning.pinned({"case a": "gone"}):
+        assert tuning.choose("case a", "slow", candidates) == "fast"
 
 
 def test_tuned_and_untuned_networks_give_the_same_values(tuned, monkeypatch):

@@ -22,9 +22,9 @@ def _batches_seen(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     seen: list[tuple[str, int]] = []
     run = stages._run_fused
 
-    def spy(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    def spy(stage: nn.Sequential, x: torch.Tensor, hooks: bool = True) -> torch.Tensor:
         seen.append((type(next(iter(stage.children()))).__name__, x.shape[0]))
-        return run(stage, x)
+        return run(stage, x, hooks)
 
     monkeypatch.setattr(stages, "_run_fused", spy)
     return seen

@@ -41,11 +41,17 @@ __all__ = ["NativeStatus", "instruction_set", "native_attempted", "native_ops", 
 
 _SOURCES = ("contrast_norm.cpp", "max_pool.cpp")
 _NAME = "cnnkit_native"
-# The compiler's target for each instruction set torch reports on x86-64 (levels of the
-# x86-64 psABI: v3 has AVX2 and FMA, v4 adds AVX-512 F/BW/CD/DQ/VL).
+# The compiler's vector extensions for each instruction set torch reports on x86-64,
+# named one by one (GCC 11's -march=x86-64-v3/v4 levels say the same, but older compilers
+# do not know them): AVX2 with FMA and F16C, and AVX-512 F/BW/CD/DQ/VL on top.
+_AVX2 = ["-mavx", "-mavx2", "-mfma", "-mf16c"]
 _X86_TARGETS = {
-    "AVX512": ["-march=x86-64-v4", "-mprefer-vector-width=512"],
-    "AVX2": ["-march=x86-64-v3"],
+    "AVX512": [
+        *_AVX2,
+        *("-mavx512f", "-mavx512bw", "-mavx512cd", "-mavx512dq", "-mavx512vl"),
+        "-mprefer-vector-width=512",
+    ],  # fmt: skip
+    "AVX2": _AVX2,
 }
 # How long a process waits for another one's build before giving up on the kernels.
 _LOCK_TIMEOUT_SECONDS = 600

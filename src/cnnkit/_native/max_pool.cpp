@@ -6,8 +6,9 @@
 // (a loop along whole rows that vectorizes); the horizontal pass takes, per output
 // column b, the largest of those over columns b s_w .. b s_w + k_w - 1. Among equal
 // values it keeps the smallest flat index r W + c: the first maximal element of the
-// window in row-major order, as the library's kernel does. A NaN in a window wins (the
-// value is NaN, the index that of a NaN in it).
+// window in row-major order, as the library's kernel does. A NaN in a window wins: the
+// value is NaN and the index that of its last NaN in row-major order, again as the
+// library's kernel (which takes a value when it is larger or NaN) gives it.
 //
 // The backward adds each window's gradient at its index of a zero (H, W) map.
 
@@ -17,15 +18,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
+// Whether a value seen later in row-major order replaces the best so far.
 template <typename T>
 inline bool beats(T value, T best) {
-  return value > best || (value != value && best == best);
+  return value > best || value != value;
 }
 
 // Row numbers kept as wide as T, so that a vector of values and one of rows have as
@@ -117,7 +120,11 @@ void pool_map(const T* __restrict x, T* __restrict out, int64_t* __restrict inde
       const Row<T>* flat = s.flat.data() + c * h_out;
 #pragma omp simd
       for (int64_t a = 0; a < h_out; ++a) {
-        const bool take = beats(column[a], value[a]) || (column[a] == value[a] && flat[a] < at[a]);
+        // Columns come left to right but their rows in any order: compare positions.
+        const bool nan = column[a] != column[a];
+        const bool take = column[a] > value[a] ||
+                          (nan && (value[a] == value[a] || flat[a] > at[a])) ||
+                          (column[a] == value[a] && flat[a] < at[a]);
         value[a] = take ? column[a] : value[a];
         at[a] = take ? flat[a] : at[a];
       }
@@ -134,6 +141,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool_forward(const at::Tensor& x, int64_t
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
               "x must be contiguous (N, C, H, W) on the CPU");
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  TORCH_CHECK(h * w <= std::numeric_limits<int32_t>::max(),
+              "maps of more than 2^31 - 1 values are not supported");
   TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && kh <= h && kw <= w,
               "the window must fit in the map and the stride be positive");
   const int64_t h_out = (h - kh) / sh + 1, w_out = (w - kw) / sw + 1;
@@ -168,6 +177,7 @@ at::Tensor max_pool_backward(const at::Tensor& grad, const at::Tensor& index, in
   TORCH_CHECK(grad.dim() == 4 && grad.device().is_cpu(), "grad must be (N, C, H_out, W_out)");
   TORCH_CHECK(index.sizes() == grad.sizes() && index.scalar_type() == at::kLong,
               "index must be int64 with the shape of grad");
+  TORCH_CHECK(h >= 1 && w >= 1, "the maps must not be empty");
   const at::Tensor g = grad.contiguous();
   const at::Tensor at_index = index.contiguous();
   const int64_t n = g.size(0), c = g.size(1), outputs = g.size(2) * g.size(3);

@@ -11,7 +11,10 @@ and then calls one function of this package:
   shape function, derivative and a batching rule that falls back to the plain path;
 - :mod:`cnnkit.kernels.table_conv` -- the connection-table filter bank's other exact
   methods (unfold, Fourier, depthwise) and the choice among them;
-- :mod:`cnnkit.kernels.pooling` -- max pooling by blocks, or on a channels-last copy.
+- :mod:`cnnkit.kernels.pooling` -- max pooling by blocks, or by the compiled kernel as
+  the registered operator ``torch.ops.cnnkit.max_pool2d``;
+- :mod:`cnnkit.kernels.tuning` -- choices that depend on the machine (a table's method,
+  a stage's slice), timed once per machine and kept in a file.
 
 A fast path never changes the function: the tests hold each one to the plain path,
 forward and backward. ``CNNKIT_FAST=0`` in the environment turns every fast path off;

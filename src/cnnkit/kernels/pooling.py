@@ -5,13 +5,18 @@
   ``s``-row block, then the running maximum of ``k / s`` neighbouring blocks, then the
   same along the columns -- a few reductions along whole rows instead of ``k_h k_w``
   comparisons per output.
-- With a derivative to record, float32 and float64 maps are pooled by the compiled
-  kernel of :mod:`cnnkit._native` through the registered operator
+- Otherwise float32 and float64 maps are pooled by the compiled kernel of
+  :mod:`cnnkit._native`: with a derivative to record through the registered operator
   ``torch.ops.cnnkit.max_pool2d`` (the values and the flat index of each window's first
   maximum, as ``F.max_pool2d(return_indices=True)``; its backward adds each window's
-  gradient at that index, directly in the maps' own layout);
-- otherwise maps are pooled on a channels-last copy, whose library kernel is several
-  times faster, with a scatter for the backward.
+  gradient at that index, directly in the maps' own layout), without one by the kernel
+  itself;
+- where the kernel is not built, or for other dtypes, maps are pooled on a
+  channels-last copy, whose library kernel is several times faster, with a scatter for
+  the backward. Channels-last maps go to the library's kernel directly.
+
+The operator has no forward-mode rule: the fast path is never taken with a tangent
+(:func:`cnnkit.kernels.fast_path_allowed`).
 """
 
 from __future__ import annotations

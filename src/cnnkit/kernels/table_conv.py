@@ -73,9 +73,14 @@ def auto_method(x: torch.Tensor, weight: torch.Tensor, plan: TablePlan, stride) 
     case = (
         f"table_conv x{tuple(x.shape)} w{tuple(weight.shape)} out{plan.out_maps} "
         f"slots{plan.slot_rows.shape[1]} stride{tuple(stride)} {x.dtype} "
+        f"{'channels_last' if _channels_last(x) else 'contiguous'} "
         f"{'grad' if grad else 'nograd'} threads{torch.get_num_threads()}"
     )
     return tuning.choose(case, default, _candidates(x, weight, plan, stride, grad))
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _candidates(x, weight, plan: TablePlan, stride, grad: bool) -> dict:  # noqa: ANN001
@@ -85,9 +90,10 @@ def _candidates(x, weight, plan: TablePlan, stride, grad: bool) -> dict:  # noqa
     @functools.cache
     def inputs() -> tuple[torch.Tensor, torch.Tensor]:
         generator = torch.Generator().manual_seed(0)  # the global generator is untouched
-        xs = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        # laid out as x is (a channels-last input takes other library kernels)
+        xs = torch.empty_like(x, device="cpu").normal_(generator=generator).to(x.device)
         ws = torch.randn(weight.shape, generator=generator, dtype=x.dtype).to(x.device)
-        return xs.requires_grad_(recorded(x)), ws.requires_grad_(grad)
+        return xs.requires_grad_(recorded(x)), ws.requires_grad_(recorded(weight))
 
     def run(method: str) -> None:
         xs, ws = inputs()

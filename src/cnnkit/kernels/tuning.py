@@ -158,7 +158,7 @@ def choose(case: str, default: str, candidates: Mapping[str, Callable[[], object
     """
     global _choices
     with _lock:
-        if _pinned is not None and case in _pinned:
+        if _pinned is not None and _pinned.get(case) in candidates:
             choice = _pinned[case]
         elif _mode() == "0" or len(candidates) < 2:
             choice = default
@@ -168,15 +168,42 @@ def choose(case: str, default: str, candidates: Mapping[str, Callable[[], object
             choice = _choices.get(case)
             if choice not in candidates and not tuning_enabled():
                 choice = default
-            elif choice not in candidates:
-                choice = _measure(case, candidates)
-                _choices = {**_read(), case: choice}  # another process may have added some
-                _write(_choices)
+        if choice in candidates or choice == default:
+            _used[case] = choice
+            return choice
+    # Measured without the lock: a candidate's run meets cases of its own (a stage's
+    # filter bank), which the measuring thread chooses while this one waits.
+    choice = _measure(candidates)
+    with _lock:
+        # another process may have added cases to the file; this one's stay
+        _choices = {**_read(), **(_choices or {}), case: choice}
+        _write(_choices)
         _used[case] = choice
-        return choice
+    return choice
 
 
-def _measure(case: str, candidates: Mapping[str, Callable[[], object]]) -> str:
+def _measure(candidates: Mapping[str, Callable[[], object]]) -> str:
+    """The fastest candidate, timed in a thread of its own: the caller's thread-local
+    state -- autograd's saved-tensor hooks (``torch.utils.checkpoint``), dispatch and
+    function modes (profilers, FLOP counters), anomaly detection, grad mode -- does not
+    see the synthetic runs."""
+    result: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            result["choice"] = _fastest(candidates)
+        except BaseException as error:  # re-raised in the caller's thread
+            result["error"] = error
+
+    worker = threading.Thread(target=work, name="cnnkit-tuning")
+    worker.start()
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result["choice"]
+
+
+def _fastest(candidates: Mapping[str, Callable[[], object]]) -> str:
     global _announced
     if not _announced:
         _announced = True

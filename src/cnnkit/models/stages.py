@@ -90,11 +90,22 @@ def _slice_images(stage: Stage, x: torch.Tensor) -> int:
     sizes = sorted({min(2**k, x.shape[0]) for k in range(x.shape[0].bit_length())})
     grad = recorded(x) or any(recorded(p) for p in stage.parameters())
     case = (
-        f"stage_slice {_signature(layers)} x{tuple(x.shape)} {x.dtype} "
+        f"stage_slice {_signature(layers)} x{tuple(x.shape)} {_layout(x)} {x.dtype} "
         f"{'grad' if grad else 'nograd'} threads{torch.get_num_threads()}"
     )
     candidates = {str(size): _slice_trial(stage, x, size, grad) for size in sizes}
     return int(tuning.choose(case, str(default), candidates))
+
+
+def _layout(x: torch.Tensor) -> str:
+    """``x``'s memory layout, as a case name tells it (the fastest way may depend on it)."""
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return "channels_last"
+    return "contiguous" if x.is_contiguous() else "strided"
 
 
 def _default_slice(layers: list[nn.Module], x: torch.Tensor) -> int:
@@ -130,28 +141,33 @@ def _signature(layers: list[nn.Module]) -> str:
 
 
 def _slice_trial(stage: Stage, x: torch.Tensor, size: int, grad: bool):  # noqa: ANN202
-    """A function that runs ``stage`` once on a synthetic batch shaped like ``x``, in
-    slices of ``size`` images (with the backward, into fresh gradients, when ``grad``)."""
+    """A function that runs ``stage`` once on a synthetic batch shaped and laid out like
+    ``x``, in slices of ``size`` images, with the backward (into fresh gradients) when
+    ``grad``. The layers' ``forward`` is called directly: their hooks do not see it."""
+    generator = torch.Generator().manual_seed(0)  # the global generator is untouched
+    xs = torch.empty_like(x, device="cpu").normal_(generator=generator).to(x.device)
+    xs.requires_grad_(recorded(x))
 
     def run() -> None:
-        xs = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
         params = [p for p in stage.parameters() if p.requires_grad] if grad else []
+        wanted = params + ([xs] if xs.requires_grad else [])
         with torch.set_grad_enabled(grad):
-            y = _run_sliced(stage, xs, size)
-            if params:
-                torch.autograd.grad(y, params, torch.ones_like(y), allow_unused=True)
+            y = _run_sliced(stage, xs, size, hooks=False)
+            if wanted:
+                torch.autograd.grad(y, wanted, torch.ones_like(y), allow_unused=True)
 
     return run
 
 
-def _run_sliced(stage: Stage, x: torch.Tensor, images: int) -> torch.Tensor:
+def _run_sliced(stage: Stage, x: torch.Tensor, images: int, hooks: bool = True) -> torch.Tensor:
     if images >= x.shape[0]:
-        return _run_fused(stage, x)
-    return torch.cat([_run_fused(stage, part) for part in x.split(images)])
+        return _run_fused(stage, x, hooks)
+    return torch.cat([_run_fused(stage, part, hooks) for part in x.split(images)])
 
 
-def _run_fused(stage: Stage, x: torch.Tensor) -> torch.Tensor:
-    """The layers in order, with each ``Rectify`` -> ``ContrastNorm`` pair as one op."""
+def _run_fused(stage: Stage, x: torch.Tensor, hooks: bool = True) -> torch.Tensor:
+    """The layers in order, with each ``Rectify`` -> ``ContrastNorm`` pair as one op;
+    ``hooks=False`` calls each layer's ``forward`` itself, past its hooks."""
     layers = list(stage.children())
     index = 0
     while index < len(layers):
@@ -161,6 +177,6 @@ def _run_fused(stage: Stage, x: torch.Tensor) -> torch.Tensor:
             x = following.forward_rectified(x)
             index += 2
         else:
-            x = layer(x)
+            x = layer(x) if hooks else layer.forward(x)
             index += 1
     return x

@@ -11,6 +11,7 @@
       last.json          its sidecar: epoch, step, position in the epoch, scalars
       best.safetensors   weights of the epoch with the best validation accuracy
       best.json          its sidecar
+      methods.json       the implementation choices used (cnnkit.kernels.tuning)
 
 Every file is replaced atomically (:func:`cnnkit._files.write_atomic`); temporary files
 left by a killed process (``.*.tmp``) are deleted when a run starts or resumes.
