@@ -1,26 +1,15 @@
 """Fixtures shared by the whole suite."""
 
-import contextlib
 import os
 
 import pytest
-import torch
+
+from cnnkit.training.device import using_threads as torch_threads
 
 # The suite checks values, not speed: no case is timed (cnnkit.kernels.tuning), so every
 # test and every process it starts takes the same safe defaults. Tests of the tuning
 # itself turn it on with a cache folder of their own.
 os.environ.setdefault("CNNKIT_TUNE", "0")
-
-
-@contextlib.contextmanager
-def torch_threads(count: int):
-    """Run the block with ``count`` torch threads, then restore the previous count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture
