@@ -108,3 +108,21 @@ def test_empty_and_unbatched_input() -> None:
     x = torch.randn(3, 1, 83, 83)
     with torch.no_grad():
         torch.testing.assert_close(model.features(x[1]), model.features(x)[1])
+
+
+def test_a_forward_that_times_nothing_makes_no_synthetic_input(monkeypatch) -> None:
+    """The candidates of a stage's slice size make their synthetic batch only when they
+    are timed, not on every call that offers them."""
+    model = _lecun83(torch.float32)
+    x = torch.randn(6, 1, 83, 83)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a synthetic batch was made")
+
+    monkeypatch.setenv("CNNKIT_TUNE", "0")
+    monkeypatch.setattr(torch.Tensor, "normal_", refuse)
+    with torch.no_grad():
+        model(x)
+    trial = stages._slice_trial(model.stage1, x, 2, grad=False)
+    with pytest.raises(AssertionError, match="synthetic"):
+        trial()

@@ -144,11 +144,14 @@ def _slice_trial(stage: Stage, x: torch.Tensor, size: int, grad: bool):  # noqa:
     """A function that runs ``stage`` once on a synthetic batch shaped and laid out like
     ``x``, in slices of ``size`` images, with the backward (into fresh gradients) when
     ``grad``. The layers' ``forward`` is called directly: their hooks do not see it."""
-    generator = torch.Generator().manual_seed(0)  # the global generator is untouched
-    xs = torch.empty_like(x, device="cpu").normal_(generator=generator).to(x.device)
-    xs.requires_grad_(recorded(x))
+    synthetic: list[torch.Tensor] = []  # made on the first run: most calls never time
 
     def run() -> None:
+        if not synthetic:
+            generator = torch.Generator().manual_seed(0)  # the global one is untouched
+            xs = torch.empty_like(x, device="cpu").normal_(generator=generator).to(x.device)
+            synthetic.append(xs.requires_grad_(recorded(x)))
+        (xs,) = synthetic
         params = [p for p in stage.parameters() if p.requires_grad] if grad else []
         wanted = params + ([xs] if xs.requires_grad else [])
         with torch.set_grad_enabled(grad):
