@@ -189,3 +189,14 @@ def test_cnnkit_tune_keeps_the_choices_and_prints_them(tmp_path):
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert out.stderr.startswith("cnnkit: error: CNNKIT_TUNE=0 turns timing off")
+
+
+def test_retiming_times_kept_cases_again_once(tuned):
+    candidates, runs = _counting({"slow": 300_000, "fast": 0})
+    assert tuning.choose("case a", "slow", candidates) == "fast"
+    with tuning.retiming():
+        tuning.choose("case a", "slow", candidates)
+        tuning.choose("case a", "slow", candidates)  # once per retiming
+    assert runs["fast"] == 12
+    tuning.choose("case a", "slow", candidates)
+    assert runs["fast"] == 12

@@ -15,7 +15,8 @@ filter bank's exact methods, how many images a large stage runs at a time -- for
 evaluation and for training at each --batch size, and keep the fastest in this machine's
 tuning file. Later runs read the file instead of timing while they work (a run that meets
 a case not in the file times it once, and says so in one line). Run it with the machine
-otherwise idle: timings taken beside other work mislead.
+otherwise idle: timings taken beside other work mislead. Cases the file holds already are
+kept, unless --retime asks for them to be timed again.
 
 CNNKIT_TUNE=0 turns all timing off (every case takes its safe default, the file is not
 read); CNNKIT_TUNE=read uses the file but times nothing. CNNKIT_CACHE_DIR moves the file.
@@ -30,6 +31,11 @@ def tune_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="N",
         help="a batch size to time (repeatable; default: 1 and the training batch, 64)",
+    )
+    parser.add_argument(
+        "--retime",
+        action="store_true",
+        help="time again the cases this machine's file holds already (after a busy spell)",
     )
     parser.add_argument("--threads", type=thread_count, default=None, help="torch threads")
     add_format(parser, "table", "json")
@@ -51,7 +57,7 @@ def run_tune(args: argparse.Namespace) -> int:
     spec = load_spec(args)
     tune_runtime(args.threads)
     start = time.perf_counter()
-    choices = tune_network(spec, batch_sizes=args.batch or (1, 64))
+    choices = tune_network(spec, batch_sizes=args.batch or (1, 64), retime=args.retime)
     seconds = time.perf_counter() - start
     path = tuning.cache_path()
     if args.format == "json":

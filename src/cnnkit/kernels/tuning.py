@@ -52,6 +52,7 @@ __all__ = [
     "choose",
     "machine_key",
     "pinned",
+    "retiming",
     "tuning_enabled",
     "used",
     "worker_environment",
@@ -64,6 +65,7 @@ _lock = threading.RLock()
 _choices: dict[str, str] | None = None  # the file's choices and this process's
 _used: dict[str, str] = {}
 _pinned: dict[str, str] | None = None
+_retimed: set[str] | None = None  # inside retiming(): the cases timed anew so far
 _announced = False
 
 
@@ -166,6 +168,8 @@ def choose(case: str, default: str, candidates: Mapping[str, Callable[[], object
             if _choices is None:
                 _choices = _read()
             choice = _choices.get(case)
+            if _retimed is not None and case not in _retimed and tuning_enabled():
+                choice = None  # time it again, whatever was kept
             if choice not in candidates and not tuning_enabled():
                 choice = default
         if choice in candidates or choice == default:
@@ -175,6 +179,8 @@ def choose(case: str, default: str, candidates: Mapping[str, Callable[[], object
     # filter bank), which the measuring thread chooses while this one waits.
     choice = _measure(candidates)
     with _lock:
+        if _retimed is not None:
+            _retimed.add(case)
         # another process may have added cases to the file; this one's stay
         _choices = {**_read(), **(_choices or {}), case: choice}
         _write(_choices)
@@ -227,6 +233,20 @@ def used() -> dict[str, str]:
     """The choices this process has taken so far, case by case."""
     with _lock:
         return dict(_used)
+
+
+@contextlib.contextmanager
+def retiming() -> Iterator[None]:
+    """Time every case met inside the block again (once each), replacing what was kept:
+    to repair a choice timed while the machine was busy."""
+    global _retimed
+    with _lock:
+        before, _retimed = _retimed, set()
+    try:
+        yield
+    finally:
+        with _lock:
+            _retimed = before
 
 
 @contextlib.contextmanager
