@@ -126,3 +126,18 @@ def test_a_forward_that_times_nothing_makes_no_synthetic_input(monkeypatch) -> N
     trial = stages._slice_trial(model.stage1, x, 2, grad=False)
     with pytest.raises(AssertionError, match="synthetic"):
         trial()
+
+
+def test_the_slice_candidates_include_the_whole_batch_and_the_default(monkeypatch) -> None:
+    from cnnkit.kernels import tuning
+
+    offered = {}
+
+    def choose(case, default, candidates):
+        offered.update(default=default, sizes=sorted(int(k) for k in candidates))
+        return default
+
+    monkeypatch.setattr(tuning, "choose", choose)
+    model = _lecun83(torch.float64)
+    assert stages._slice_images(model.stage1, torch.randn(6, 1, 83, 83, dtype=torch.float64)) == 2
+    assert offered == {"default": "2", "sizes": [1, 2, 4, 6]}

@@ -87,7 +87,8 @@ def _slice_images(stage: Stage, x: torch.Tensor) -> int:
     if x.device.type != "cpu" or any(type(layer) not in _PER_IMAGE for layer in layers):
         return x.shape[0]
     default = _default_slice(layers, x)
-    sizes = sorted({min(2**k, x.shape[0]) for k in range(x.shape[0].bit_length())})
+    n = x.shape[0]  # candidates: powers of two, the default and the whole batch
+    sizes = sorted({min(2**k, n) for k in range(n.bit_length() + 1)} | {default})
     grad = recorded(x) or any(recorded(p) for p in stage.parameters())
     case = (
         f"stage_slice {_signature(layers)} x{tuple(x.shape)} {_layout(x)} {x.dtype} "
