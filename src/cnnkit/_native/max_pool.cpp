@@ -36,28 +36,28 @@ inline bool beats(T value, T best) {
 template <typename T>
 using Row = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
 
-// Per column c, the largest of rows top .. top + count - 1 and the first row holding it,
-// merged into (best, row) when merge is set (the rows then follow those already seen).
-template <typename T>
-void column_max(const T* __restrict x, int64_t w, int64_t top, int64_t count, bool merge,
-                T* __restrict best, Row<T>* __restrict row) {
-  int64_t r = top;
-  if (!merge) {
-    for (int64_t c = 0; c < w; ++c) {
-      best[c] = x[r * w + c];
-      row[c] = static_cast<Row<T>>(r);
-    }
-    ++r;
-  }
-  for (; r < top + count; ++r) {
-    const T* line = x + r * w;
-    const Row<T> here = static_cast<Row<T>>(r);
+// best[c], row[c] <- values[c], row_of(c) wherever values[c] beats best[c]: one more row
+// (or block of rows), later in row-major order, merged into the maxima so far.
+template <typename T, typename RowOf>
+inline void keep_larger(T* __restrict best, Row<T>* __restrict row,
+                        const T* __restrict values, RowOf row_of, int64_t w) {
 #pragma omp simd
-    for (int64_t c = 0; c < w; ++c) {
-      const bool take = beats(line[c], best[c]);
-      best[c] = take ? line[c] : best[c];
-      row[c] = take ? here : row[c];
-    }
+  for (int64_t c = 0; c < w; ++c) {
+    const bool take = beats(values[c], best[c]);
+    best[c] = take ? values[c] : best[c];
+    row[c] = take ? row_of(c) : row[c];
+  }
+}
+
+// Per column c, the largest of rows top .. top + count - 1 and the first row holding it.
+template <typename T>
+void column_max(const T* __restrict x, int64_t w, int64_t top, int64_t count,
+                T* __restrict best, Row<T>* __restrict row) {
+  std::copy_n(x + top * w, w, best);
+  std::fill_n(row, w, static_cast<Row<T>>(top));
+  for (int64_t r = top + 1; r < top + count; ++r) {
+    const Row<T> here = static_cast<Row<T>>(r);
+    keep_larger(best, row, x + r * w, [here](int64_t) { return here; }, w);
   }
 }
 
@@ -81,26 +81,21 @@ void pool_map(const T* __restrict x, T* __restrict out, int64_t* __restrict inde
   const int64_t per_window = tiled ? kh / sh : 1;
   if (tiled) {
     for (int64_t j = 0; j < h_out + per_window - 1; ++j)
-      column_max(x, w, j * sh, sh, false, s.blocks.data() + j * w, s.block_rows.data() + j * w);
+      column_max(x, w, j * sh, sh, s.blocks.data() + j * w, s.block_rows.data() + j * w);
   }
   for (int64_t a = 0; a < h_out; ++a) {
     T* best = s.best.data() + a * w;
     Row<T>* row = s.rows.data() + a * w;
     if (!tiled) {
-      column_max(x, w, a * sh, kh, false, best, row);
+      column_max(x, w, a * sh, kh, best, row);
       continue;
     }
     std::copy_n(s.blocks.data() + a * w, w, best);
     std::copy_n(s.block_rows.data() + a * w, w, row);
     for (int64_t j = a + 1; j < a + per_window; ++j) {
-      const T* block = s.blocks.data() + j * w;
       const Row<T>* block_row = s.block_rows.data() + j * w;
-#pragma omp simd
-      for (int64_t c = 0; c < w; ++c) {
-        const bool take = beats(block[c], best[c]);
-        best[c] = take ? block[c] : best[c];
-        row[c] = take ? block_row[c] : row[c];
-      }
+      const auto row_of = [block_row](int64_t c) { return block_row[c]; };
+      keep_larger(best, row, s.blocks.data() + j * w, row_of, w);
     }
   }
   for (int64_t a = 0; a < h_out; ++a) {

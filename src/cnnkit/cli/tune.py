@@ -45,7 +45,7 @@ def run_tune(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from cnnkit.kernels import tuning
+    from cnnkit.kernels import fast_enabled, tuning
     from cnnkit.models.tune import tune_network
     from cnnkit.runtime import tune_runtime
 
@@ -64,11 +64,8 @@ def run_tune(args: argparse.Namespace) -> int:
         print(json.dumps({"file": str(path), "seconds": seconds, "choices": choices}, indent=2))
         return 0
     if not choices:
-        print(
-            "nothing to time: the fast paths are off (CNNKIT_FAST=0)"
-            if os.environ.get("CNNKIT_FAST", "1").strip() == "0"
-            else "nothing to time"
-        )
+        off = "" if fast_enabled() else ": the fast paths are off (CNNKIT_FAST=0)"
+        print(f"nothing to time{off}")
         return 0
     width = max(len(case) for case in choices)
     for case, choice in sorted(choices.items()):

@@ -73,14 +73,10 @@ def auto_method(x: torch.Tensor, weight: torch.Tensor, plan: TablePlan, stride) 
     case = (
         f"table_conv x{tuple(x.shape)} w{tuple(weight.shape)} out{plan.out_maps} "
         f"slots{plan.slot_rows.shape[1]} stride{tuple(stride)} {x.dtype} "
-        f"{'channels_last' if _channels_last(x) else 'contiguous'} "
+        f"{tuning.layout_name(x)} "
         f"{'grad' if grad else 'nograd'} threads{torch.get_num_threads()}"
     )
     return tuning.choose(case, default, _candidates(x, weight, plan, stride, grad))
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _candidates(x, weight, plan: TablePlan, stride, grad: bool) -> dict:  # noqa: ANN001

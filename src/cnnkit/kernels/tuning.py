@@ -32,6 +32,7 @@ mislead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -50,6 +51,7 @@ from cnnkit._files import write_atomic
 __all__ = [
     "cache_path",
     "choose",
+    "layout_name",
     "machine_key",
     "pinned",
     "retiming",
@@ -73,6 +75,18 @@ def _mode() -> str:
     return os.environ.get("CNNKIT_TUNE", "1").strip().lower()
 
 
+def layout_name(x: torch.Tensor) -> str:
+    """``x``'s memory layout as a case names it (the fastest way may depend on it):
+    ``"channels_last"``, ``"contiguous"`` or ``"strided"``."""
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return "channels_last"
+    return "contiguous" if x.is_contiguous() else "strided"
+
+
 def tuning_enabled() -> bool:
     """Whether cases may be measured: ``CNNKIT_TUNE`` is neither ``0`` nor ``read``."""
     return _mode() not in ("0", "read")
@@ -87,6 +101,7 @@ def worker_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+@functools.cache  # fixed for the process: read once, not at every look into the file
 def _processor_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -95,6 +110,7 @@ def _processor_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
 def _cnnkit_version() -> str:
     try:
         return metadata.version("cnnkit")

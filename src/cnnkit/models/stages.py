@@ -91,22 +91,11 @@ def _slice_images(stage: Stage, x: torch.Tensor) -> int:
     sizes = sorted({min(2**k, n) for k in range(n.bit_length() + 1)} | {default})
     grad = recorded(x) or any(recorded(p) for p in stage.parameters())
     case = (
-        f"stage_slice {_signature(layers)} x{tuple(x.shape)} {_layout(x)} {x.dtype} "
+        f"stage_slice {_signature(layers)} x{tuple(x.shape)} {tuning.layout_name(x)} {x.dtype} "
         f"{'grad' if grad else 'nograd'} threads{torch.get_num_threads()}"
     )
     candidates = {str(size): _slice_trial(stage, x, size, grad) for size in sizes}
     return int(tuning.choose(case, str(default), candidates))
-
-
-def _layout(x: torch.Tensor) -> str:
-    """``x``'s memory layout, as a case name tells it (the fastest way may depend on it)."""
-    if (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return "channels_last"
-    return "contiguous" if x.is_contiguous() else "strided"
 
 
 def _default_slice(layers: list[nn.Module], x: torch.Tensor) -> int:
