@@ -2,8 +2,9 @@
 
 Some ops are many small tensor operations in eager PyTorch, each a pass over maps that a
 compiled loop makes in one (``contrast_norm.cpp``: local contrast normalization in three
-passes instead of about ten; ``max_pool.cpp``: max pooling with the positions of the
-maxima, and its gradient, without a copy into another layout). They are compiled once
+passes instead of about ten, and the same followed by max pooling without writing the
+normalized maps out; ``max_pool.cpp``: max pooling with the positions of the maxima, and
+its gradient, without a copy into another layout). They are compiled once
 per machine with PyTorch's extension builder (a C++ compiler and ``ninja``; the result
 is kept under ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``),
 which takes some seconds; later processes load the built library (one folder per Python
@@ -40,6 +41,7 @@ import torch
 __all__ = ["NativeStatus", "instruction_set", "native_attempted", "native_ops", "native_status"]
 
 _SOURCES = ("contrast_norm.cpp", "max_pool.cpp")
+_HEADERS = ("max_pool.h",)  # included by the sources: part of what names a build
 _NAME = "cnnkit_native"
 # The compiler's vector extensions for each instruction set torch reports on x86-64,
 # named one by one (GCC 11's -march=x86-64-v3/v4 levels say the same, but older compilers
@@ -177,9 +179,10 @@ def _build() -> Path:
     from torch.utils import cpp_extension
 
     sources = [Path(__file__).parent / name for name in _SOURCES]
+    headers = [Path(__file__).parent / name for name in _HEADERS]
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     isa = instruction_set()
-    folder = _build_directory(Path(root), sources, isa)
+    folder = _build_directory(Path(root), sources + headers, isa)
     marker = folder / "build-failed.txt"
     # One cnnkit process builds at a time. The operating system releases this lock when
     # its holder dies, unlike torch's own lock file, which a killed build leaves behind
@@ -259,6 +262,18 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("cnnkit_native::contrast_norm_backward")
     def _(grad, x, *rest):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("cnnkit_native::contrast_norm_max_pool_forward")
+    def _(x, row_diagonals, column_diagonals, mass, rectify, mean_threshold, threshold,
+          floor, kh, kw, sh, sw):  # fmt: skip
+        n, c, h, w = x.shape
+        shape = (n, c, (h - kh) // sh + 1, (w - kw) // sw + 1)
+        pooled, index = x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+        return pooled, index, x.new_empty(n, 5, h, w), x.new_empty(n)
+
+    @torch.library.register_fake("cnnkit_native::contrast_norm_max_pool_backward")
+    def _(grad, index, pooled, x, *rest):
         return torch.empty_like(x)
 
     @torch.library.register_fake("cnnkit_native::max_pool_forward")

@@ -31,10 +31,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <tuple>
+#include <utility>
 #include <vector>
+
+#include "max_pool.h"
 
 namespace {
 
@@ -146,17 +151,23 @@ struct Window {
   int64_t h, w, r_h, r_w;
 };
 
+// Pieces of work on one image's pixels: about 32 K values each, so that an image that is
+// the only task splits across threads (a nested parallel_for runs inline).
+inline int64_t pixel_grain(int64_t maps) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, maps));
+}
+
+// Passes 1 and 2 over one image: mean[p] = m, scale[p] = 1 / den, and the den, variance,
+// sigma and mean-of-sigma outputs.
 template <typename T, bool Rectify, bool ChannelsLast>
-void normalize_image(const Image<T>& image, const Window& window, const T* rows,
-                     const T* columns, const T* mass, bool mean_threshold, double threshold,
-                     double floor, T* den_out, T* variance_out, T* sigma_out,
-                     T* mean_sigma_out) {
+void image_statistics(const Image<T>& image, const Window& window, const T* rows,
+                      const T* columns, const T* mass, bool mean_threshold, double threshold,
+                      double floor, T* mean, T* scale, T* den_out, T* variance_out,
+                      T* sigma_out, T* mean_sigma_out) {
   const int64_t pixels = image.pixels, h = window.h, w = window.w;
   const T maps = static_cast<T>(image.maps);
-  std::vector<T> sums(pixels), smoothed(pixels), mean(pixels), pad(w + 2 * window.r_w);
-  // Split pixels across threads when this image is the only task (a nested parallel_for
-  // runs inline); about 32 K values per piece.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, image.maps));
+  std::vector<T> sums(pixels), smoothed(pixels), pad(w + 2 * window.r_w);
+  const int64_t grain = pixel_grain(image.maps);
 
   at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
     sum_over_maps<T, Rectify, ChannelsLast, false>(image, nullptr, begin, end, sums.data());
@@ -172,7 +183,7 @@ void normalize_image(const Image<T>& image, const Window& window, const T* rows,
   for (int64_t p = 0; p < pixels; ++p) mean[p] = (smoothed[p] + shift * mass[p]) / maps;
 
   at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
-    sum_over_maps<T, Rectify, ChannelsLast, true>(image, mean.data(), begin, end, sums.data());
+    sum_over_maps<T, Rectify, ChannelsLast, true>(image, mean, begin, end, sums.data());
   });
   smooth(sums.data(), smoothed.data(), rows, window.r_h, columns, window.r_w, h, w, pad);
   const T tiny = std::numeric_limits<T>::min();
@@ -189,15 +200,46 @@ void normalize_image(const Image<T>& image, const Window& window, const T* rows,
   *mean_sigma_out = mean_sigma;
   const T limit = mean_threshold ? nan_max(mean_sigma, static_cast<T>(floor))
                                  : static_cast<T>(std::max(threshold, floor));
-  T* scale = smoothed.data();  // now 1 / den
 #pragma omp simd
   for (int64_t p = 0; p < pixels; ++p) {
     den_out[p] = nan_max(sigma_out[p], limit);
     scale[p] = T(1) / den_out[p];
   }
-  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
-    write_output<T, Rectify, ChannelsLast>(image, mean.data(), scale, begin, end);
+}
+
+template <typename T, bool Rectify, bool ChannelsLast>
+void normalize_image(const Image<T>& image, const Window& window, const T* rows,
+                     const T* columns, const T* mass, bool mean_threshold, double threshold,
+                     double floor, T* den_out, T* variance_out, T* sigma_out,
+                     T* mean_sigma_out) {
+  std::vector<T> mean(image.pixels), scale(image.pixels);
+  image_statistics<T, Rectify, ChannelsLast>(image, window, rows, columns, mass,
+                                             mean_threshold, threshold, floor, mean.data(),
+                                             scale.data(), den_out, variance_out, sigma_out,
+                                             mean_sigma_out);
+  at::parallel_for(0, image.pixels, pixel_grain(image.maps), [&](int64_t begin, int64_t end) {
+    write_output<T, Rectify, ChannelsLast>(image, mean.data(), scale.data(), begin, end);
   });
+}
+
+// The window's banded matrices for (h, w) maps of x's dtype; mass may be undefined.
+void check_window_matrices(const at::Tensor& x, const at::Tensor& row_diagonals,
+                           const at::Tensor& column_diagonals, const at::Tensor& mass) {
+  const int64_t h = x.size(2), w = x.size(3);
+  TORCH_CHECK(row_diagonals.dim() == 2 && row_diagonals.size(1) == h &&
+                  row_diagonals.size(0) % 2 == 1 && row_diagonals.is_contiguous(),
+              "row_diagonals must be (2r + 1, H)");
+  TORCH_CHECK(column_diagonals.dim() == 2 && column_diagonals.size(1) == w &&
+                  column_diagonals.size(0) % 2 == 1 && column_diagonals.is_contiguous(),
+              "column_diagonals must be (2r + 1, W)");
+  TORCH_CHECK(row_diagonals.scalar_type() == x.scalar_type() &&
+                  column_diagonals.scalar_type() == x.scalar_type(),
+              "the window's matrices must have the dtype of x");
+  if (mass.defined()) {
+    TORCH_CHECK(mass.sizes() == at::IntArrayRef({h, w}) && mass.is_contiguous() &&
+                    mass.scalar_type() == x.scalar_type(),
+                "mass must be (H, W) with the dtype of x");
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_norm_forward(
@@ -208,18 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_
       !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   TORCH_CHECK(x.is_contiguous() || channels_last, "x must be contiguous or channels-last");
   const int64_t n_images = x.size(0), maps = x.size(1), h = x.size(2), w = x.size(3);
-  TORCH_CHECK(row_diagonals.dim() == 2 && row_diagonals.size(1) == h &&
-                  row_diagonals.size(0) % 2 == 1 && row_diagonals.is_contiguous(),
-              "row_diagonals must be (2r + 1, H)");
-  TORCH_CHECK(column_diagonals.dim() == 2 && column_diagonals.size(1) == w &&
-                  column_diagonals.size(0) % 2 == 1 && column_diagonals.is_contiguous(),
-              "column_diagonals must be (2r + 1, W)");
-  TORCH_CHECK(mass.sizes() == at::IntArrayRef({h, w}) && mass.is_contiguous(),
-              "mass must be (H, W)");
-  TORCH_CHECK(row_diagonals.scalar_type() == x.scalar_type() &&
-                  column_diagonals.scalar_type() == x.scalar_type() &&
-                  mass.scalar_type() == x.scalar_type(),
-              "the window's matrices must have the dtype of x");
+  check_window_matrices(x, row_diagonals, column_diagonals, mass);
   at::Tensor y = at::empty_like(x);
   auto small = x.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor den = at::empty({n_images, h, w}, small);
@@ -317,20 +348,16 @@ void write_gradient(const T* __restrict g, const T* __restrict y, const T* __res
   }
 }
 
-template <typename T, bool Rectify, bool ChannelsLast>
-void backward_image(const T* g, const T* y, const T* x, T* out, int64_t maps,
-                    const Window& window, const T* rows_t, const T* columns_t, const T* den,
-                    const T* variance, const T* sigma, T mean_sigma, bool mean_threshold,
-                    double threshold, double floor) {
+// From products[p] = sum_i g_ip y_ip: r[p] = 1 / den and k[p] = 2 den S^T(g_var) / C, the
+// part of the gradient that flows through the divisor (the threshold's and the root's
+// rules); g_var is scratch.
+template <typename T>
+void divisor_gradient(const T* products, int64_t maps, const Window& window, const T* rows_t,
+                      const T* columns_t, const T* den, const T* variance, const T* sigma,
+                      T mean_sigma, bool mean_threshold, double threshold, double floor, T* r,
+                      T* k, T* g_var, std::vector<T>& pad) {
   const int64_t h = window.h, w = window.w, pixels = h * w;
   const T count = static_cast<T>(maps);
-  std::vector<T> sums(pixels), r(pixels), k(pixels), g_var(pixels), pad(w + 2 * window.r_w);
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, maps));
-
-  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
-    sum_products<T, ChannelsLast, false>(g, y, maps, pixels, nullptr, nullptr, begin, end,
-                                         sums.data());
-  });
   const T tiny = std::numeric_limits<T>::min();
   const T c = mean_threshold ? nan_max(mean_sigma, static_cast<T>(floor)) : T(0);
   const T limit = static_cast<T>(std::max(threshold, floor));
@@ -338,7 +365,7 @@ void backward_image(const T* g, const T* y, const T* x, T* out, int64_t maps,
 #pragma omp simd reduction(+ : g_c)
   for (int64_t p = 0; p < pixels; ++p) {
     r[p] = T(1) / den[p];
-    const T g_den = -(sums[p] * r[p]);
+    const T g_den = -(products[p] * r[p]);
     if (mean_threshold) {
       const T half = sigma[p] == c ? g_den / T(2) : g_den;
       g_var[p] = sigma[p] < c ? T(0) : half;  // g_sigma, for now
@@ -355,9 +382,28 @@ void backward_image(const T* g, const T* y, const T* x, T* out, int64_t maps,
     const T g_sigma = mean_threshold ? g_var[p] + spread : g_var[p];
     g_var[p] = (variance[p] >= tiny ? g_sigma / (T(2) * sigma[p]) : T(0)) / count;
   }
-  smooth(g_var.data(), k.data(), rows_t, window.r_h, columns_t, window.r_w, h, w, pad);
+  smooth(g_var, k, rows_t, window.r_h, columns_t, window.r_w, h, w, pad);
 #pragma omp simd
   for (int64_t p = 0; p < pixels; ++p) k[p] = T(2) * den[p] * k[p];
+}
+
+template <typename T, bool Rectify, bool ChannelsLast>
+void backward_image(const T* g, const T* y, const T* x, T* out, int64_t maps,
+                    const Window& window, const T* rows_t, const T* columns_t, const T* den,
+                    const T* variance, const T* sigma, T mean_sigma, bool mean_threshold,
+                    double threshold, double floor) {
+  const int64_t h = window.h, w = window.w, pixels = h * w;
+  const T count = static_cast<T>(maps);
+  std::vector<T> sums(pixels), r(pixels), k(pixels), g_var(pixels), pad(w + 2 * window.r_w);
+  const int64_t grain = pixel_grain(maps);
+
+  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+    sum_products<T, ChannelsLast, false>(g, y, maps, pixels, nullptr, nullptr, begin, end,
+                                         sums.data());
+  });
+  divisor_gradient(sums.data(), maps, window, rows_t, columns_t, den, variance, sigma,
+                   mean_sigma, mean_threshold, threshold, floor, r.data(), k.data(),
+                   g_var.data(), pad);
 
   at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
     sum_products<T, ChannelsLast, true>(g, y, maps, pixels, r.data(), k.data(), begin, end,
@@ -429,6 +475,204 @@ at::Tensor contrast_norm_backward(const at::Tensor& grad, const at::Tensor& x,
   return out;
 }
 
+// ---------------------------------------------------------------------------------------
+// Normalization followed by max pooling, for contiguous maps
+//
+// Forward: passes 1 and 2 as above; pass 3 makes each map's y in a buffer of one map
+// (which stays in the cache) and pools it there, so y is never written out. It also
+// keeps, per pixel, mean m, den, variance, sigma and sum_i y_i for the backward.
+//
+// Backward: the gradient of y is the pooling's, one value per window at its maximum, so
+// the sums over maps that the backward above reads all of g and y for are sums over the
+// windows: sum_i g_i y_i from each window's gradient times its pooled value, sum_i g_i
+// from the gradients alone, and sum_i g_v = r sum_i g_i + k sum_i y_i. One pass then
+// writes g_x = sign(x) (k y - q) with y = (a - m) r and q = S^T(sum_i g_v) / C, and each
+// window adds sign(x) g r at its maximum.
+// ---------------------------------------------------------------------------------------
+
+struct PoolWindow {
+  int64_t kh, kw, sh, sw, h_out, w_out;
+};
+
+// The five per-pixel maps the backward needs, each (H, W) of one image.
+template <typename T>
+struct PixelStatistics {
+  T *mean, *den, *variance, *sigma, *y_sum;
+};
+
+template <typename T, bool Rectify>
+void normalize_and_pool_image(const T* x, int64_t maps, const Window& window, const T* rows,
+                              const T* columns, const T* mass, bool mean_threshold,
+                              double threshold, double floor, const PoolWindow& pool,
+                              T* pooled, int64_t* index, const PixelStatistics<T>& stats,
+                              T* mean_sigma_out) {
+  const int64_t pixels = window.h * window.w, outputs = pool.h_out * pool.w_out;
+  std::vector<T> scale(pixels);
+  const Image<T> image{x, nullptr, maps, pixels};
+  image_statistics<T, Rectify, false>(image, window, rows, columns, mass, mean_threshold,
+                                      threshold, floor, stats.mean, scale.data(), stats.den,
+                                      stats.variance, stats.sigma, mean_sigma_out);
+  // Each piece of maps sums its own y; the pieces are added in map order afterwards.
+  std::mutex pieces_lock;
+  std::vector<std::pair<int64_t, std::vector<T>>> pieces;
+  at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> y(pixels), y_sum(pixels, T(0));
+    auto scratch = cnnkit_pooling::make_scratch<T>(window.w, pool.kh, pool.sh, pool.h_out);
+    const T* mean = stats.mean;
+    const T* factor = scale.data();
+    for (int64_t i = begin; i < end; ++i) {
+      const T* values = x + i * pixels;
+      T* __restrict out = y.data();
+      T* __restrict total = y_sum.data();
+#pragma omp simd
+      for (int64_t p = 0; p < pixels; ++p) {
+        out[p] = (rectified<T, Rectify>(values[p]) - mean[p]) * factor[p];
+        total[p] += out[p];
+      }
+      cnnkit_pooling::pool_map(y.data(), pooled + i * outputs, index + i * outputs, window.h,
+                               window.w, pool.kh, pool.kw, pool.sh, pool.sw, pool.h_out,
+                               pool.w_out, scratch);
+    }
+    std::lock_guard<std::mutex> guard(pieces_lock);
+    pieces.emplace_back(begin, std::move(y_sum));
+  });
+  std::sort(pieces.begin(), pieces.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::fill_n(stats.y_sum, pixels, T(0));
+  for (const auto& piece : pieces) {
+#pragma omp simd
+    for (int64_t p = 0; p < pixels; ++p) stats.y_sum[p] += piece.second[p];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_norm_max_pool_forward(
+    const at::Tensor& x, const at::Tensor& row_diagonals, const at::Tensor& column_diagonals,
+    const at::Tensor& mass, bool rectify, bool mean_threshold, double threshold, double floor,
+    int64_t kh, int64_t kw, int64_t sh, int64_t sw) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
+              "x must be contiguous (N, C, H, W) on the CPU");
+  const int64_t n_images = x.size(0), maps = x.size(1), h = x.size(2), w = x.size(3);
+  check_window_matrices(x, row_diagonals, column_diagonals, mass);
+  TORCH_CHECK(h * w <= std::numeric_limits<int32_t>::max(),
+              "maps of more than 2^31 - 1 values are not supported");
+  TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && kh <= h && kw <= w,
+              "the pooling window must fit in the map and the stride be positive");
+  const PoolWindow pool{kh, kw, sh, sw, (h - kh) / sh + 1, (w - kw) / sw + 1};
+  at::Tensor pooled = at::empty({n_images, maps, pool.h_out, pool.w_out}, x.options());
+  at::Tensor index = at::empty(pooled.sizes(), x.options().dtype(at::kLong));
+  at::Tensor stats = at::empty({n_images, 5, h, w}, x.options());
+  at::Tensor mean_sigma = at::empty({n_images}, x.options());
+  const Window window{h, w, row_diagonals.size(0) / 2, column_diagonals.size(0) / 2};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrast_norm_max_pool_forward", [&] {
+    using T = scalar_t;
+    auto* image_forward =
+        rectify ? &normalize_and_pool_image<T, true> : &normalize_and_pool_image<T, false>;
+    const int64_t pixels = h * w, outputs = pool.h_out * pool.w_out;
+    at::parallel_for(0, n_images, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        T* s = stats.data_ptr<T>() + n * 5 * pixels;
+        const PixelStatistics<T> image_stats{s, s + pixels, s + 2 * pixels, s + 3 * pixels,
+                                             s + 4 * pixels};
+        image_forward(x.data_ptr<T>() + n * maps * pixels, maps, window,
+                      row_diagonals.data_ptr<T>(), column_diagonals.data_ptr<T>(),
+                      mass.data_ptr<T>(), mean_threshold, threshold, floor, pool,
+                      pooled.data_ptr<T>() + n * maps * outputs,
+                      index.data_ptr<int64_t>() + n * maps * outputs, image_stats,
+                      mean_sigma.data_ptr<T>() + n);
+      }
+    });
+  });
+  return {pooled, index, stats, mean_sigma};
+}
+
+template <typename T, bool Rectify>
+void normalize_and_pool_backward_image(const T* grad, const int64_t* index, const T* pooled,
+                                       const T* x, T* out, int64_t maps, int64_t outputs,
+                                       const Window& window, const T* rows_t,
+                                       const T* columns_t, const PixelStatistics<T>& stats,
+                                       T mean_sigma, bool mean_threshold, double threshold,
+                                       double floor) {
+  const int64_t h = window.h, w = window.w, pixels = h * w;
+  const T count = static_cast<T>(maps);
+  std::vector<T> g_sum(pixels, T(0)), products(pixels, T(0)), r(pixels), k(pixels),
+      q(pixels), pad(w + 2 * window.r_w);
+  for (int64_t j = 0; j < maps * outputs; ++j) {
+    g_sum[index[j]] += grad[j];
+    products[index[j]] += grad[j] * pooled[j];
+  }
+  divisor_gradient(products.data(), maps, window, rows_t, columns_t, stats.den,
+                   stats.variance, stats.sigma, mean_sigma, mean_threshold, threshold, floor,
+                   r.data(), k.data(), q.data(), pad);
+#pragma omp simd
+  for (int64_t p = 0; p < pixels; ++p)
+    products[p] = (g_sum[p] * r[p] + k[p] * stats.y_sum[p]) / count;  // sum_i g_v / C
+  smooth(products.data(), q.data(), rows_t, window.r_h, columns_t, window.r_w, h, w, pad);
+  at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
+    const T* __restrict mean = stats.mean;
+    const T* __restrict rp = r.data();
+    const T* __restrict kp = k.data();
+    const T* __restrict qp = q.data();
+    for (int64_t i = begin; i < end; ++i) {
+      const T* __restrict xi = x + i * pixels;
+      T* __restrict gi = out + i * pixels;
+#pragma omp simd
+      for (int64_t p = 0; p < pixels; ++p) {
+        const T value = kp[p] * ((rectified<T, Rectify>(xi[p]) - mean[p]) * rp[p]) - qp[p];
+        gi[p] = Rectify ? value * sign(xi[p]) : value;
+      }
+      for (int64_t j = i * outputs; j < (i + 1) * outputs; ++j) {
+        const int64_t p = index[j];
+        const T share = grad[j] * rp[p];
+        gi[p] += Rectify ? share * sign(xi[p]) : share;
+      }
+    }
+  });
+}
+
+at::Tensor contrast_norm_max_pool_backward(
+    const at::Tensor& grad, const at::Tensor& index, const at::Tensor& pooled,
+    const at::Tensor& x, const at::Tensor& stats, const at::Tensor& mean_sigma,
+    const at::Tensor& row_diagonals_t, const at::Tensor& column_diagonals_t, bool rectify,
+    bool mean_threshold, double threshold, double floor) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
+              "x must be contiguous (N, C, H, W) on the CPU");
+  const int64_t n_images = x.size(0), maps = x.size(1), h = x.size(2), w = x.size(3);
+  check_window_matrices(x, row_diagonals_t, column_diagonals_t, at::Tensor());
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == n_images && grad.size(1) == maps,
+              "grad must be (N, C, H_out, W_out)");
+  TORCH_CHECK(index.sizes() == grad.sizes() && index.scalar_type() == at::kLong &&
+                  pooled.sizes() == grad.sizes(),
+              "index and pooled must have the shape of grad");
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({n_images, 5, h, w}) && stats.is_contiguous(),
+              "stats must be contiguous (N, 5, H, W)");
+  TORCH_CHECK(mean_sigma.sizes() == at::IntArrayRef({n_images}), "mean_sigma must be (N,)");
+  const at::Tensor g = grad.contiguous(), at_index = index.contiguous();
+  const at::Tensor values = pooled.contiguous();
+  at::Tensor out = at::empty_like(x);
+  const Window window{h, w, row_diagonals_t.size(0) / 2, column_diagonals_t.size(0) / 2};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrast_norm_max_pool_backward", [&] {
+    using T = scalar_t;
+    auto* image_backward = rectify ? &normalize_and_pool_backward_image<T, true>
+                                   : &normalize_and_pool_backward_image<T, false>;
+    const int64_t pixels = h * w, outputs = g.size(2) * g.size(3);
+    at::parallel_for(0, n_images, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        T* s = stats.data_ptr<T>() + n * 5 * pixels;
+        const PixelStatistics<T> image_stats{s, s + pixels, s + 2 * pixels, s + 3 * pixels,
+                                             s + 4 * pixels};
+        const int64_t o = n * maps * outputs;
+        image_backward(g.data_ptr<T>() + o, at_index.data_ptr<int64_t>() + o,
+                       values.data_ptr<T>() + o, x.data_ptr<T>() + n * maps * pixels,
+                       out.data_ptr<T>() + n * maps * pixels, maps, outputs, window,
+                       row_diagonals_t.data_ptr<T>(), column_diagonals_t.data_ptr<T>(),
+                       image_stats, mean_sigma.data_ptr<T>()[n], mean_threshold, threshold,
+                       floor);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cnnkit_native, m) {
@@ -442,4 +686,17 @@ TORCH_LIBRARY(cnnkit_native, m) {
       "Tensor sigma, Tensor mean_sigma, Tensor row_diagonals_t, Tensor column_diagonals_t, "
       "bool rectify, bool mean_threshold, float threshold, float floor) -> Tensor");
   m.impl("contrast_norm_backward", c10::DispatchKey::CPU, &contrast_norm_backward);
+  m.def(
+      "contrast_norm_max_pool_forward(Tensor x, Tensor row_diagonals, "
+      "Tensor column_diagonals, Tensor mass, bool rectify, bool mean_threshold, "
+      "float threshold, float floor, int kh, int kw, int sh, int sw) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+  m.impl("contrast_norm_max_pool_forward", c10::DispatchKey::CPU,
+         &contrast_norm_max_pool_forward);
+  m.def(
+      "contrast_norm_max_pool_backward(Tensor grad, Tensor index, Tensor pooled, Tensor x, "
+      "Tensor stats, Tensor mean_sigma, Tensor row_diagonals_t, Tensor column_diagonals_t, "
+      "bool rectify, bool mean_threshold, float threshold, float floor) -> Tensor");
+  m.impl("contrast_norm_max_pool_backward", c10::DispatchKey::CPU,
+         &contrast_norm_max_pool_backward);
 }

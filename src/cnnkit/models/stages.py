@@ -6,7 +6,10 @@ the fast paths are allowed (:func:`cnnkit.kernels.fast_path_allowed`: not export
 tracing or inside a ``torch.func`` transform, ``CNNKIT_FAST`` not 0) it runs so:
 
 - a rectification followed by a contrast normalization is one op
-  (:meth:`ContrastNorm.forward_rectified`: the same values and gradients);
+  (:meth:`ContrastNorm.forward_rectified`: the same values and gradients), and with a
+  max pooling after them (an untrained :class:`PoolSubsample` or :class:`Pool`) the
+  three are one op (:meth:`ContrastNorm.forward_rectified_max_pool`), which never
+  writes the normalized maps out;
 - on a CPU, a stage whose layers all work image by image may run on slices of the
   batch: lecun83's first stage makes 64 maps of 75x75, 1.4 MB per image, and a slice of
   a few images keeps those maps in the processor's cache while the stage's other layers
@@ -17,8 +20,8 @@ tracing or inside a ``torch.func`` transform, ``CNNKIT_FAST`` not 0) it runs so:
   of the whole-batch sum.
 
 So a forward hook on one of a stage's layers sees each slice of the batch, and the
-rectification and normalization of a fused pair run as one call of the normalization's
-``forward_rectified`` (their own hooks are not called). To watch every layer on the
+layers of a fused pair or triple run as one call of the normalization's method (their
+own hooks are not called). To watch every layer on the
 whole batch, use :meth:`cnnkit.models.build.Network.intermediates`, or set ``fast =
 False`` on the stage.
 """
@@ -159,17 +162,33 @@ def _run_sliced(stage: Stage, x: torch.Tensor, images: int, hooks: bool = True) 
 
 
 def _run_fused(stage: Stage, x: torch.Tensor, hooks: bool = True) -> torch.Tensor:
-    """The layers in order, with each ``Rectify`` -> ``ContrastNorm`` pair as one op;
-    ``hooks=False`` calls each layer's ``forward`` itself, past its hooks."""
+    """The layers in order, with each ``Rectify`` -> ``ContrastNorm`` pair as one op, or
+    with a max pooling after them, the three as one op; ``hooks=False`` calls each
+    layer's ``forward`` itself, past its hooks."""
     layers = list(stage.children())
     index = 0
     while index < len(layers):
-        layer = layers[index]
-        following = layers[index + 1] if index + 1 < len(layers) else None
+        layer, following, pool = (layers[index : index + 3] + [None, None])[:3]
         if type(layer) is Rectify and type(following) is ContrastNorm:
-            x = following.forward_rectified(x)
-            index += 2
+            if _plain_max_pool(pool, x):
+                stride = pool.stride if isinstance(pool, PoolSubsample) else (1, 1)
+                x = following.forward_rectified_max_pool(x, pool.window, stride)
+                index += 3
+            else:
+                x = following.forward_rectified(x)
+                index += 2
         else:
             x = layer(x) if hooks else layer.forward(x)
             index += 1
     return x
+
+
+def _plain_max_pool(layer: nn.Module | None, x: torch.Tensor) -> bool:
+    """Whether ``layer`` is a max :class:`Pool` or :class:`PoolSubsample` without
+    coefficients that takes ``x``'s maps (else it runs, and checks, on its own)."""
+    return (
+        type(layer) in (Pool, PoolSubsample)
+        and layer.kind == "max"
+        and layer.weight is None
+        and layer.maps in (None, x.shape[-3])
+    )

@@ -29,6 +29,7 @@ from cnnkit.ops.normalization import (
     divisive_norm,
     gaussian_window,
     rectified_contrast_norm,
+    rectified_contrast_norm_max_pool,
     subtractive_norm,
 )
 
@@ -171,3 +172,15 @@ class ContrastNorm(_DivisiveBase):
         values and gradients, fewer passes over the maps. Networks built by
         :func:`cnnkit.models.build` call it for a rectification followed by this layer."""
         return rectified_contrast_norm(x, self.window, self.threshold, self.border, self.floor)
+
+    def forward_rectified_max_pool(
+        self, x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int]
+    ) -> torch.Tensor:
+        """``PoolSubsample("max", window, stride)(self(x.abs()))`` in one fused op
+        (:func:`rectified_contrast_norm_max_pool`): the same values and gradients, and
+        the normalized maps are never written out. Networks built by
+        :func:`cnnkit.models.build` call it for a rectification, this layer and such a
+        pooling in a row."""
+        return rectified_contrast_norm_max_pool(
+            x, self.window, self.threshold, self.border, self.floor, window, stride
+        )

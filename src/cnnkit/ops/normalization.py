@@ -27,8 +27,10 @@ The threshold ``c`` is ``max(threshold, floor)`` for a number, or, for ``"mean"`
 a flat image, whose ``sigma`` is 0, from dividing by zero.
 
 Speed: :func:`contrast_norm` (and :func:`rectified_contrast_norm`) runs as one registered
-operator where :func:`cnnkit.kernels.normalization.contrast_norm_applies` allows it; what is
-written here is the plain path, which the operator matches to float rounding.
+operator where :func:`cnnkit.kernels.normalization.contrast_norm_applies` allows it, and
+:func:`rectified_contrast_norm_max_pool` as another where
+:func:`cnnkit.kernels.norm_pool.contrast_norm_max_pool_applies` does; what is written here
+is the plain path, which the operators match to float rounding.
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ from cnnkit._validation import (
     check_positive_float,
     check_positive_int,
     is_concrete,
+    pair,
 )
+from cnnkit.kernels import norm_pool as fast_pooled
 from cnnkit.kernels import normalization as fast
+from cnnkit.ops.pooling import pool_subsample2d
 from cnnkit.windowed_sum import BORDERS, local_mean, windowed_sum
 
 __all__ = [
@@ -55,6 +60,7 @@ __all__ = [
     "divisive_norm",
     "gaussian_window",
     "rectified_contrast_norm",
+    "rectified_contrast_norm_max_pool",
     "subtractive_norm",
 ]
 
@@ -179,6 +185,36 @@ def rectified_contrast_norm(
     Arguments and shapes as in :func:`contrast_norm`.
     """
     return _contrast(x, window, threshold, border, floor, rectify=True)
+
+
+def rectified_contrast_norm_max_pool(
+    x: torch.Tensor,
+    window: torch.Tensor,
+    threshold: float | str,
+    border: str,
+    floor: float,
+    pool_window: int | tuple[int, int],
+    pool_stride: int | tuple[int, int],
+) -> torch.Tensor:
+    """Rectification, local contrast normalization, then max pooling at the subsampled
+    points: ``pool_subsample2d(rectified_contrast_norm(x, ...), "max", pool_window,
+    pool_stride)``, the lecture's first stage after its filter bank.
+
+    The same values and gradients as the two calls; the fast operator never writes the
+    normalized maps out (the lecture's 75x75 maps pool to 14x14). Arguments as in
+    :func:`rectified_contrast_norm` and :func:`cnnkit.ops.pooling.pool_subsample2d`;
+    ``(N, C, H, W)`` or ``(C, H, W)`` in, ``(..., H_out, W_out)`` out.
+    """
+    threshold, floor = _check_divisive_options(threshold, floor)
+    pool_window, pool_stride = pair("pool_window", pool_window), pair("pool_stride", pool_stride)
+    x4, unbatched = _prepare(x, window, border)
+    if fast_pooled.contrast_norm_max_pool_applies(x4, window, border, pool_window):
+        out = fast_pooled.contrast_norm_max_pool(
+            x4, window, border, threshold, floor, True, pool_window, pool_stride
+        )
+        return out.squeeze(0) if unbatched else out
+    normalized = rectified_contrast_norm(x, window, threshold, border, floor)
+    return pool_subsample2d(normalized, "max", pool_window, pool_stride)
 
 
 # ---------------------------------------------------------------------------------------

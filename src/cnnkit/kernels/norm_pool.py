@@ -1,0 +1,174 @@
+"""Contrast normalization followed by max pooling, as one registered operator,
+``torch.ops.cnnkit.contrast_norm_max_pool``.
+
+The lecture's first stage normalizes 64 maps of 75x75 and then pools them with a 10x10
+window at stride 5 to 14x14: the normalized maps ``y`` are 29 times larger than what
+the pooling keeps. This operator never writes ``y`` out. Per image, it makes the
+normalization's two passes for the local mean and ``sigma``
+(:mod:`cnnkit.kernels.normalization`), then computes each map's ``y`` in a buffer of one
+map and pools it there. It keeps per pixel the mean ``m``, ``den``, the variance,
+``sigma`` and ``sum_i y_i`` (``(N, 5, H, W)``), and per image the mean of ``sigma``.
+
+Backward. The gradient ``g`` that max pooling sends to ``y`` is one value per window, at
+the window's maximum. So the sums over maps of the normalization's backward are sums
+over windows, with ``r = 1 / den``, ``S^T`` the adjoint of the windowed sum and ``a`` the
+rectified input::
+
+    sum_i g_i y_i = sum over windows of (window gradient x pooled value)
+    sum_i g_v,i   = r sum_i g_i + k sum_i y_i     (k from the divisor, as in the module)
+    q = S^T(sum_i g_v) / C
+    g_x = sign(x) (k y - q) + sign(x) g r,   y = (a - m) r
+
+and one pass over the maps writes ``g_x``: the first term everywhere, the second at
+each window's maximum. The values and gradients are those of the two layers in turn,
+to float rounding. Second derivatives go through the plain formula.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cnnkit._native import native_ops
+from cnnkit._validation import is_concrete
+from cnnkit.kernels import fast_path_allowed, recorded
+from cnnkit.kernels.normalization import _bands, _forward_parts
+
+__all__ = ["contrast_norm_max_pool", "contrast_norm_max_pool_applies"]
+
+
+def contrast_norm_max_pool_applies(
+    x: torch.Tensor, window: torch.Tensor, border: str, pool_window: tuple[int, int]
+) -> bool:
+    """Whether :func:`contrast_norm_max_pool` may take ``x`` (N, C, H, W): the fast
+    paths are allowed (eagerly: under ``torch.compile`` the two layers are traced
+    instead), ``x`` is a contiguous float32/float64 CPU tensor with maps at least as
+    large as ``pool_window``, the compiled kernels are built, no derivative flows into the
+    window, and the window is the same separable one on every map."""
+    if not (
+        fast_path_allowed(x, window)
+        and x.dim() == 4
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.is_contiguous()
+        and all(k <= n for k, n in zip(pool_window, x.shape[-2:], strict=True))
+        and not recorded(window)
+        and native_ops() is not None
+    ):
+        return False
+    return _bands(window, border, *x.shape[-2:], x) is not None
+
+
+def contrast_norm_max_pool(
+    x: torch.Tensor,
+    window: torch.Tensor,
+    border: str,
+    threshold: float | str,
+    floor: float,
+    rectify: bool,
+    pool_window: tuple[int, int],
+    pool_stride: tuple[int, int],
+) -> torch.Tensor:
+    """``F.max_pool2d(contrast_norm(|x| or x), pool_window, pool_stride)`` for ``x``
+    (N, C, H, W): ``(N, C, H_out, W_out)``."""
+    mean_threshold = threshold == "mean"
+    limit = 0.0 if mean_threshold else float(threshold)
+    options = (border, rectify, mean_threshold, limit, floor, *pool_window, *pool_stride)
+    # Nothing to differentiate: the implementation itself, past the dispatcher.
+    direct = is_concrete(x) and not recorded(x)
+    op = _forward if direct else torch.ops.cnnkit.contrast_norm_max_pool
+    pooled, *_ = op(x, window.detach(), *options)
+    return pooled
+
+
+def _forward(
+    x: torch.Tensor,
+    window: torch.Tensor,
+    border: str,
+    rectify: bool,
+    mean_threshold: bool,
+    threshold: float,
+    floor: float,
+    kh: int,
+    kw: int,
+    sh: int,
+    sw: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(pooled, index, statistics, mean_sigma)``: the pooled maps and the flat index of
+    each window's maximum ``(N, C, H_out, W_out)``; ``m, den, variance, sigma,
+    sum_i y_i`` ``(N, 5, H, W)``; the mean of ``sigma`` ``(N,)``."""
+    bands = _bands(window, border, *x.shape[-2:], x)
+    if bands is None or native_ops() is None or x.device.type != "cpu":
+        raise ValueError(
+            "cnnkit::contrast_norm_max_pool needs a window that is the same separable one on "
+            "every map and the compiled CPU kernels (see contrast_norm_max_pool_applies)"
+        )
+    return native_ops().contrast_norm_max_pool_forward(
+        x.contiguous(), bands.row_diagonals, bands.column_diagonals, bands.mass,
+        rectify, mean_threshold, threshold, floor, kh, kw, sh, sw,
+    )  # fmt: skip
+
+
+_op = torch.library.custom_op("cnnkit::contrast_norm_max_pool", mutates_args=())(_forward)
+
+
+@_op.register_fake
+def _(x, window, border, rectify, mean_threshold, threshold, floor, kh, kw, sh, sw):  # noqa: ANN001, ANN202
+    n, c, h, w = x.shape
+    shape = (n, c, (h - kh) // sh + 1, (w - kw) // sw + 1)
+    pooled, index = x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+    return pooled, index, x.new_empty(n, 5, h, w), x.new_empty(n)
+
+
+@torch.library.custom_op("cnnkit::contrast_norm_max_pool_backward", mutates_args=())
+def _backward_op(
+    grad: torch.Tensor,
+    index: torch.Tensor,
+    pooled: torch.Tensor,
+    x: torch.Tensor,
+    statistics: torch.Tensor,
+    mean_sigma: torch.Tensor,
+    window: torch.Tensor,
+    border: str,
+    rectify: bool,
+    mean_threshold: bool,
+    threshold: float,
+    floor: float,
+) -> torch.Tensor:
+    """The gradient with respect to ``x`` (module notes), ``(N, C, H, W)``."""
+    bands = _bands(window, border, *x.shape[-2:], x)
+    return native_ops().contrast_norm_max_pool_backward(
+        grad, index, pooled, x.contiguous(), statistics, mean_sigma,
+        bands.row_diagonals_t, bands.column_diagonals_t, rectify, mean_threshold, threshold,
+        floor,
+    )  # fmt: skip
+
+
+@_backward_op.register_fake
+def _(grad, index, pooled, x, *rest):  # noqa: ANN001, ANN202
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, window, *options = inputs
+    pooled, index, statistics, mean_sigma = output
+    ctx.save_for_backward(x, window, pooled, index, statistics, mean_sigma)
+    ctx.options = tuple(options)
+    ctx.mark_non_differentiable(index, statistics, mean_sigma)
+
+
+def _backward(ctx, grad, *unused):  # noqa: ANN001, ANN202
+    x, window, pooled, index, statistics, mean_sigma = ctx.saved_tensors
+    border, rectify, mean_threshold, threshold, floor, kh, kw, sh, sw = ctx.options
+    if torch.is_grad_enabled():  # a graph of the backward is recorded: the plain formula
+        norm_options = (border, rectify, mean_threshold, threshold, floor)
+        y = _forward_parts(x, window, *norm_options, None)[0]
+        out = F.max_pool2d(y, (kh, kw), (sh, sw))
+        g_x = torch.autograd.grad(out, x, grad, create_graph=True)[0]
+    else:
+        g_x = _backward_op(grad, index, pooled, x, statistics, mean_sigma, window, border,
+                           rectify, mean_threshold, threshold, floor)  # fmt: skip
+    return (g_x, *(None,) * 10)
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
