@@ -1,0 +1,160 @@
+"""Rectification, contrast normalization and max pooling as one operator equal the three
+layers in turn: the values bit for bit where the order of sums allows, the gradients to
+float rounding, on the lecture's shapes and on odd ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnnkit import tables
+from cnnkit._native import native_ops
+from cnnkit.kernels import norm_pool as fast
+from cnnkit.models.stages import Stage
+from cnnkit.nn import ContrastNorm, FilterBank, Pool, PoolSubsample, Rectify
+from cnnkit.ops.normalization import (
+    _divide,
+    _subtract,
+    gaussian_window,
+    rectified_contrast_norm_max_pool,
+)
+
+pytestmark = [
+    pytest.mark.usefixtures("fast_paths"),
+    pytest.mark.skipif(native_ops() is None, reason="the compiled kernels are not built here"),
+]
+
+F64 = torch.float64
+
+
+def _x(shape, dtype=F64, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _three_layers(x, window, threshold, border, pool_window, pool_stride):
+    """Autograd through the plain ops: ``max_pool(_divide(_subtract(|x|)))``."""
+    a = x.abs().unsqueeze(0) if x.dim() == 3 else x.abs()
+    y = _divide(_subtract(a, window, border), window, border, threshold, 1e-4)
+    out = F.max_pool2d(y, pool_window, pool_stride)
+    return out.squeeze(0) if x.dim() == 3 else out
+
+
+def _compare(x, window, threshold, border, pool_window, pool_stride, tolerance):
+    x = x.requires_grad_()
+    fused = rectified_contrast_norm_max_pool(
+        x, window, threshold, border, 1e-4, pool_window, pool_stride
+    )
+    literal = _three_layers(x, window, threshold, border, pool_window, pool_stride)
+    torch.testing.assert_close(fused, literal, **tolerance)
+    grad = _x(fused.shape, x.dtype, seed=5)
+    (g_fused,) = torch.autograd.grad(fused, x, grad)
+    (g_literal,) = torch.autograd.grad(literal, x, grad)
+    scale = g_literal.abs().max().clamp_min(1e-30)  # a flat image has no gradient
+    torch.testing.assert_close(g_fused / scale, g_literal / scale, **tolerance)
+
+
+TOLERANCE = {
+    torch.float64: {"rtol": 1e-12, "atol": 1e-13},
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_lecture_first_stage_shapes(dtype) -> None:
+    x = _x((2, 64, 75, 75), dtype, seed=1)
+    window = gaussian_window(9, 9 / 4, 64, dtype=dtype)
+    assert fast.contrast_norm_max_pool_applies(x, window, "renormalize", (10, 10))
+    _compare(x, window, "mean", "renormalize", (10, 10), (5, 5), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("border", ["renormalize", "zero", "reflect"])
+@pytest.mark.parametrize("threshold", ["mean", 0.3, 0.0])
+@pytest.mark.parametrize(
+    ("shape", "pool_window", "pool_stride"),
+    [
+        ((1, 5, 17, 19), (4, 4), (2, 2)),  # one image, odd sizes, a tiled window
+        ((3, 4, 13, 11), (3, 5), (2, 3)),  # rectangular window, untiled
+        ((2, 3, 9, 9), (2, 2), (1, 1)),  # stride 1: overlapping windows everywhere
+        ((2, 6, 8, 8), (8, 8), (8, 8)),  # one window per map
+    ],
+)
+def test_odd_shapes_borders_and_thresholds(
+    dtype, border, threshold, shape, pool_window, pool_stride
+) -> None:
+    x = _x(shape, dtype, seed=2)
+    window = gaussian_window(5, 1.3, shape[1], dtype=dtype)
+    assert fast.contrast_norm_max_pool_applies(x, window, border, pool_window)
+    _compare(x, window, threshold, border, pool_window, pool_stride, TOLERANCE[dtype])
+
+
+def test_non_contiguous_channels_last_and_unbatched_input() -> None:
+    window = gaussian_window(5, 1.3, 4, dtype=F64)
+    base = _x((2, 4, 15, 13), seed=3)
+    transposed = base.transpose(-1, -2)  # not contiguous: the layers run in turn
+    assert not fast.contrast_norm_max_pool_applies(transposed, window, "zero", (4, 4))
+    _compare(transposed, window, "mean", "zero", (4, 4), (3, 3), TOLERANCE[F64])
+    channels_last = base.contiguous(memory_format=torch.channels_last)  # likewise
+    assert not fast.contrast_norm_max_pool_applies(channels_last, window, "zero", (4, 4))
+    _compare(channels_last, window, 0.2, "zero", (4, 4), (3, 3), TOLERANCE[F64])
+    _compare(base[0], window, "mean", "renormalize", (3, 3), (2, 2), TOLERANCE[F64])
+
+
+def test_ties_send_the_gradient_to_the_first_maximum() -> None:
+    # Maps constant over blocks: every window holds ties, broken towards the first element.
+    blocks = _x((2, 3, 4, 4), seed=4).repeat_interleave(3, -1).repeat_interleave(3, -2)
+    window = gaussian_window(3, 0.8, 3, dtype=F64)
+    _compare(blocks, window, "mean", "renormalize", (6, 6), (3, 3), TOLERANCE[F64])
+    zeros = torch.zeros(1, 3, 9, 9, dtype=F64)  # y = 0 everywhere
+    _compare(zeros, window, "mean", "renormalize", (3, 3), (3, 3), TOLERANCE[F64])
+
+
+def test_gradcheck_and_second_derivatives() -> None:
+    x = _x((2, 3, 8, 7), seed=6).requires_grad_()
+    window = gaussian_window(3, 0.9, 3, dtype=F64)
+
+    def fused(t):
+        return rectified_contrast_norm_max_pool(t, window, "mean", "renormalize", 1e-4, 3, 2)
+
+    assert torch.autograd.gradcheck(fused, (x,))
+    assert torch.autograd.gradgradcheck(fused, (x,))
+
+
+def test_a_derivative_into_the_window_takes_the_plain_path() -> None:
+    x = _x((1, 3, 8, 8), seed=7)
+    window = gaussian_window(3, 0.9, 3, dtype=F64).requires_grad_()
+    assert not fast.contrast_norm_max_pool_applies(x, window, "zero", (2, 2))
+    out = rectified_contrast_norm_max_pool(x, window, 0.1, "zero", 1e-4, 2, 2)
+    (g_window,) = torch.autograd.grad(out.sum(), window)
+    expected = torch.autograd.grad(_three_layers(x, window, 0.1, "zero", 2, 2).sum(), window)
+    torch.testing.assert_close(g_window, expected[0])
+
+
+def test_a_pool_window_larger_than_the_map_is_refused_by_the_pooling() -> None:
+    window = gaussian_window(3, 0.9, 2, dtype=F64)
+    with pytest.raises(ValueError, match="larger than the input map"):
+        rectified_contrast_norm_max_pool(_x((1, 2, 5, 5)), window, "mean", "zero", 1e-4, 6, 1)
+
+
+def test_a_stage_runs_the_three_layers_as_one_operator(monkeypatch) -> None:
+    torch.manual_seed(0)
+    layers = [FilterBank(tables.full(1, 6), 5), Rectify(), ContrastNorm(6, 5), PoolSubsample("max", 4, 2)]
+    stage = Stage(*layers).double()
+    calls = []
+    run = fast.contrast_norm_max_pool
+    monkeypatch.setattr(fast, "contrast_norm_max_pool", lambda *a: calls.append(1) or run(*a))
+    x = _x((3, 1, 20, 20), seed=8)
+    fused = stage(x)
+    assert calls  # the fused operator ran
+    (g_fused,) = torch.autograd.grad(fused.square().sum(), stage[0].weight)
+    stage.fast = False
+    literal = stage(x)
+    (g_literal,) = torch.autograd.grad(literal.square().sum(), stage[0].weight)
+    torch.testing.assert_close(fused, literal, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(g_fused, g_literal, rtol=1e-10, atol=1e-12)
+    # A pooling with coefficients, or of another kind, runs on its own.
+    for pool in (PoolSubsample("max", 4, 2, maps=6, trainable=True), Pool("avg", 3)):
+        calls.clear()
+        mixed = Stage(*layers[:3], pool).double()
+        assert torch.equal(mixed(x), torch.nn.Sequential.forward(mixed, x)) and not calls
