@@ -139,7 +139,8 @@ def test_a_pool_window_larger_than_the_map_is_refused_by_the_pooling() -> None:
 
 def test_a_stage_runs_the_three_layers_as_one_operator(monkeypatch) -> None:
     torch.manual_seed(0)
-    layers = [FilterBank(tables.full(1, 6), 5), Rectify(), ContrastNorm(6, 5), PoolSubsample("max", 4, 2)]
+    filters = FilterBank(tables.full(1, 6), 5)
+    layers = [filters, Rectify(), ContrastNorm(6, 5), PoolSubsample("max", 4, 2)]
     stage = Stage(*layers).double()
     calls = []
     run = fast.contrast_norm_max_pool
