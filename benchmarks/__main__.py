@@ -16,7 +16,8 @@ In one process, after ``cnnkit.tune_runtime()`` (which both variants get):
    is 20 single-image calls in a row, per call) and cold (one call, right after the
    other network's, which leaves the caches full of its own data);
 4. cnnkit's training step by layer (forward + backward of each, and the optimizer),
-   with each one's share;
+   with each one's share; a stage's rectification, normalization and pooling run as
+   one fused op, and are timed as one;
 5. the peak resident memory of a training step, each variant in a fresh process.
 
 Prints a table and writes JSON to ``benchmarks/results/``. Useful work (two FLOP per
@@ -127,8 +128,12 @@ def layer_breakdown(model: torch.nn.Module, repeats: int) -> dict[str, dict[str,
     parts: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = []
     for number, stage in enumerate(model.stages, start=1):
         parts.append((f"stage{number}.filters", stage.filters))
-        parts.append((f"stage{number}.rectify+norm", stage.norm.forward_rectified))
-        parts.append((f"stage{number}.pool", stage.pool))
+        window, stride = stage.pool.window, stage.pool.stride
+
+        def fused(h, norm=stage.norm, window=window, stride=stride):  # noqa: ANN001, ANN202
+            return norm.forward_rectified_max_pool(h, window, stride)
+
+        parts.append((f"stage{number}.rectify+norm+pool", fused))
     parts.append(("classifier+loss", lambda h: F.cross_entropy(model.classifier(h), y)))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     times: dict[str, list[float]] = {name: [] for name, _ in parts}

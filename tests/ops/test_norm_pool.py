@@ -47,6 +47,7 @@ def _compare(x, window, threshold, border, pool_window, pool_stride, tolerance):
     )
     literal = _three_layers(x, window, threshold, border, pool_window, pool_stride)
     torch.testing.assert_close(fused, literal, **tolerance)
+    assert fused.stride() == literal.stride()  # the layout the layers give
     grad = _x(fused.shape, x.dtype, seed=5)
     (g_fused,) = torch.autograd.grad(fused, x, grad)
     (g_literal,) = torch.autograd.grad(literal, x, grad)
@@ -60,14 +61,19 @@ TOLERANCE = {
 }
 
 
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_the_lecture_first_stage_shapes(dtype) -> None:
-    x = _x((2, 64, 75, 75), dtype, seed=1)
+def test_the_lecture_first_stage_shapes(dtype, layout) -> None:
+    x = _x((2, 64, 75, 75), dtype, seed=1).contiguous(memory_format=layout)
     window = gaussian_window(9, 9 / 4, 64, dtype=dtype)
     assert fast.contrast_norm_max_pool_applies(x, window, "renormalize", (10, 10))
     _compare(x, window, "mean", "renormalize", (10, 10), (5, 5), TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("border", ["renormalize", "zero", "reflect"])
 @pytest.mark.parametrize("threshold", ["mean", 0.3, 0.0])
@@ -81,9 +87,9 @@ def test_the_lecture_first_stage_shapes(dtype) -> None:
     ],
 )
 def test_odd_shapes_borders_and_thresholds(
-    dtype, border, threshold, shape, pool_window, pool_stride
+    dtype, border, threshold, shape, pool_window, pool_stride, layout
 ) -> None:
-    x = _x(shape, dtype, seed=2)
+    x = _x(shape, dtype, seed=2).contiguous(memory_format=layout)
     window = gaussian_window(5, 1.3, shape[1], dtype=dtype)
     assert fast.contrast_norm_max_pool_applies(x, window, border, pool_window)
     _compare(x, window, threshold, border, pool_window, pool_stride, TOLERANCE[dtype])
@@ -92,11 +98,11 @@ def test_odd_shapes_borders_and_thresholds(
 def test_non_contiguous_channels_last_and_unbatched_input() -> None:
     window = gaussian_window(5, 1.3, 4, dtype=F64)
     base = _x((2, 4, 15, 13), seed=3)
-    transposed = base.transpose(-1, -2)  # not contiguous: the layers run in turn
+    transposed = base.transpose(-1, -2)  # neither layout: the layers run in turn
     assert not fast.contrast_norm_max_pool_applies(transposed, window, "zero", (4, 4))
     _compare(transposed, window, "mean", "zero", (4, 4), (3, 3), TOLERANCE[F64])
-    channels_last = base.contiguous(memory_format=torch.channels_last)  # likewise
-    assert not fast.contrast_norm_max_pool_applies(channels_last, window, "zero", (4, 4))
+    channels_last = base.contiguous(memory_format=torch.channels_last)
+    assert fast.contrast_norm_max_pool_applies(channels_last, window, "zero", (4, 4))
     _compare(channels_last, window, 0.2, "zero", (4, 4), (3, 3), TOLERANCE[F64])
     _compare(base[0], window, "mean", "renormalize", (3, 3), (2, 2), TOLERANCE[F64])
 
@@ -108,6 +114,9 @@ def test_ties_send_the_gradient_to_the_first_maximum() -> None:
     _compare(blocks, window, "mean", "renormalize", (6, 6), (3, 3), TOLERANCE[F64])
     zeros = torch.zeros(1, 3, 9, 9, dtype=F64)  # y = 0 everywhere
     _compare(zeros, window, "mean", "renormalize", (3, 3), (3, 3), TOLERANCE[F64])
+    for layout in LAYOUTS:
+        tied = blocks.contiguous(memory_format=layout)
+        _compare(tied, window, 0.1, "zero", (4, 5), (2, 3), TOLERANCE[F64])
 
 
 def test_gradcheck_and_second_derivatives() -> None:
@@ -159,3 +168,19 @@ def test_a_stage_runs_the_three_layers_as_one_operator(monkeypatch) -> None:
         calls.clear()
         mixed = Stage(*layers[:3], pool).double()
         assert torch.equal(mixed(x), torch.nn.Sequential.forward(mixed, x)) and not calls
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_windows_holding_nan_pick_the_library_s_index(layout) -> None:
+    x = _x((1, 4, 20, 20), seed=9)
+    x[0, 1, 3, 4] = float("nan")  # through the image's mean, every y becomes NaN
+    x = x.contiguous(memory_format=layout)
+    window = gaussian_window(3, 0.8, 4, dtype=F64)
+    pooled, index, *_ = torch.ops.cnnkit.contrast_norm_max_pool(
+        x, window, "zero", True, False, 0.3, 1e-4, 4, 4, 2, 2
+    )
+    y = _divide(_subtract(x.abs(), window, "zero"), window, "zero", 0.3, 1e-4)
+    expected, expected_index = F.max_pool2d(y, 4, 2, return_indices=True)
+    assert pooled.isnan().all()  # each window's index: its last NaN, as the library's
+    torch.testing.assert_close(pooled, expected, equal_nan=True, rtol=1e-12, atol=1e-13)
+    assert torch.equal(index, expected_index)

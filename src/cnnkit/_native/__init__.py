@@ -269,7 +269,10 @@ def _register_fakes() -> None:
           floor, kh, kw, sh, sw):  # fmt: skip
         n, c, h, w = x.shape
         shape = (n, c, (h - kh) // sh + 1, (w - kw) // sw + 1)
-        pooled, index = x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+        channels_last = not x.is_contiguous()
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        pooled = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
+        index = torch.empty(shape, dtype=torch.int64, device=x.device, memory_format=layout)
         return pooled, index, x.new_empty(n, 5, h, w), x.new_empty(n)
 
     @torch.library.register_fake("cnnkit_native::contrast_norm_max_pool_backward")

@@ -500,33 +500,25 @@ struct PixelStatistics {
   T *mean, *den, *variance, *sigma, *y_sum;
 };
 
+// Pass 3 for contiguous maps: each map's y in a buffer of one map, pooled there.
 template <typename T, bool Rectify>
-void normalize_and_pool_image(const T* x, int64_t maps, const Window& window, const T* rows,
-                              const T* columns, const T* mass, bool mean_threshold,
-                              double threshold, double floor, const PoolWindow& pool,
-                              T* pooled, int64_t* index, const PixelStatistics<T>& stats,
-                              T* mean_sigma_out) {
+void pool_normalized_maps(const T* x, int64_t maps, const Window& window,
+                          const PoolWindow& pool, const T* mean, const T* scale, T* pooled,
+                          int64_t* index, T* y_sum) {
   const int64_t pixels = window.h * window.w, outputs = pool.h_out * pool.w_out;
-  std::vector<T> scale(pixels);
-  const Image<T> image{x, nullptr, maps, pixels};
-  image_statistics<T, Rectify, false>(image, window, rows, columns, mass, mean_threshold,
-                                      threshold, floor, stats.mean, scale.data(), stats.den,
-                                      stats.variance, stats.sigma, mean_sigma_out);
   // Each piece of maps sums its own y; the pieces are added in map order afterwards.
   std::mutex pieces_lock;
   std::vector<std::pair<int64_t, std::vector<T>>> pieces;
   at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> y(pixels), y_sum(pixels, T(0));
+    std::vector<T> y(pixels), partial(pixels, T(0));
     auto scratch = cnnkit_pooling::make_scratch<T>(window.w, pool.kh, pool.sh, pool.h_out);
-    const T* mean = stats.mean;
-    const T* factor = scale.data();
     for (int64_t i = begin; i < end; ++i) {
       const T* values = x + i * pixels;
       T* __restrict out = y.data();
-      T* __restrict total = y_sum.data();
+      T* __restrict total = partial.data();
 #pragma omp simd
       for (int64_t p = 0; p < pixels; ++p) {
-        out[p] = (rectified<T, Rectify>(values[p]) - mean[p]) * factor[p];
+        out[p] = (rectified<T, Rectify>(values[p]) - mean[p]) * scale[p];
         total[p] += out[p];
       }
       cnnkit_pooling::pool_map(y.data(), pooled + i * outputs, index + i * outputs, window.h,
@@ -534,23 +526,129 @@ void normalize_and_pool_image(const T* x, int64_t maps, const Window& window, co
                                pool.w_out, scratch);
     }
     std::lock_guard<std::mutex> guard(pieces_lock);
-    pieces.emplace_back(begin, std::move(y_sum));
+    pieces.emplace_back(begin, std::move(partial));
   });
   std::sort(pieces.begin(), pieces.end(),
             [](const auto& a, const auto& b) { return a.first < b.first; });
-  std::fill_n(stats.y_sum, pixels, T(0));
+  std::fill_n(y_sum, pixels, T(0));
   for (const auto& piece : pieces) {
 #pragma omp simd
-    for (int64_t p = 0; p < pixels; ++p) stats.y_sum[p] += piece.second[p];
+    for (int64_t p = 0; p < pixels; ++p) y_sum[p] += piece.second[p];
   }
+}
+
+// Pass 3 for channels-last maps, every map of a pixel at once (loops along maps
+// vectorize): per output row, the largest y of each column over the window's rows (by
+// blocks of s_h rows when the window is a whole number of them), then over the window's
+// columns. y is computed from x where it is needed and never kept.
+template <typename T, bool Rectify>
+void pool_normalized_pixels(const T* x, int64_t maps, const Window& window,
+                            const PoolWindow& pool, const T* mean, const T* scale, T* pooled,
+                            int64_t* index, T* y_sum) {
+  using Row = cnnkit_pooling::Row<T>;
+  const int64_t w = window.w, pixels = window.h * w;
+  at::parallel_for(0, pixels, pixel_grain(maps), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const T* values = x + p * maps;
+      const T centre = mean[p], factor = scale[p];
+      T total = T(0);
+#pragma omp simd reduction(+ : total)
+      for (int64_t i = 0; i < maps; ++i)
+        total += (rectified<T, Rectify>(values[i]) - centre) * factor;
+      y_sum[p] = total;
+    }
+  });
+  const bool tiled = pool.sh > 1 && pool.kh % pool.sh == 0;
+  const int64_t span = tiled ? pool.sh : pool.kh;            // rows in one vertical piece
+  const int64_t per_window = tiled ? pool.kh / pool.sh : 1;  // pieces in one window
+  const int64_t line = w * maps;
+  // A piece: per column and map, the largest y of rows top .. top + span - 1 and its row.
+  const auto make_piece = [&](int64_t top, T* best, Row* row) {
+    for (int64_t r = top; r < top + span; ++r) {
+      for (int64_t c = 0; c < w; ++c) {
+        const int64_t p = r * w + c;
+        const T* values = x + p * maps;
+        T* __restrict b = best + c * maps;
+        Row* __restrict at = row + c * maps;
+        const T centre = mean[p], factor = scale[p];
+        const Row here = static_cast<Row>(r);
+#pragma omp simd
+        for (int64_t i = 0; i < maps; ++i) {
+          const T y = (rectified<T, Rectify>(values[i]) - centre) * factor;
+          const bool take = r == top || cnnkit_pooling::beats(y, b[i]);
+          b[i] = take ? y : b[i];
+          at[i] = take ? here : at[i];
+        }
+      }
+    }
+  };
+  at::parallel_for(0, pool.h_out, 1, [&](int64_t first, int64_t last) {
+    // pieces of rows, kept in a ring of per_window, then one output row's maxima
+    std::vector<T> ring(per_window * line), best(line);
+    std::vector<Row> ring_rows(per_window * line), rows(line);
+    for (int64_t a = first; a < last; ++a) {
+      for (int64_t j = a == first ? 0 : per_window - 1; j < per_window; ++j) {
+        const int64_t slot = (a + j) % per_window;
+        const int64_t top = tiled ? (a + j) * pool.sh : a * pool.sh;
+        make_piece(top, ring.data() + slot * line, ring_rows.data() + slot * line);
+      }
+      std::copy_n(ring.data() + (a % per_window) * line, line, best.data());
+      std::copy_n(ring_rows.data() + (a % per_window) * line, line, rows.data());
+      for (int64_t j = 1; j < per_window; ++j) {  // later rows: the first-maximum rule
+        const int64_t slot = (a + j) % per_window;
+        const Row* later = ring_rows.data() + slot * line;
+        cnnkit_pooling::keep_larger(best.data(), rows.data(), ring.data() + slot * line,
+                                    [later](int64_t k) { return later[k]; }, line);
+      }
+      for (int64_t b = 0; b < pool.w_out; ++b) {
+        T* __restrict out = pooled + (a * pool.w_out + b) * maps;
+        int64_t* __restrict at = index + (a * pool.w_out + b) * maps;
+        const int64_t left = b * pool.sw;
+        for (int64_t c = left; c < left + pool.kw; ++c) {
+          const T* candidates = best.data() + c * maps;
+          const Row* candidate_rows = rows.data() + c * maps;
+#pragma omp simd
+          for (int64_t i = 0; i < maps; ++i) {
+            const int64_t flat = static_cast<int64_t>(candidate_rows[i]) * w + c;
+            const T candidate = candidates[i];
+            const bool nan = candidate != candidate;
+            const bool take = c == left || candidate > out[i] ||
+                              (nan && (out[i] == out[i] || flat > at[i])) ||
+                              (candidate == out[i] && flat < at[i]);
+            out[i] = take ? candidate : out[i];
+            at[i] = take ? flat : at[i];
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T, bool Rectify, bool ChannelsLast>
+void normalize_and_pool_image(const T* x, int64_t maps, const Window& window, const T* rows,
+                              const T* columns, const T* mass, bool mean_threshold,
+                              double threshold, double floor, const PoolWindow& pool,
+                              T* pooled, int64_t* index, const PixelStatistics<T>& stats,
+                              T* mean_sigma_out) {
+  std::vector<T> scale(window.h * window.w);
+  const Image<T> image{x, nullptr, maps, window.h * window.w};
+  image_statistics<T, Rectify, ChannelsLast>(image, window, rows, columns, mass,
+                                             mean_threshold, threshold, floor, stats.mean,
+                                             scale.data(), stats.den, stats.variance,
+                                             stats.sigma, mean_sigma_out);
+  auto* pass = ChannelsLast ? &pool_normalized_pixels<T, Rectify>
+                            : &pool_normalized_maps<T, Rectify>;
+  pass(x, maps, window, pool, stats.mean, scale.data(), pooled, index, stats.y_sum);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_norm_max_pool_forward(
     const at::Tensor& x, const at::Tensor& row_diagonals, const at::Tensor& column_diagonals,
     const at::Tensor& mass, bool rectify, bool mean_threshold, double threshold, double floor,
     int64_t kh, int64_t kw, int64_t sh, int64_t sw) {
-  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
-              "x must be contiguous (N, C, H, W) on the CPU");
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "x must be (N, C, H, W) on the CPU");
+  const bool channels_last =
+      !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(x.is_contiguous() || channels_last, "x must be contiguous or channels-last");
   const int64_t n_images = x.size(0), maps = x.size(1), h = x.size(2), w = x.size(3);
   check_window_matrices(x, row_diagonals, column_diagonals, mass);
   TORCH_CHECK(h * w <= std::numeric_limits<int32_t>::max(),
@@ -558,15 +656,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_norm_max_poo
   TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && kh <= h && kw <= w,
               "the pooling window must fit in the map and the stride be positive");
   const PoolWindow pool{kh, kw, sh, sw, (h - kh) / sh + 1, (w - kw) / sw + 1};
-  at::Tensor pooled = at::empty({n_images, maps, pool.h_out, pool.w_out}, x.options());
-  at::Tensor index = at::empty(pooled.sizes(), x.options().dtype(at::kLong));
+  // The pooled maps and indices in the layout of x; the statistics contiguous.
+  const auto layout = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor pooled =
+      at::empty({n_images, maps, pool.h_out, pool.w_out}, x.options().memory_format(layout));
+  at::Tensor index = at::empty(pooled.sizes(), x.options().dtype(at::kLong).memory_format(layout));
   at::Tensor stats = at::empty({n_images, 5, h, w}, x.options());
   at::Tensor mean_sigma = at::empty({n_images}, x.options());
   const Window window{h, w, row_diagonals.size(0) / 2, column_diagonals.size(0) / 2};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrast_norm_max_pool_forward", [&] {
     using T = scalar_t;
-    auto* image_forward =
-        rectify ? &normalize_and_pool_image<T, true> : &normalize_and_pool_image<T, false>;
+    auto* image_forward = rectify ? (channels_last ? &normalize_and_pool_image<T, true, true>
+                                                   : &normalize_and_pool_image<T, true, false>)
+                                  : (channels_last ? &normalize_and_pool_image<T, false, true>
+                                                   : &normalize_and_pool_image<T, false, false>);
     const int64_t pixels = h * w, outputs = pool.h_out * pool.w_out;
     at::parallel_for(0, n_images, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {

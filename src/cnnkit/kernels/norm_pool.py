@@ -42,15 +42,15 @@ def contrast_norm_max_pool_applies(
 ) -> bool:
     """Whether :func:`contrast_norm_max_pool` may take ``x`` (N, C, H, W): the fast
     paths are allowed (eagerly: under ``torch.compile`` the two layers are traced
-    instead), ``x`` is a contiguous float32/float64 CPU tensor with maps at least as
-    large as ``pool_window``, the compiled kernels are built, no derivative flows into the
+    instead), ``x`` is a contiguous or channels-last float32/float64 CPU tensor with maps
+    at least as large as ``pool_window``, the compiled kernels are built, no derivative flows into the
     window, and the window is the same separable one on every map."""
     if not (
         fast_path_allowed(x, window)
         and x.dim() == 4
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
-        and x.is_contiguous()
+        and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
         and all(k <= n for k, n in zip(pool_window, x.shape[-2:], strict=True))
         and not recorded(window)
         and native_ops() is not None
@@ -104,7 +104,7 @@ def _forward(
             "every map and the compiled CPU kernels (see contrast_norm_max_pool_applies)"
         )
     return native_ops().contrast_norm_max_pool_forward(
-        x.contiguous(), bands.row_diagonals, bands.column_diagonals, bands.mass,
+        x.contiguous(memory_format=_layout(x)), bands.row_diagonals, bands.column_diagonals, bands.mass,
         rectify, mean_threshold, threshold, floor, kh, kw, sh, sw,
     )  # fmt: skip
 
@@ -116,8 +116,17 @@ _op = torch.library.custom_op("cnnkit::contrast_norm_max_pool", mutates_args=())
 def _(x, window, border, rectify, mean_threshold, threshold, floor, kh, kw, sh, sw):  # noqa: ANN001, ANN202
     n, c, h, w = x.shape
     shape = (n, c, (h - kh) // sh + 1, (w - kw) // sw + 1)
-    pooled, index = x.new_empty(shape), x.new_empty(shape, dtype=torch.int64)
+    layout = _layout(x)
+    pooled = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout)
+    index = torch.empty(shape, dtype=torch.int64, device=x.device, memory_format=layout)
     return pooled, index, x.new_empty(n, 5, h, w), x.new_empty(n)
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """The layout of the pooled maps: channels-last for channels-last ``x``, else
+    contiguous."""
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 @torch.library.custom_op("cnnkit::contrast_norm_max_pool_backward", mutates_args=())
@@ -146,7 +155,7 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _(grad, index, pooled, x, *rest):  # noqa: ANN001, ANN202
-    return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, as computed
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
