@@ -42,9 +42,10 @@ def contrast_norm_max_pool_applies(
 ) -> bool:
     """Whether :func:`contrast_norm_max_pool` may take ``x`` (N, C, H, W): the fast
     paths are allowed (eagerly: under ``torch.compile`` the two layers are traced
-    instead), ``x`` is a contiguous or channels-last float32/float64 CPU tensor with maps
-    at least as large as ``pool_window``, the compiled kernels are built, no derivative flows into the
-    window, and the window is the same separable one on every map."""
+    instead), ``x`` is a contiguous or channels-last float32/float64 CPU tensor with
+    maps at least as large as ``pool_window``, the compiled kernels are built, no
+    derivative flows into the window, and the window is the same separable one on every
+    map."""
     if not (
         fast_path_allowed(x, window)
         and x.dim() == 4
@@ -104,8 +105,8 @@ def _forward(
             "every map and the compiled CPU kernels (see contrast_norm_max_pool_applies)"
         )
     return native_ops().contrast_norm_max_pool_forward(
-        x.contiguous(memory_format=_layout(x)), bands.row_diagonals, bands.column_diagonals, bands.mass,
-        rectify, mean_threshold, threshold, floor, kh, kw, sh, sw,
+        x.contiguous(memory_format=_layout(x)), bands.row_diagonals, bands.column_diagonals,
+        bands.mass, rectify, mean_threshold, threshold, floor, kh, kw, sh, sw,
     )  # fmt: skip
 
 
