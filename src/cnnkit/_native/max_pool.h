@@ -35,23 +35,112 @@ inline void keep_larger(T* __restrict best, Row<T>* __restrict row,
   }
 }
 
+// Lanes of one 64-byte vector of T. Loops written over exactly this many lanes become
+// single vector instructions whatever the map's size, which the compiler cannot see.
+template <typename T>
+constexpr int64_t kLanes = 64 / sizeof(T);
+
+// Calls chunk(c0) for c0 = 0, L, 2L, ... and, when L does not divide w, once more at
+// w - L, a vector overlapping the one before: its columns are computed twice, to the same
+// values, and no column is left to a scalar loop. Maps narrower than L take
+// small(0, w) instead.
+template <typename T, typename Chunk, typename Small>
+inline void over_vectors(int64_t w, Chunk chunk, Small small) {
+  constexpr int64_t L = kLanes<T>;
+  if (w < L) {
+    small(0, w);
+    return;
+  }
+  for (int64_t c0 = 0; c0 + L <= w; c0 += L) chunk(c0);
+  if (w % L != 0) chunk(w - L);
+}
+
 // Per column c, the largest of rows top .. top + count - 1 and the first row holding it.
 template <typename T>
 void column_max(const T* __restrict x, int64_t w, int64_t top, int64_t count,
                 T* __restrict best, Row<T>* __restrict row) {
-  std::copy_n(x + top * w, w, best);
-  std::fill_n(row, w, static_cast<Row<T>>(top));
-  for (int64_t r = top + 1; r < top + count; ++r) {
-    const Row<T> here = static_cast<Row<T>>(r);
-    keep_larger(best, row, x + r * w, [here](int64_t) { return here; }, w);
-  }
+  constexpr int64_t L = kLanes<T>;
+  const auto chunk = [&](int64_t c0) {
+    T b[L];
+    Row<T> r[L];
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) {
+      b[l] = x[top * w + c0 + l];
+      r[l] = static_cast<Row<T>>(top);
+    }
+    for (int64_t i = top + 1; i < top + count; ++i) {
+      const T* __restrict values = x + i * w + c0;
+      const Row<T> here = static_cast<Row<T>>(i);
+#pragma omp simd
+      for (int64_t l = 0; l < L; ++l) {
+        const bool take = beats(values[l], b[l]);
+        b[l] = take ? values[l] : b[l];
+        r[l] = take ? here : r[l];
+      }
+    }
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) {
+      best[c0 + l] = b[l];
+      row[c0 + l] = r[l];
+    }
+  };
+  const auto small = [&](int64_t, int64_t) {
+    std::copy_n(x + top * w, w, best);
+    std::fill_n(row, w, static_cast<Row<T>>(top));
+    for (int64_t i = top + 1; i < top + count; ++i) {
+      const Row<T> here = static_cast<Row<T>>(i);
+      keep_larger(best, row, x + i * w, [here](int64_t) { return here; }, w);
+    }
+  };
+  over_vectors<T>(w, chunk, small);
 }
 
-// h_out rounded up to whole 64-byte vectors of T.
+// Per column c, the largest of the blocks first .. first + count - 1 (each of w values,
+// with rows) and its row: the blocks come in row order, so a later one wins only when
+// it beats.
+template <typename T>
+void merge_blocks(const T* __restrict blocks, const Row<T>* __restrict block_rows, int64_t w,
+                  int64_t first, int64_t count, T* __restrict best, Row<T>* __restrict row) {
+  constexpr int64_t L = kLanes<T>;
+  const auto chunk = [&](int64_t c0) {
+    T b[L];
+    Row<T> r[L];
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) {
+      b[l] = blocks[first * w + c0 + l];
+      r[l] = block_rows[first * w + c0 + l];
+    }
+    for (int64_t j = first + 1; j < first + count; ++j) {
+      const T* __restrict values = blocks + j * w + c0;
+      const Row<T>* __restrict rows = block_rows + j * w + c0;
+#pragma omp simd
+      for (int64_t l = 0; l < L; ++l) {
+        const bool take = beats(values[l], b[l]);
+        b[l] = take ? values[l] : b[l];
+        r[l] = take ? rows[l] : r[l];
+      }
+    }
+#pragma omp simd
+    for (int64_t l = 0; l < L; ++l) {
+      best[c0 + l] = b[l];
+      row[c0 + l] = r[l];
+    }
+  };
+  const auto small = [&](int64_t, int64_t) {
+    std::copy_n(blocks + first * w, w, best);
+    std::copy_n(block_rows + first * w, w, row);
+    for (int64_t j = first + 1; j < first + count; ++j) {
+      const Row<T>* later = block_rows + j * w;
+      keep_larger(best, row, blocks + j * w, [later](int64_t c) { return later[c]; }, w);
+    }
+  };
+  over_vectors<T>(w, chunk, small);
+}
+
+// h_out rounded up to whole vectors of T.
 template <typename T>
 constexpr int64_t padded_height(int64_t h_out) {
-  constexpr int64_t lanes = 64 / sizeof(T);
-  return (h_out + lanes - 1) / lanes * lanes;
+  return (h_out + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
 }
 
 // Scratch space for one map: the vertical pass's maxima and rows for every output row,
@@ -65,65 +154,65 @@ struct Scratch {
 // When the window is a whole number of strides (the lecture's 10x10 at stride 5), the
 // vertical pass takes each s_h-row block's maximum once and an output row merges its
 // k_h / s_h blocks, instead of reading k_h rows per output row. The horizontal pass
-// runs on the transposed maxima, so that it too is a loop along whole rows.
+// runs on the transposed maxima, padded to whole vectors, so that it too runs along
+// whole vectors: per output column, the largest over the window's columns.
 template <typename T>
 void pool_map(const T* __restrict x, T* __restrict out, int64_t* __restrict index, int64_t h,
               int64_t w, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t h_out,
               int64_t w_out, Scratch<T>& s) {
+  constexpr int64_t L = kLanes<T>;
   const bool tiled = sh > 1 && kh % sh == 0;
-  const int64_t per_window = tiled ? kh / sh : 1;
   if (tiled) {
+    const int64_t per_window = kh / sh;
     for (int64_t j = 0; j < h_out + per_window - 1; ++j)
       column_max(x, w, j * sh, sh, s.blocks.data() + j * w, s.block_rows.data() + j * w);
+    for (int64_t a = 0; a < h_out; ++a)
+      merge_blocks(s.blocks.data(), s.block_rows.data(), w, a, per_window,
+                   s.best.data() + a * w, s.rows.data() + a * w);
+  } else {
+    for (int64_t a = 0; a < h_out; ++a)
+      column_max(x, w, a * sh, kh, s.best.data() + a * w, s.rows.data() + a * w);
   }
+  const int64_t column = padded_height<T>(h_out);  // the padding is never read back
+  T* __restrict across = s.across.data();
+  Row<T>* __restrict flat = s.flat.data();
   for (int64_t a = 0; a < h_out; ++a) {
-    T* best = s.best.data() + a * w;
-    Row<T>* row = s.rows.data() + a * w;
-    if (!tiled) {
-      column_max(x, w, a * sh, kh, best, row);
-      continue;
-    }
-    std::copy_n(s.blocks.data() + a * w, w, best);
-    std::copy_n(s.block_rows.data() + a * w, w, row);
-    for (int64_t j = a + 1; j < a + per_window; ++j) {
-      const Row<T>* block_row = s.block_rows.data() + j * w;
-      const auto row_of = [block_row](int64_t c) { return block_row[c]; };
-      keep_larger(best, row, s.blocks.data() + j * w, row_of, w);
-    }
-  }
-  // Transposed columns are padded to whole vectors (the padding is never read back), so
-  // that the loops along them have no scalar remainder.
-  const int64_t column = padded_height<T>(h_out);
-  for (int64_t a = 0; a < h_out; ++a) {
+    const T* best = s.best.data() + a * w;
+    const Row<T>* rows = s.rows.data() + a * w;
     for (int64_t c = 0; c < w; ++c) {
-      s.across[c * column + a] = s.best[a * w + c];
-      s.flat[c * column + a] = static_cast<Row<T>>(s.rows[a * w + c] * w + c);
+      across[c * column + a] = best[c];
+      flat[c * column + a] = static_cast<Row<T>>(rows[c] * w + c);
     }
   }
-  T* value = s.best.data();  // reused: (column,) per output column
-  Row<T>* at = s.rows.data();
   for (int64_t b = 0; b < w_out; ++b) {
     const int64_t left = b * sw;
-    std::copy_n(s.across.data() + left * column, column, value);
-    std::copy_n(s.flat.data() + left * column, column, at);
-    for (int64_t c = left + 1; c < left + kw; ++c) {
-      const T* candidates = s.across.data() + c * column;
-      const Row<T>* flat = s.flat.data() + c * column;
+    for (int64_t a0 = 0; a0 < column; a0 += L) {
+      T value[L];
+      Row<T> at[L];
 #pragma omp simd
-      for (int64_t a = 0; a < column; ++a) {
-        // Columns come left to right but their rows in any order: compare positions.
-        const T candidate = candidates[a];
-        const bool nan = candidate != candidate;
-        const bool take = candidate > value[a] ||
-                          (nan && (value[a] == value[a] || flat[a] > at[a])) ||
-                          (candidate == value[a] && flat[a] < at[a]);
-        value[a] = take ? candidate : value[a];
-        at[a] = take ? flat[a] : at[a];
+      for (int64_t l = 0; l < L; ++l) {
+        value[l] = across[left * column + a0 + l];
+        at[l] = flat[left * column + a0 + l];
       }
-    }
-    for (int64_t a = 0; a < h_out; ++a) {
-      out[a * w_out + b] = value[a];
-      index[a * w_out + b] = at[a];
+      for (int64_t c = left + 1; c < left + kw; ++c) {
+        const T* __restrict candidates = across + c * column + a0;
+        const Row<T>* __restrict positions = flat + c * column + a0;
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) {
+          // Columns come left to right but their rows in any order: compare positions.
+          const T candidate = candidates[l];
+          const bool nan = candidate != candidate;
+          const bool take = candidate > value[l] ||
+                            (nan && (value[l] == value[l] || positions[l] > at[l])) ||
+                            (candidate == value[l] && positions[l] < at[l]);
+          value[l] = take ? candidate : value[l];
+          at[l] = take ? positions[l] : at[l];
+        }
+      }
+      for (int64_t l = 0; l < L && a0 + l < h_out; ++l) {
+        out[(a0 + l) * w_out + b] = value[l];
+        index[(a0 + l) * w_out + b] = at[l];
+      }
     }
   }
 }
@@ -135,11 +224,10 @@ Scratch<T> make_scratch(int64_t w, int64_t kh, int64_t sh, int64_t h_out) {
   const int64_t block_count = sh > 1 && kh % sh == 0 ? h_out + kh / sh - 1 : 0;
   s.blocks.resize(block_count * w);
   s.block_rows.resize(block_count * w);
-  const int64_t transposed = padded_height<T>(h_out) * w;
-  s.best.resize(std::max(h_out * w, transposed));
-  s.rows.resize(std::max(h_out * w, transposed));
-  s.across.resize(transposed);
-  s.flat.resize(transposed);
+  s.best.resize(h_out * w);
+  s.rows.resize(h_out * w);
+  s.across.resize(padded_height<T>(h_out) * w);
+  s.flat.resize(padded_height<T>(h_out) * w);
   return s;
 }
 

@@ -12,8 +12,8 @@ tracing or inside a ``torch.func`` transform, ``CNNKIT_FAST`` not 0) it runs so:
   writes the normalized maps out;
 - on a CPU, a stage whose layers all work image by image may run on slices of the
   batch: lecun83's first stage makes 64 maps of 75x75, 1.4 MB per image, and a slice of
-  a few images keeps those maps in the processor's cache while the stage's other layers
-  pass over them. How many images a slice holds is measured once per machine and shape
+  fewer images keeps less of them in memory at once and may keep them in the
+  processor's cache while the stage's other layers pass over them. How many images a slice holds is measured once per machine and shape
   (:func:`cnnkit.kernels.tuning.choose`); with measuring off the slice's maps fill
   about ``SLICE_BYTES``. The values are those of the whole batch at once; the weight
   gradients are summed slice by slice, which rounds differently, within float rounding
@@ -43,9 +43,10 @@ from cnnkit.nn.pooling import Pool, PoolSubsample, Subsample
 __all__ = ["Stage"]
 
 # Where slices are not measured (CNNKIT_TUNE=0), a slice holds about this many bytes of
-# the filter bank's output: a few images of lecun83's first stage, a size that fits the
-# caches of current processors.
-SLICE_BYTES = 6 * 2**20
+# the filter bank's output: 23 images of lecun83's first stage. The fused normalization
+# and pooling reads each image's maps while they are in the cache whatever the slice,
+# so a slice need only be large enough that the per-call costs of its layers vanish.
+SLICE_BYTES = 32 * 2**20
 
 # Layers that compute each image on its own (no statistics over the batch).
 _PER_IMAGE = (
