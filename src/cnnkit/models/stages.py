@@ -13,7 +13,8 @@ tracing or inside a ``torch.func`` transform, ``CNNKIT_FAST`` not 0) it runs so:
 - on a CPU, a stage whose layers all work image by image may run on slices of the
   batch: lecun83's first stage makes 64 maps of 75x75, 1.4 MB per image, and a slice of
   fewer images keeps less of them in memory at once and may keep them in the
-  processor's cache while the stage's other layers pass over them. How many images a slice holds is measured once per machine and shape
+  processor's cache while the stage's other layers pass over them. How many images a
+  slice holds is measured once per machine and shape
   (:func:`cnnkit.kernels.tuning.choose`); with measuring off the slice's maps fill
   about ``SLICE_BYTES``. The values are those of the whole batch at once; the weight
   gradients are summed slice by slice, which rounds differently, within float rounding
