@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -35,10 +36,45 @@ inline void keep_larger(T* __restrict best, Row<T>* __restrict row,
   }
 }
 
-// Lanes of one 64-byte vector of T. Loops written over exactly this many lanes become
-// single vector instructions whatever the map's size, which the compiler cannot see.
+// The width of the vector registers the code is built for.
+#if defined(__AVX512F__)
+constexpr int64_t kVectorBytes = 64;
+#elif defined(__AVX__)
+constexpr int64_t kVectorBytes = 32;
+#else
+constexpr int64_t kVectorBytes = 16;
+#endif
+
+// Lanes of one vector of T. Loops written over exactly this many lanes become single
+// vector instructions whatever the map's size, which the compiler cannot see.
 template <typename T>
-constexpr int64_t kLanes = 64 / sizeof(T);
+constexpr int64_t kLanes = kVectorBytes / sizeof(T);
+
+// One vector of values, and of row numbers or positions (as many lanes), in the
+// compiler's vector extension: held in registers, lowered to the instruction set built for.
+template <typename T>
+struct Vectors;
+template <>
+struct Vectors<float> {
+  typedef float values __attribute__((vector_size(kVectorBytes)));
+  typedef int32_t positions __attribute__((vector_size(kVectorBytes)));
+};
+template <>
+struct Vectors<double> {
+  typedef double values __attribute__((vector_size(kVectorBytes)));
+  typedef int64_t positions __attribute__((vector_size(kVectorBytes)));
+};
+template <typename T>
+using Values = typename Vectors<T>::values;
+template <typename T>
+using Positions = typename Vectors<T>::positions;
+
+template <typename V, typename T>
+inline V load(const T* from) {
+  V v;
+  std::memcpy(&v, from, sizeof v);
+  return v;
+}
 
 // Calls chunk(c0) for c0 = 0, L, 2L, ... and, when L does not divide w, once more at
 // w - L, a vector overlapping the one before: its columns are computed twice, to the same
@@ -187,27 +223,19 @@ void pool_map(const T* __restrict x, T* __restrict out, int64_t* __restrict inde
   for (int64_t b = 0; b < w_out; ++b) {
     const int64_t left = b * sw;
     for (int64_t a0 = 0; a0 < column; a0 += L) {
-      T value[L];
-      Row<T> at[L];
-#pragma omp simd
-      for (int64_t l = 0; l < L; ++l) {
-        value[l] = across[left * column + a0 + l];
-        at[l] = flat[left * column + a0 + l];
-      }
+      // One vector of output rows, kept in registers while the window's columns pass.
+      auto value = load<Values<T>>(across + left * column + a0);
+      auto at = load<Positions<T>>(flat + left * column + a0);
       for (int64_t c = left + 1; c < left + kw; ++c) {
-        const T* __restrict candidates = across + c * column + a0;
-        const Row<T>* __restrict positions = flat + c * column + a0;
-#pragma omp simd
-        for (int64_t l = 0; l < L; ++l) {
-          // Columns come left to right but their rows in any order: compare positions.
-          const T candidate = candidates[l];
-          const bool nan = candidate != candidate;
-          const bool take = candidate > value[l] ||
-                            (nan && (value[l] == value[l] || positions[l] > at[l])) ||
-                            (candidate == value[l] && positions[l] < at[l]);
-          value[l] = take ? candidate : value[l];
-          at[l] = take ? positions[l] : at[l];
-        }
+        // Columns come left to right but their rows in any order: compare positions.
+        const auto candidate = load<Values<T>>(across + c * column + a0);
+        const auto position = load<Positions<T>>(flat + c * column + a0);
+        const auto nan = candidate != candidate;
+        const auto take = (candidate > value) |
+                          (nan & ((value == value) | (position > at))) |
+                          ((candidate == value) & (position < at));
+        value = take ? candidate : value;
+        at = take ? position : at;
       }
       for (int64_t l = 0; l < L && a0 + l < h_out; ++l) {
         out[(a0 + l) * w_out + b] = value[l];
