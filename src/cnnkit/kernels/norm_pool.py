@@ -165,9 +165,12 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     ctx.save_for_backward(x, window, pooled, index, statistics, mean_sigma)
     ctx.options = tuple(options)
     ctx.mark_non_differentiable(index, statistics, mean_sigma)
+    ctx.set_materialize_grads(False)  # no zeros made up for the statistics' gradients
 
 
 def _backward(ctx, grad, *unused):  # noqa: ANN001, ANN202
+    if grad is None:  # the pooled maps are not used by what is differentiated
+        return (None,) * 11
     x, window, pooled, index, statistics, mean_sigma = ctx.saved_tensors
     border, rectify, mean_threshold, threshold, floor, kh, kw, sh, sw = ctx.options
     if torch.is_grad_enabled():  # a graph of the backward is recorded: the plain formula

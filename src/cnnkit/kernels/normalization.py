@@ -369,9 +369,15 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     y, den, variance, sigma, mean_sigma = output
     ctx.save_for_backward(x, window, y, den, variance, sigma, mean_sigma)
     ctx.options = (border, rectify, mean_threshold, threshold, floor)
+    # The statistics are the forward's own: no gradient flows into them, and none is
+    # made up as zeros for them in the backward.
+    ctx.mark_non_differentiable(den, variance, sigma, mean_sigma)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad, *unused):  # noqa: ANN001, ANN202
+    if grad is None:  # y is not used by what is differentiated
+        return (None,) * 7
     x, window, y, den, variance, sigma, mean_sigma = ctx.saved_tensors
     border, rectify, mean_threshold, threshold, floor = ctx.options
     if torch.is_grad_enabled():  # a graph of the backward is recorded: the plain formula

@@ -152,9 +152,12 @@ def _pool_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     ctx.save_for_backward(index)
     ctx.size = x.shape[-2:]
     ctx.mark_non_differentiable(index)
+    ctx.set_materialize_grads(False)  # no zeros made up for the indices' gradient
 
 
 def _pool_backward(ctx, grad, unused):  # noqa: ANN001, ANN202
+    if grad is None:  # the pooled maps are not used by what is differentiated
+        return None, None, None, None, None
     (index,) = ctx.saved_tensors
     return _max_pool_backward_op(grad, index, *ctx.size), None, None, None, None
 
