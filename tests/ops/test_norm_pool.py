@@ -184,3 +184,20 @@ def test_windows_holding_nan_pick_the_library_s_index(layout) -> None:
     assert pooled.isnan().all()  # each window's index: its last NaN, as the library's
     torch.testing.assert_close(pooled, expected, equal_nan=True, rtol=1e-12, atol=1e-13)
     assert torch.equal(index, expected_index)
+
+
+def test_the_operator_under_vmap_equals_one_call_per_entry() -> None:
+    x = _x((3, 2, 4, 12, 12), seed=10)  # a mapped dimension of 3 over batches of 2
+    window = gaussian_window(3, 0.8, 4, dtype=F64)
+    options = ("renormalize", True, True, 0.0, 1e-4, 4, 4, 2, 2)
+
+    def pooled(t):
+        return torch.ops.cnnkit.contrast_norm_max_pool(t, window, *options)[0]
+
+    mapped = torch.func.vmap(pooled)(x)
+    torch.testing.assert_close(mapped, torch.stack([pooled(t) for t in x]), rtol=0, atol=0)
+    windows = torch.stack([window, window * 1.0, window])
+    per_window = torch.func.vmap(
+        lambda t, w: torch.ops.cnnkit.contrast_norm_max_pool(t, w, *options)[0]
+    )(x, windows)
+    torch.testing.assert_close(per_window, mapped, rtol=0, atol=0)

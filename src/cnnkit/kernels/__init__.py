@@ -9,6 +9,9 @@ and then calls one function of this package:
   operator ``torch.ops.cnnkit.contrast_norm`` (the compiled CPU kernel of
   :mod:`cnnkit._native`, or banded matrix products where it is not built), with its
   shape function, derivative and a batching rule that falls back to the plain path;
+- :mod:`cnnkit.kernels.norm_pool` -- a rectification, contrast normalization and max
+  pooling in a row as the registered operator ``torch.ops.cnnkit.contrast_norm_max_pool``,
+  which never writes the normalized maps out;
 - :mod:`cnnkit.kernels.table_conv` -- the connection-table filter bank's other exact
   methods (unfold, Fourier, depthwise) and the choice among them;
 - :mod:`cnnkit.kernels.pooling` -- max pooling by blocks, or by the compiled kernel as

@@ -185,3 +185,21 @@ def _backward(ctx, grad, *unused):  # noqa: ANN001, ANN202
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@_op.register_vmap
+def _(info, in_dims, x, window, *options):  # noqa: ANN001, ANN202
+    """Each image is normalized and pooled on its own: fold the mapped dimension into the
+    batch (one call per entry when the window is mapped too)."""
+    x_dim, window_dim = in_dims[:2]
+    if window_dim is not None:
+        outs = [
+            _op(x.select(x_dim, i) if x_dim is not None else x, window.select(window_dim, i),
+                *options)
+            for i in range(info.batch_size)
+        ]  # fmt: skip
+        return tuple(torch.stack(parts) for parts in zip(*outs, strict=True)), (0,) * 4
+    x = x.movedim(x_dim, 0)  # (B, N, C, H, W)
+    b, n = x.shape[:2]
+    outs = _op(x.reshape(b * n, *x.shape[2:]), window, *options)
+    return tuple(out.view(b, n, *out.shape[1:]) for out in outs), (0,) * 4
