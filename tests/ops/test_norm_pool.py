@@ -201,3 +201,28 @@ def test_the_operator_under_vmap_equals_one_call_per_entry() -> None:
         lambda t, w: torch.ops.cnnkit.contrast_norm_max_pool(t, w, *options)[0]
     )(x, windows)
     torch.testing.assert_close(per_window, mapped, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_without_a_gradient_the_same_values_come_without_the_sums(layout) -> None:
+    x = _x((2, 8, 16, 16), torch.float32, seed=11).contiguous(memory_format=layout)
+    window = gaussian_window(5, 1.3, 8)
+    with torch.no_grad():
+        plain = rectified_contrast_norm_max_pool(x, window, "mean", "renormalize", 1e-4, 4, 2)
+    recorded = rectified_contrast_norm_max_pool(
+        x.requires_grad_(), window, "mean", "renormalize", 1e-4, 4, 2
+    )
+    assert torch.equal(plain, recorded.detach())
+    options = ("renormalize", True, True, 0.0, 1e-4, 4, 4, 2, 2)
+    with_sums = fast._native_forward(x.detach(), window, *options, with_sums=True)
+    without = fast._native_forward(x.detach(), window, *options, with_sums=False)
+    assert with_sums[2][:, 4].isfinite().all() and without[2][:, 4].isnan().all()
+    torch.testing.assert_close(with_sums[2][:, 4], _y_sum(x, window), rtol=1e-5, atol=1e-5)
+    for a, b in zip(with_sums[:2], without[:2], strict=True):
+        assert torch.equal(a, b)
+
+
+def _y_sum(x, window):
+    """``sum_i y_i`` of the plain normalization, ``(N, H, W)``."""
+    a = x.detach().abs()
+    return _divide(_subtract(a, window, "renormalize"), window, "renormalize", "mean", 1e-4).sum(1)

@@ -266,7 +266,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("cnnkit_native::contrast_norm_max_pool_forward")
     def _(x, row_diagonals, column_diagonals, mass, rectify, mean_threshold, threshold,
-          floor, kh, kw, sh, sw):  # fmt: skip
+          floor, kh, kw, sh, sw, with_sums):  # fmt: skip
         n, c, h, w = x.shape
         shape = (n, c, (h - kh) // sh + 1, (w - kw) // sw + 1)
         channels_last = not x.is_contiguous()

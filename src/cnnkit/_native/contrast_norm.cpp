@@ -480,7 +480,8 @@ at::Tensor contrast_norm_backward(const at::Tensor& grad, const at::Tensor& x,
 //
 // Forward: passes 1 and 2 as above; pass 3 makes each map's y in a buffer of one map
 // (which stays in the cache) and pools it there, so y is never written out. It also
-// keeps, per pixel, mean m, den, variance, sigma and sum_i y_i for the backward.
+// keeps, per pixel, mean m, den, variance, sigma and (with_sums) sum_i y_i for the
+// backward.
 //
 // Backward: the gradient of y is the pooling's, one value per window at its maximum, so
 // the sums over maps that the backward above reads all of g and y for are sums over the
@@ -500,7 +501,8 @@ struct PixelStatistics {
   T *mean, *den, *variance, *sigma, *y_sum;
 };
 
-// Pass 3 for contiguous maps: each map's y in a buffer of one map, pooled there.
+// Pass 3 for contiguous maps: each map's y in a buffer of one map, pooled there; and
+// y_sum = sum_i y_i unless y_sum is null.
 template <typename T, bool Rectify>
 void pool_normalized_maps(const T* x, int64_t maps, const Window& window,
                           const PoolWindow& pool, const T* mean, const T* scale, T* pooled,
@@ -528,6 +530,7 @@ void pool_normalized_maps(const T* x, int64_t maps, const Window& window,
     std::lock_guard<std::mutex> guard(pieces_lock);
     pieces.emplace_back(begin, std::move(partial));
   });
+  if (y_sum == nullptr) return;
   std::sort(pieces.begin(), pieces.end(),
             [](const auto& a, const auto& b) { return a.first < b.first; });
   std::fill_n(y_sum, pixels, T(0));
@@ -540,14 +543,15 @@ void pool_normalized_maps(const T* x, int64_t maps, const Window& window,
 // Pass 3 for channels-last maps, every map of a pixel at once (loops along maps
 // vectorize): per output row, the largest y of each column over the window's rows (by
 // blocks of s_h rows when the window is a whole number of them), then over the window's
-// columns. y is computed from x where it is needed and never kept.
+// columns. y is computed from x where it is needed and never kept; y_sum as above.
 template <typename T, bool Rectify>
 void pool_normalized_pixels(const T* x, int64_t maps, const Window& window,
                             const PoolWindow& pool, const T* mean, const T* scale, T* pooled,
                             int64_t* index, T* y_sum) {
   using Row = cnnkit_pooling::Row<T>;
   const int64_t w = window.w, pixels = window.h * w;
-  at::parallel_for(0, pixels, pixel_grain(maps), [&](int64_t begin, int64_t end) {
+  const int64_t summed = y_sum == nullptr ? 0 : pixels;  // no sums: nothing to do
+  at::parallel_for(0, summed, pixel_grain(maps), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const T* values = x + p * maps;
       const T centre = mean[p], factor = scale[p];
@@ -565,17 +569,25 @@ void pool_normalized_pixels(const T* x, int64_t maps, const Window& window,
   // A piece: per column and map, the largest y of rows top .. top + span - 1 and its row.
   const auto make_piece = [&](int64_t top, T* best, Row* row) {
     for (int64_t r = top; r < top + span; ++r) {
+      const Row here = static_cast<Row>(r);
       for (int64_t c = 0; c < w; ++c) {
         const int64_t p = r * w + c;
-        const T* values = x + p * maps;
+        const T* __restrict values = x + p * maps;
         T* __restrict b = best + c * maps;
         Row* __restrict at = row + c * maps;
         const T centre = mean[p], factor = scale[p];
-        const Row here = static_cast<Row>(r);
+        if (r == top) {
+#pragma omp simd
+          for (int64_t i = 0; i < maps; ++i) {
+            b[i] = (rectified<T, Rectify>(values[i]) - centre) * factor;
+            at[i] = here;
+          }
+          continue;
+        }
 #pragma omp simd
         for (int64_t i = 0; i < maps; ++i) {
           const T y = (rectified<T, Rectify>(values[i]) - centre) * factor;
-          const bool take = r == top || cnnkit_pooling::beats(y, b[i]);
+          const bool take = cnnkit_pooling::beats(y, b[i]);
           b[i] = take ? y : b[i];
           at[i] = take ? here : at[i];
         }
@@ -583,9 +595,10 @@ void pool_normalized_pixels(const T* x, int64_t maps, const Window& window,
     }
   };
   at::parallel_for(0, pool.h_out, 1, [&](int64_t first, int64_t last) {
-    // pieces of rows, kept in a ring of per_window, then one output row's maxima
-    std::vector<T> ring(per_window * line), best(line);
-    std::vector<Row> ring_rows(per_window * line), rows(line);
+    // pieces of rows, kept in a ring of per_window, then one output row's maxima, then
+    // one window's maximum and its flat position (kept as wide as T until stored)
+    std::vector<T> ring(per_window * line), best(line), value(maps);
+    std::vector<Row> ring_rows(per_window * line), rows(line), where(maps);
     for (int64_t a = first; a < last; ++a) {
       for (int64_t j = a == first ? 0 : per_window - 1; j < per_window; ++j) {
         const int64_t slot = (a + j) % per_window;
@@ -601,23 +614,36 @@ void pool_normalized_pixels(const T* x, int64_t maps, const Window& window,
                                     [later](int64_t k) { return later[k]; }, line);
       }
       for (int64_t b = 0; b < pool.w_out; ++b) {
-        T* __restrict out = pooled + (a * pool.w_out + b) * maps;
-        int64_t* __restrict at = index + (a * pool.w_out + b) * maps;
         const int64_t left = b * pool.sw;
-        for (int64_t c = left; c < left + pool.kw; ++c) {
-          const T* candidates = best.data() + c * maps;
-          const Row* candidate_rows = rows.data() + c * maps;
+        T* __restrict v = value.data();
+        Row* __restrict at = where.data();
+        const Row first_column = static_cast<Row>(left);
+#pragma omp simd
+        for (int64_t i = 0; i < maps; ++i) {
+          v[i] = best[left * maps + i];
+          at[i] = rows[left * maps + i] * static_cast<Row>(w) + first_column;
+        }
+        for (int64_t c = left + 1; c < left + pool.kw; ++c) {
+          const T* __restrict candidates = best.data() + c * maps;
+          const Row* __restrict candidate_rows = rows.data() + c * maps;
+          const Row column = static_cast<Row>(c);
 #pragma omp simd
           for (int64_t i = 0; i < maps; ++i) {
-            const int64_t flat = static_cast<int64_t>(candidate_rows[i]) * w + c;
+            const Row flat = candidate_rows[i] * static_cast<Row>(w) + column;
             const T candidate = candidates[i];
             const bool nan = candidate != candidate;
-            const bool take = c == left || candidate > out[i] ||
-                              (nan && (out[i] == out[i] || flat > at[i])) ||
-                              (candidate == out[i] && flat < at[i]);
-            out[i] = take ? candidate : out[i];
+            const bool take = candidate > v[i] || (nan && (v[i] == v[i] || flat > at[i])) ||
+                              (candidate == v[i] && flat < at[i]);
+            v[i] = take ? candidate : v[i];
             at[i] = take ? flat : at[i];
           }
+        }
+        T* __restrict out = pooled + (a * pool.w_out + b) * maps;
+        int64_t* __restrict positions = index + (a * pool.w_out + b) * maps;
+#pragma omp simd
+        for (int64_t i = 0; i < maps; ++i) {
+          out[i] = v[i];
+          positions[i] = static_cast<int64_t>(at[i]);
         }
       }
     }
@@ -644,7 +670,7 @@ void normalize_and_pool_image(const T* x, int64_t maps, const Window& window, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_norm_max_pool_forward(
     const at::Tensor& x, const at::Tensor& row_diagonals, const at::Tensor& column_diagonals,
     const at::Tensor& mass, bool rectify, bool mean_threshold, double threshold, double floor,
-    int64_t kh, int64_t kw, int64_t sh, int64_t sw) {
+    int64_t kh, int64_t kw, int64_t sh, int64_t sw, bool with_sums) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "x must be (N, C, H, W) on the CPU");
   const bool channels_last =
       !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -674,8 +700,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_norm_max_poo
     at::parallel_for(0, n_images, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         T* s = stats.data_ptr<T>() + n * 5 * pixels;
+        // Without the sums (nothing to differentiate) their plane is NaN, never read.
+        if (!with_sums) std::fill_n(s + 4 * pixels, pixels, std::numeric_limits<T>::quiet_NaN());
         const PixelStatistics<T> image_stats{s, s + pixels, s + 2 * pixels, s + 3 * pixels,
-                                             s + 4 * pixels};
+                                             with_sums ? s + 4 * pixels : nullptr};
         image_forward(x.data_ptr<T>() + n * maps * pixels, maps, window,
                       row_diagonals.data_ptr<T>(), column_diagonals.data_ptr<T>(),
                       mass.data_ptr<T>(), mean_threshold, threshold, floor, pool,
@@ -792,7 +820,7 @@ TORCH_LIBRARY(cnnkit_native, m) {
   m.def(
       "contrast_norm_max_pool_forward(Tensor x, Tensor row_diagonals, "
       "Tensor column_diagonals, Tensor mass, bool rectify, bool mean_threshold, "
-      "float threshold, float floor, int kh, int kw, int sh, int sw) -> "
+      "float threshold, float floor, int kh, int kw, int sh, int sw, bool with_sums) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
   m.impl("contrast_norm_max_pool_forward", c10::DispatchKey::CPU,
          &contrast_norm_max_pool_forward);

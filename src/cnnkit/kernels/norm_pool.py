@@ -75,11 +75,9 @@ def contrast_norm_max_pool(
     mean_threshold = threshold == "mean"
     limit = 0.0 if mean_threshold else float(threshold)
     options = (border, rectify, mean_threshold, limit, floor, *pool_window, *pool_stride)
-    # Nothing to differentiate: the implementation itself, past the dispatcher.
-    direct = is_concrete(x) and not recorded(x)
-    op = _forward if direct else torch.ops.cnnkit.contrast_norm_max_pool
-    pooled, *_ = op(x, window.detach(), *options)
-    return pooled
+    if is_concrete(x) and not recorded(x):  # past the dispatcher, without the sums
+        return _native_forward(x, window.detach(), *options, with_sums=False)[0]
+    return torch.ops.cnnkit.contrast_norm_max_pool(x, window.detach(), *options)[0]
 
 
 def _forward(
@@ -98,6 +96,14 @@ def _forward(
     """``(pooled, index, statistics, mean_sigma)``: the pooled maps and the flat index of
     each window's maximum ``(N, C, H_out, W_out)``; ``m, den, variance, sigma,
     sum_i y_i`` ``(N, 5, H, W)``; the mean of ``sigma`` ``(N,)``."""
+    return _native_forward(x, window, border, rectify, mean_threshold, threshold, floor,
+                           kh, kw, sh, sw, with_sums=True)  # fmt: skip
+
+
+def _native_forward(x, window, border, rectify, mean_threshold, threshold, floor, kh, kw,  # noqa: ANN001, ANN202
+                    sh, sw, with_sums):  # fmt: skip
+    """:func:`_forward`'s outputs; without ``with_sums`` (no backward to run) the plane of
+    ``sum_i y_i`` is left NaN and its pass skipped."""
     bands = _bands(window, border, *x.shape[-2:], x)
     if bands is None or native_ops() is None or x.device.type != "cpu":
         raise ValueError(
@@ -106,7 +112,7 @@ def _forward(
         )
     return native_ops().contrast_norm_max_pool_forward(
         x.contiguous(memory_format=_layout(x)), bands.row_diagonals, bands.column_diagonals,
-        bands.mass, rectify, mean_threshold, threshold, floor, kh, kw, sh, sw,
+        bands.mass, rectify, mean_threshold, threshold, floor, kh, kw, sh, sw, with_sums,
     )  # fmt: skip
 
 
