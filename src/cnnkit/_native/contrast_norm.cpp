@@ -111,14 +111,31 @@ void sum_over_maps(const Image<T>& image, const T* mean, int64_t begin, int64_t 
       sums[p] = total;
     }
   } else {
+    const auto term = [mean](T value, int64_t p) {
+      const T a = rectified<T, Rectify>(value);
+      return Centred ? (a - mean[p]) * (a - mean[p]) : a;
+    };
     for (int64_t p = begin; p < end; ++p) sums[p] = T(0);
-    for (int64_t i = 0; i < image.maps; ++i) {
-      const T* values = image.x + i * image.pixels;
+    // Four maps per sweep, added one after another in map order (the same sums as one
+    // map per sweep, with a quarter of the loads and stores of the running sums).
+    const int64_t pixels = image.pixels, blocked = image.maps / 4 * 4;
+    for (int64_t i = 0; i < blocked; i += 4) {
+      const T* v0 = image.x + i * pixels;
+      const T *v1 = v0 + pixels, *v2 = v1 + pixels, *v3 = v2 + pixels;
 #pragma omp simd
       for (int64_t p = begin; p < end; ++p) {
-        const T a = rectified<T, Rectify>(values[p]);
-        sums[p] += Centred ? (a - mean[p]) * (a - mean[p]) : a;
+        T total = sums[p];
+        total += term(v0[p], p);
+        total += term(v1[p], p);
+        total += term(v2[p], p);
+        total += term(v3[p], p);
+        sums[p] = total;
       }
+    }
+    for (int64_t i = blocked; i < image.maps; ++i) {
+      const T* values = image.x + i * pixels;
+#pragma omp simd
+      for (int64_t p = begin; p < end; ++p) sums[p] += term(values[p], p);
     }
   }
 }
