@@ -128,7 +128,7 @@ def layer_breakdown(model: torch.nn.Module, repeats: int) -> dict[str, dict[str,
     parts: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = []
     for number, stage in enumerate(model.stages, start=1):
         parts.append((f"stage{number}.filters", stage.filters))
-        window, stride = stage.pool.window, stage.pool.stride
+        window, stride = stage.pool.window, getattr(stage.pool, "stride", (1, 1))
 
         def fused(h, norm=stage.norm, window=window, stride=stride):  # noqa: ANN001, ANN202
             return norm.forward_rectified_max_pool(h, window, stride)

@@ -11,13 +11,13 @@ from cnnkit.models import stages
 
 pytestmark = pytest.mark.usefixtures("fast_paths")
 
-DEFAULT_SLICE_BYTES = stages.SLICE_BYTES
+DEFAULT_FUSED_SLICE_BYTES = stages.FUSED_SLICE_BYTES
 
 
 @pytest.fixture(autouse=True)
 def small_slices(monkeypatch: pytest.MonkeyPatch) -> None:
     """Slices of 6 MiB, 4 images of lecun83's first stage: small batches get sliced."""
-    monkeypatch.setattr(stages, "SLICE_BYTES", 6 * 2**20)
+    monkeypatch.setattr(stages, "FUSED_SLICE_BYTES", stages.SLICE_BYTES)
 
 
 def _lecun83(dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -38,19 +38,23 @@ def _batches_seen(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     return seen
 
 
-def test_the_default_slice_holds_23_images_of_lecun83s_first_stage(monkeypatch) -> None:
-    # 64 maps of 75x75 float32 are 1.44 MB per image: 23 fit in the 32 MiB slice.
-    monkeypatch.setattr(stages, "SLICE_BYTES", DEFAULT_SLICE_BYTES)
-    assert stages.SLICE_BYTES // (64 * 75 * 75 * 4) == 23
+def test_a_fused_stage_s_default_slice_holds_23_images_of_lecun83(monkeypatch) -> None:
+    # 64 maps of 75x75 float32 are 1.44 MB per image: 23 fit in the 32 MiB of a stage
+    # that normalizes and pools in one op, 4 in the 6 MiB of any other.
+    monkeypatch.setattr(stages, "FUSED_SLICE_BYTES", DEFAULT_FUSED_SLICE_BYTES)
+    assert stages.FUSED_SLICE_BYTES // (64 * 75 * 75 * 4) == 23
     model = _lecun83(torch.float32)
+    layers = list(model.stage1.children())
     x = torch.randn(30, 1, 83, 83)
-    assert stages._default_slice(list(model.stage1.children()), x) == 23
-    assert stages._default_slice(list(model.stage1.children()), x[:5]) == 5
-    assert stages._default_slice(list(model.stage1.children()), x.double()) == 11
+    assert stages._default_slice(layers, x) == 23
+    assert stages._default_slice(layers, x[:5]) == 5
+    assert stages._default_slice(layers, x.double()) == 11
+    averaging = [*layers[:3], nn.AvgPool2d(10, 5)]  # no fused op: cache-sized slices
+    assert stages._default_slice(averaging, x) == 4
 
 
 def test_lecun83_first_stage_runs_in_slices_of_four_images(monkeypatch) -> None:
-    # 64 maps of 75x75 float32 are 1.44 MB per image: 4 fit in a 6 MiB slice.
+    # 64 maps of 75x75 float32 are 1.44 MB per image: 4 fit in the 6 MiB slice.
     assert stages.SLICE_BYTES // (64 * 75 * 75 * 4) == 4
     model = _lecun83(torch.float32)
     seen = _batches_seen(monkeypatch)
@@ -66,7 +70,7 @@ def test_sliced_forward_and_gradients_equal_the_whole_batch(monkeypatch) -> None
     x = torch.randn(5, 1, 83, 83, dtype=torch.float64)
     sliced = model(x)
     g_sliced = torch.autograd.grad(sliced.square().sum(), list(model.parameters()))
-    monkeypatch.setattr(stages, "SLICE_BYTES", 2**40)  # one slice: the whole batch
+    monkeypatch.setattr(stages, "FUSED_SLICE_BYTES", 2**40)  # one slice: the whole batch
     seen = _batches_seen(monkeypatch)
     whole = model(x)
     assert [n for _, n in seen] == [5, 5]

@@ -226,3 +226,51 @@ def _y_sum(x, window):
     """``sum_i y_i`` of the plain normalization, ``(N, H, W)``."""
     a = x.detach().abs()
     return _divide(_subtract(a, window, "renormalize"), window, "renormalize", "mean", 1e-4).sum(1)
+
+
+def test_the_pooled_maps_may_change_in_place_before_the_backward() -> None:
+    x = _x((2, 4, 12, 12), seed=12).requires_grad_()
+    window = gaussian_window(3, 0.8, 4, dtype=F64)
+    out = rectified_contrast_norm_max_pool(x, window, "mean", "renormalize", 1e-4, 4, 2)
+    (g_fused,) = torch.autograd.grad(out.clone().relu_().sum() + out.mul_(2).sum(), x)
+    literal = _three_layers(x, window, "mean", "renormalize", 4, 2)
+    (g_literal,) = torch.autograd.grad(literal.clone().relu_().sum() + literal.mul_(2).sum(), x)
+    torch.testing.assert_close(g_fused, g_literal, **TOLERANCE[F64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("width", [3, 7, 8, 9, 16, 17, 33])
+def test_maps_narrower_than_a_vector_or_not_a_whole_number_of_them(dtype, width) -> None:
+    # The compiled pooling runs along whole vectors of 2 to 16 lanes, the last one
+    # overlapping the one before; widths around those sizes reach every branch.
+    x = _x((2, 3, 11, width), dtype, seed=13)
+    window = gaussian_window(3, 0.8, 3, dtype=dtype)
+    pool_window = (4, min(3, width))
+    pool_stride = (2, 1 if width < 8 else 2)
+    _compare(x, window, 0.2, "zero", pool_window, pool_stride, TOLERANCE[dtype])
+    values, index = torch.ops.cnnkit.max_pool2d(x, *pool_window, *pool_stride)
+    expected, expected_index = F.max_pool2d(x, pool_window, pool_stride, return_indices=True)
+    assert torch.equal(values, expected) and torch.equal(index, expected_index)
+
+
+def test_the_registered_operators_pass_opcheck() -> None:
+    window = gaussian_window(3, 0.8, 3, dtype=F64)
+    options = ("zero", True, False, 0.2, 1e-4, 4, 4, 2, 2)
+    for layout in LAYOUTS:
+        x = _x((2, 3, 10, 10), seed=14).contiguous(memory_format=layout).requires_grad_()
+        torch.library.opcheck(torch.ops.cnnkit.contrast_norm_max_pool, (x, window, *options))
+
+
+def test_a_stage_fuses_a_stride_1_pool_and_leaves_a_pool_of_other_maps_to_refuse() -> None:
+    torch.manual_seed(1)
+    layers = [FilterBank(tables.full(1, 4), 5), Rectify(), ContrastNorm(4, 5), Pool("max", 3)]
+    stage = Stage(*layers).double()
+    for x in (_x((3, 1, 16, 16), seed=15), _x((1, 1, 16, 16), seed=16), _x((1, 16, 16), seed=17)):
+        fused = stage(x)
+        stage.fast = False
+        literal = stage(x)
+        stage.fast = True
+        torch.testing.assert_close(fused, literal, rtol=1e-12, atol=1e-13)
+    wrong = Stage(*layers[:3], PoolSubsample("max", 3, 2, maps=5)).double()
+    with pytest.raises(ValueError, match="5"):
+        wrong(_x((2, 1, 16, 16), seed=18))

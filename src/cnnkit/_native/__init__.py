@@ -276,8 +276,8 @@ def _register_fakes() -> None:
         return pooled, index, x.new_empty(n, 5, h, w), x.new_empty(n)
 
     @torch.library.register_fake("cnnkit_native::contrast_norm_max_pool_backward")
-    def _(grad, index, pooled, x, *rest):
-        return torch.empty_like(x)
+    def _(grad, index, x, *rest):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous
 
     @torch.library.register_fake("cnnkit_native::max_pool_forward")
     def _(x, kh, kw, sh, sw):

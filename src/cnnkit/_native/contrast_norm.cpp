@@ -174,6 +174,19 @@ inline int64_t pixel_grain(int64_t maps) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, maps));
 }
 
+// Runs task(begin, end) over images: one image per thread, or, with fewer images than
+// threads, one image after another, so that the passes within an image split across the
+// threads (a parallel_for inside a parallel region runs on one thread, and torch counts
+// a loop of one image as such a region).
+template <typename Task>
+void over_images(int64_t n_images, const Task& task) {
+  if (n_images < at::get_num_threads()) {
+    for (int64_t n = 0; n < n_images; ++n) task(n, n + 1);
+  } else {
+    at::parallel_for(0, n_images, 1, task);
+  }
+}
+
 // Passes 1 and 2 over one image: mean[p] = m, scale[p] = 1 / den, and the den, variance,
 // sigma and mean-of-sigma outputs.
 template <typename T, bool Rectify, bool ChannelsLast>
@@ -291,8 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_
     T* sigma_map = sigma.data_ptr<T>();
     T* mean_sigmas = mean_sigma.data_ptr<T>();
     const int64_t image_size = maps * h * w, pixels = h * w;
-    // One image per task; with a single image the passes split its pixels instead.
-    at::parallel_for(0, n_images, 1, [&](int64_t begin, int64_t end) {
+    over_images(n_images, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const Image<T> image{source + n * image_size, target + n * image_size, maps, pixels};
         normalize(image, window, rows, columns, mass_map, mean_threshold, threshold, floor,
@@ -480,7 +492,7 @@ at::Tensor contrast_norm_backward(const at::Tensor& grad, const at::Tensor& x,
     const T* mean_sigmas = mean_sigma.data_ptr<T>();
     const T* rows_t = row_diagonals_t.data_ptr<T>();
     const T* columns_t = column_diagonals_t.data_ptr<T>();
-    at::parallel_for(0, n_images, 1, [&](int64_t begin, int64_t end) {
+    over_images(n_images, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const int64_t o = n * image_size, q = n * pixels;
         image_backward(gs + o, ys + o, xs + o, outs + o, maps, window, rows_t, columns_t,
@@ -502,7 +514,7 @@ at::Tensor contrast_norm_backward(const at::Tensor& grad, const at::Tensor& x,
 //
 // Backward: the gradient of y is the pooling's, one value per window at its maximum, so
 // the sums over maps that the backward above reads all of g and y for are sums over the
-// windows: sum_i g_i y_i from each window's gradient times its pooled value, sum_i g_i
+// windows: sum_i g_i y_i from each window's gradient times y at its maximum, sum_i g_i
 // from the gradients alone, and sum_i g_v = r sum_i g_i + k sum_i y_i. One pass then
 // writes g_x = sign(x) (k y - q) with y = (a - m) r and q = S^T(sum_i g_v) / C, and each
 // window adds sign(x) g r at its maximum.
@@ -529,21 +541,28 @@ void pool_normalized_maps(const T* x, int64_t maps, const Window& window,
   std::mutex pieces_lock;
   std::vector<std::pair<int64_t, std::vector<T>>> pieces;
   at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> y(pixels), partial(pixels, T(0));
+    std::vector<T> y(pixels), partial(y_sum != nullptr ? pixels : 0, T(0));
     auto scratch = cnnkit_pooling::make_scratch<T>(window.w, pool.kh, pool.sh, pool.h_out);
     for (int64_t i = begin; i < end; ++i) {
       const T* values = x + i * pixels;
       T* __restrict out = y.data();
       T* __restrict total = partial.data();
+      if (y_sum != nullptr) {
 #pragma omp simd
-      for (int64_t p = 0; p < pixels; ++p) {
-        out[p] = (rectified<T, Rectify>(values[p]) - mean[p]) * scale[p];
-        total[p] += out[p];
+        for (int64_t p = 0; p < pixels; ++p) {
+          out[p] = (rectified<T, Rectify>(values[p]) - mean[p]) * scale[p];
+          total[p] += out[p];
+        }
+      } else {
+#pragma omp simd
+        for (int64_t p = 0; p < pixels; ++p)
+          out[p] = (rectified<T, Rectify>(values[p]) - mean[p]) * scale[p];
       }
       cnnkit_pooling::pool_map(y.data(), pooled + i * outputs, index + i * outputs, window.h,
                                window.w, pool.kh, pool.kw, pool.sh, pool.sw, pool.h_out,
                                pool.w_out, scratch);
     }
+    if (y_sum == nullptr) return;
     std::lock_guard<std::mutex> guard(pieces_lock);
     pieces.emplace_back(begin, std::move(partial));
   });
@@ -591,13 +610,13 @@ void pool_normalized_pixels(const T* x, int64_t maps, const Window& window,
         const int64_t p = r * w + c;
         const T* __restrict values = x + p * maps;
         T* __restrict b = best + c * maps;
-        Row* __restrict at = row + c * maps;
+        Row* __restrict row_of = row + c * maps;
         const T centre = mean[p], factor = scale[p];
         if (r == top) {
 #pragma omp simd
           for (int64_t i = 0; i < maps; ++i) {
             b[i] = (rectified<T, Rectify>(values[i]) - centre) * factor;
-            at[i] = here;
+            row_of[i] = here;
           }
           continue;
         }
@@ -606,7 +625,7 @@ void pool_normalized_pixels(const T* x, int64_t maps, const Window& window,
           const T y = (rectified<T, Rectify>(values[i]) - centre) * factor;
           const bool take = cnnkit_pooling::beats(y, b[i]);
           b[i] = take ? y : b[i];
-          at[i] = take ? here : at[i];
+          row_of[i] = take ? here : row_of[i];
         }
       }
     }
@@ -633,12 +652,12 @@ void pool_normalized_pixels(const T* x, int64_t maps, const Window& window,
       for (int64_t b = 0; b < pool.w_out; ++b) {
         const int64_t left = b * pool.sw;
         T* __restrict v = value.data();
-        Row* __restrict at = where.data();
+        Row* __restrict flat_of = where.data();
         const Row first_column = static_cast<Row>(left);
 #pragma omp simd
         for (int64_t i = 0; i < maps; ++i) {
           v[i] = best[left * maps + i];
-          at[i] = rows[left * maps + i] * static_cast<Row>(w) + first_column;
+          flat_of[i] = rows[left * maps + i] * static_cast<Row>(w) + first_column;
         }
         for (int64_t c = left + 1; c < left + pool.kw; ++c) {
           const T* __restrict candidates = best.data() + c * maps;
@@ -648,11 +667,9 @@ void pool_normalized_pixels(const T* x, int64_t maps, const Window& window,
           for (int64_t i = 0; i < maps; ++i) {
             const Row flat = candidate_rows[i] * static_cast<Row>(w) + column;
             const T candidate = candidates[i];
-            const bool nan = candidate != candidate;
-            const bool take = candidate > v[i] || (nan && (v[i] == v[i] || flat > at[i])) ||
-                              (candidate == v[i] && flat < at[i]);
+            const bool take = cnnkit_pooling::replaces(candidate, v[i], flat, flat_of[i]);
             v[i] = take ? candidate : v[i];
-            at[i] = take ? flat : at[i];
+            flat_of[i] = take ? flat : flat_of[i];
           }
         }
         T* __restrict out = pooled + (a * pool.w_out + b) * maps;
@@ -660,7 +677,7 @@ void pool_normalized_pixels(const T* x, int64_t maps, const Window& window,
 #pragma omp simd
         for (int64_t i = 0; i < maps; ++i) {
           out[i] = v[i];
-          positions[i] = static_cast<int64_t>(at[i]);
+          positions[i] = static_cast<int64_t>(flat_of[i]);
         }
       }
     }
@@ -714,7 +731,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_norm_max_poo
                                   : (channels_last ? &normalize_and_pool_image<T, false, true>
                                                    : &normalize_and_pool_image<T, false, false>);
     const int64_t pixels = h * w, outputs = pool.h_out * pool.w_out;
-    at::parallel_for(0, n_images, 1, [&](int64_t begin, int64_t end) {
+    over_images(n_images, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         T* s = stats.data_ptr<T>() + n * 5 * pixels;
         // Without the sums (nothing to differentiate) their plane is NaN, never read.
@@ -734,8 +751,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_norm_max_poo
 }
 
 template <typename T, bool Rectify>
-void normalize_and_pool_backward_image(const T* grad, const int64_t* index, const T* pooled,
-                                       const T* x, T* out, int64_t maps, int64_t outputs,
+void normalize_and_pool_backward_image(const T* grad, const int64_t* index, const T* x,
+                                       T* out, int64_t maps, int64_t outputs,
                                        const Window& window, const T* rows_t,
                                        const T* columns_t, const PixelStatistics<T>& stats,
                                        T mean_sigma, bool mean_threshold, double threshold,
@@ -744,9 +761,15 @@ void normalize_and_pool_backward_image(const T* grad, const int64_t* index, cons
   const T count = static_cast<T>(maps);
   std::vector<T> g_sum(pixels, T(0)), products(pixels, T(0)), r(pixels), k(pixels),
       q(pixels), pad(w + 2 * window.r_w);
-  for (int64_t j = 0; j < maps * outputs; ++j) {
-    g_sum[index[j]] += grad[j];
-    products[index[j]] += grad[j] * pooled[j];
+  // Each window's pooled value is y at its maximum, recomputed as the forward made it.
+  for (int64_t i = 0; i < maps; ++i) {
+    const T* xi = x + i * pixels;
+    for (int64_t j = i * outputs; j < (i + 1) * outputs; ++j) {
+      const int64_t p = index[j];
+      const T y = (rectified<T, Rectify>(xi[p]) - stats.mean[p]) * (T(1) / stats.den[p]);
+      g_sum[p] += grad[j];
+      products[p] += grad[j] * y;
+    }
   }
   divisor_gradient(products.data(), maps, window, rows_t, columns_t, stats.den,
                    stats.variance, stats.sigma, mean_sigma, mean_threshold, threshold, floor,
@@ -778,8 +801,7 @@ void normalize_and_pool_backward_image(const T* grad, const int64_t* index, cons
 }
 
 at::Tensor contrast_norm_max_pool_backward(
-    const at::Tensor& grad, const at::Tensor& index, const at::Tensor& pooled,
-    const at::Tensor& x, const at::Tensor& stats, const at::Tensor& mean_sigma,
+    const at::Tensor& grad, const at::Tensor& index, const at::Tensor& x, const at::Tensor& stats, const at::Tensor& mean_sigma,
     const at::Tensor& row_diagonals_t, const at::Tensor& column_diagonals_t, bool rectify,
     bool mean_threshold, double threshold, double floor) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
@@ -788,14 +810,12 @@ at::Tensor contrast_norm_max_pool_backward(
   check_window_matrices(x, row_diagonals_t, column_diagonals_t, at::Tensor());
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == n_images && grad.size(1) == maps,
               "grad must be (N, C, H_out, W_out)");
-  TORCH_CHECK(index.sizes() == grad.sizes() && index.scalar_type() == at::kLong &&
-                  pooled.sizes() == grad.sizes(),
-              "index and pooled must have the shape of grad");
+  TORCH_CHECK(index.sizes() == grad.sizes() && index.scalar_type() == at::kLong,
+              "index must be int64 with the shape of grad");
   TORCH_CHECK(stats.sizes() == at::IntArrayRef({n_images, 5, h, w}) && stats.is_contiguous(),
               "stats must be contiguous (N, 5, H, W)");
   TORCH_CHECK(mean_sigma.sizes() == at::IntArrayRef({n_images}), "mean_sigma must be (N,)");
   const at::Tensor g = grad.contiguous(), at_index = index.contiguous();
-  const at::Tensor values = pooled.contiguous();
   at::Tensor out = at::empty_like(x);
   const Window window{h, w, row_diagonals_t.size(0) / 2, column_diagonals_t.size(0) / 2};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrast_norm_max_pool_backward", [&] {
@@ -803,14 +823,14 @@ at::Tensor contrast_norm_max_pool_backward(
     auto* image_backward = rectify ? &normalize_and_pool_backward_image<T, true>
                                    : &normalize_and_pool_backward_image<T, false>;
     const int64_t pixels = h * w, outputs = g.size(2) * g.size(3);
-    at::parallel_for(0, n_images, 1, [&](int64_t begin, int64_t end) {
+    over_images(n_images, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         T* s = stats.data_ptr<T>() + n * 5 * pixels;
         const PixelStatistics<T> image_stats{s, s + pixels, s + 2 * pixels, s + 3 * pixels,
                                              s + 4 * pixels};
         const int64_t o = n * maps * outputs;
         image_backward(g.data_ptr<T>() + o, at_index.data_ptr<int64_t>() + o,
-                       values.data_ptr<T>() + o, x.data_ptr<T>() + n * maps * pixels,
+                       x.data_ptr<T>() + n * maps * pixels,
                        out.data_ptr<T>() + n * maps * pixels, maps, outputs, window,
                        row_diagonals_t.data_ptr<T>(), column_diagonals_t.data_ptr<T>(),
                        image_stats, mean_sigma.data_ptr<T>()[n], mean_threshold, threshold,
@@ -842,7 +862,7 @@ TORCH_LIBRARY(cnnkit_native, m) {
   m.impl("contrast_norm_max_pool_forward", c10::DispatchKey::CPU,
          &contrast_norm_max_pool_forward);
   m.def(
-      "contrast_norm_max_pool_backward(Tensor grad, Tensor index, Tensor pooled, Tensor x, "
+      "contrast_norm_max_pool_backward(Tensor grad, Tensor index, Tensor x, "
       "Tensor stats, Tensor mean_sigma, Tensor row_diagonals_t, Tensor column_diagonals_t, "
       "bool rectify, bool mean_threshold, float threshold, float floor) -> Tensor");
   m.impl("contrast_norm_max_pool_backward", c10::DispatchKey::CPU,

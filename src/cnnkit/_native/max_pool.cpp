@@ -10,6 +10,9 @@
 // value is NaN and the index that of its last NaN in row-major order, again as the
 // library's kernel (which takes a value when it is larger or NaN) gives it.
 //
+// The loops run over exactly one vector's lanes (the last vector of a row overlapping the
+// one before), so that they vectorize whatever the map's size (max_pool.h).
+//
 // The backward adds each window's gradient at its index of a zero (H, W) map.
 
 #include <ATen/ATen.h>

@@ -18,6 +18,17 @@ inline bool beats(T value, T best) {
   return value > best || value != value;
 }
 
+// Whether a candidate (value, flat position) replaces the best so far when candidates
+// come in no particular order of positions: a larger value; an equal one at an earlier
+// position; a NaN over any number, and over another NaN at an earlier position. For
+// scalars or, lane by lane, for vectors of the compiler's vector extension.
+template <typename V, typename P>
+inline auto replaces(V candidate, V best, P position, P best_position) {
+  const auto nan = candidate != candidate;
+  return (candidate > best) | (nan & ((best == best) | (position > best_position))) |
+         ((candidate == best) & (position < best_position));
+}
+
 // Row numbers kept as wide as T, so that a vector of values and one of rows have as
 // many lanes.
 template <typename T>
@@ -225,21 +236,18 @@ void pool_map(const T* __restrict x, T* __restrict out, int64_t* __restrict inde
     for (int64_t a0 = 0; a0 < column; a0 += L) {
       // One vector of output rows, kept in registers while the window's columns pass.
       auto value = load<Values<T>>(across + left * column + a0);
-      auto at = load<Positions<T>>(flat + left * column + a0);
+      auto where = load<Positions<T>>(flat + left * column + a0);
       for (int64_t c = left + 1; c < left + kw; ++c) {
         // Columns come left to right but their rows in any order: compare positions.
         const auto candidate = load<Values<T>>(across + c * column + a0);
         const auto position = load<Positions<T>>(flat + c * column + a0);
-        const auto nan = candidate != candidate;
-        const auto take = (candidate > value) |
-                          (nan & ((value == value) | (position > at))) |
-                          ((candidate == value) & (position < at));
+        const auto take = replaces(candidate, value, position, where);
         value = take ? candidate : value;
-        at = take ? position : at;
+        where = take ? position : where;
       }
       for (int64_t l = 0; l < L && a0 + l < h_out; ++l) {
         out[(a0 + l) * w_out + b] = value[l];
-        index[(a0 + l) * w_out + b] = at[l];
+        index[(a0 + l) * w_out + b] = where[l];
       }
     }
   }

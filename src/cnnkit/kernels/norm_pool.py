@@ -6,7 +6,8 @@ window at stride 5 to 14x14: the normalized maps ``y`` are 29 times larger than 
 the pooling keeps. This operator never writes ``y`` out. Per image, it makes the
 normalization's two passes for the local mean and ``sigma``
 (:mod:`cnnkit.kernels.normalization`), then computes each map's ``y`` in a buffer of one
-map and pools it there. It keeps per pixel the mean ``m``, ``den``, the variance,
+map and pools it there (channels-last maps: each pixel's maps at once, where the pooling
+needs them). It keeps per pixel the mean ``m``, ``den``, the variance,
 ``sigma`` and ``sum_i y_i`` (``(N, 5, H, W)``), and per image the mean of ``sigma``.
 
 Backward. The gradient ``g`` that max pooling sends to ``y`` is one value per window, at
@@ -14,17 +15,19 @@ the window's maximum. So the sums over maps of the normalization's backward are 
 over windows, with ``r = 1 / den``, ``S^T`` the adjoint of the windowed sum and ``a`` the
 rectified input::
 
-    sum_i g_i y_i = sum over windows of (window gradient x pooled value)
+    sum_i g_i y_i = sum over windows of (window gradient x y at its maximum)
     sum_i g_v,i   = r sum_i g_i + k sum_i y_i     (k from the divisor, as in the module)
     q = S^T(sum_i g_v) / C
     g_x = sign(x) (k y - q) + sign(x) g r,   y = (a - m) r
 
 and one pass over the maps writes ``g_x``: the first term everywhere, the second at
-each window's maximum. The values and gradients are those of the two layers in turn,
+each window's maximum. The values and gradients are those of the three layers in turn,
 to float rounding. Second derivatives go through the plain formula.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from cnnkit._native import native_ops
 from cnnkit._validation import is_concrete
 from cnnkit.kernels import fast_path_allowed, recorded
-from cnnkit.kernels.normalization import _bands, _forward_parts
+from cnnkit.kernels.normalization import _bands, _fold_images, _forward_parts
 
 __all__ = ["contrast_norm_max_pool", "contrast_norm_max_pool_applies"]
 
@@ -100,15 +103,30 @@ def _forward(
                            kh, kw, sh, sw, with_sums=True)  # fmt: skip
 
 
-def _native_forward(x, window, border, rectify, mean_threshold, threshold, floor, kh, kw,  # noqa: ANN001, ANN202
-                    sh, sw, with_sums):  # fmt: skip
+def _native_forward(
+    x: torch.Tensor,
+    window: torch.Tensor,
+    border: str,
+    rectify: bool,
+    mean_threshold: bool,
+    threshold: float,
+    floor: float,
+    kh: int,
+    kw: int,
+    sh: int,
+    sw: int,
+    with_sums: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_forward`'s outputs; without ``with_sums`` (no backward to run) the plane of
-    ``sum_i y_i`` is left NaN and its pass skipped."""
+    ``sum_i y_i`` is left NaN and not computed."""
     bands = _bands(window, border, *x.shape[-2:], x)
     if bands is None or native_ops() is None or x.device.type != "cpu":
         raise ValueError(
-            "cnnkit::contrast_norm_max_pool needs a window that is the same separable one on "
-            "every map and the compiled CPU kernels (see contrast_norm_max_pool_applies)"
+            "cnnkit::contrast_norm_max_pool needs the compiled CPU kernels, x on the CPU and a "
+            "window that is the same separable one on every map; got x on "
+            f"{x.device.type}, a window of shape {tuple(window.shape)} that is "
+            f"{'not ' if bands is None else ''}separable, and the kernels "
+            f"{'not ' if native_ops() is None else ''}built (see contrast_norm_max_pool_applies)"
         )
     return native_ops().contrast_norm_max_pool_forward(
         x.contiguous(memory_format=_layout(x)), bands.row_diagonals, bands.column_diagonals,
@@ -140,7 +158,6 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
 def _backward_op(
     grad: torch.Tensor,
     index: torch.Tensor,
-    pooled: torch.Tensor,
     x: torch.Tensor,
     statistics: torch.Tensor,
     mean_sigma: torch.Tensor,
@@ -154,21 +171,21 @@ def _backward_op(
     """The gradient with respect to ``x`` (module notes), ``(N, C, H, W)``."""
     bands = _bands(window, border, *x.shape[-2:], x)
     return native_ops().contrast_norm_max_pool_backward(
-        grad, index, pooled, x.contiguous(), statistics, mean_sigma,
+        grad, index, x.contiguous(), statistics, mean_sigma,
         bands.row_diagonals_t, bands.column_diagonals_t, rectify, mean_threshold, threshold,
         floor,
     )  # fmt: skip
 
 
 @_backward_op.register_fake
-def _(grad, index, pooled, x, *rest):  # noqa: ANN001, ANN202
+def _(grad, index, x, *rest):  # noqa: ANN001, ANN202
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, as computed
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     x, window, *options = inputs
-    pooled, index, statistics, mean_sigma = output
-    ctx.save_for_backward(x, window, pooled, index, statistics, mean_sigma)
+    _, index, statistics, mean_sigma = output  # the pooled maps are free to change in place
+    ctx.save_for_backward(x, window, index, statistics, mean_sigma)
     ctx.options = tuple(options)
     ctx.mark_non_differentiable(index, statistics, mean_sigma)
     ctx.set_materialize_grads(False)  # no zeros made up for the statistics' gradients
@@ -177,7 +194,7 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
 def _backward(ctx, grad, *unused):  # noqa: ANN001, ANN202
     if grad is None:  # the pooled maps are not used by what is differentiated
         return (None,) * 11
-    x, window, pooled, index, statistics, mean_sigma = ctx.saved_tensors
+    x, window, index, statistics, mean_sigma = ctx.saved_tensors
     border, rectify, mean_threshold, threshold, floor, kh, kw, sh, sw = ctx.options
     if torch.is_grad_enabled():  # a graph of the backward is recorded: the plain formula
         norm_options = (border, rectify, mean_threshold, threshold, floor)
@@ -185,27 +202,12 @@ def _backward(ctx, grad, *unused):  # noqa: ANN001, ANN202
         out = F.max_pool2d(y, (kh, kw), (sh, sw))
         g_x = torch.autograd.grad(out, x, grad, create_graph=True)[0]
     else:
-        g_x = _backward_op(grad, index, pooled, x, statistics, mean_sigma, window, border,
-                           rectify, mean_threshold, threshold, floor)  # fmt: skip
+        g_x = _backward_op(grad, index, x, statistics, mean_sigma, window, border, rectify,
+                           mean_threshold, threshold, floor)  # fmt: skip
     return (g_x, *(None,) * 10)
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@_op.register_vmap
-def _(info, in_dims, x, window, *options):  # noqa: ANN001, ANN202
-    """Each image is normalized and pooled on its own: fold the mapped dimension into the
-    batch (one call per entry when the window is mapped too)."""
-    x_dim, window_dim = in_dims[:2]
-    if window_dim is not None:
-        outs = [
-            _op(x.select(x_dim, i) if x_dim is not None else x, window.select(window_dim, i),
-                *options)
-            for i in range(info.batch_size)
-        ]  # fmt: skip
-        return tuple(torch.stack(parts) for parts in zip(*outs, strict=True)), (0,) * 4
-    x = x.movedim(x_dim, 0)  # (B, N, C, H, W)
-    b, n = x.shape[:2]
-    outs = _op(x.reshape(b * n, *x.shape[2:]), window, *options)
-    return tuple(out.view(b, n, *out.shape[1:]) for out in outs), (0,) * 4
+_op.register_vmap(functools.partial(_fold_images, _op))

@@ -8,8 +8,9 @@ summary of :mod:`cnnkit.analysis` counts the same list.
 
 ``Network.forward`` is what ``print(model)`` shows: each :class:`~cnnkit.models.stages.Stage`
 in order, then the classifier. A stage fuses a rectification into the contrast
-normalization after it and, on a CPU, runs large maps a few images at a time (same
-values; :mod:`cnnkit.models.stages`); ``intermediates`` runs every layer on its own.
+normalization after it (and a max pooling after both into the same op) and, on a CPU,
+runs large maps in slices of the batch (same values; :mod:`cnnkit.models.stages`);
+``intermediates`` runs every layer on its own.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ tracing or inside a ``torch.func`` transform, ``CNNKIT_FAST`` not 0) it runs so:
 
 - a rectification followed by a contrast normalization is one op
   (:meth:`ContrastNorm.forward_rectified`: the same values and gradients), and with a
-  max pooling after them (an untrained :class:`PoolSubsample` or :class:`Pool`) the
-  three are one op (:meth:`ContrastNorm.forward_rectified_max_pool`), which never
+  max pooling after them (a :class:`PoolSubsample` or :class:`Pool` without
+  coefficients) the three are one op (:meth:`ContrastNorm.forward_rectified_max_pool`), which never
   writes the normalized maps out;
 - on a CPU, a stage whose layers all work image by image may run on slices of the
   batch: lecun83's first stage makes 64 maps of 75x75, 1.4 MB per image, and a slice of
@@ -16,7 +16,8 @@ tracing or inside a ``torch.func`` transform, ``CNNKIT_FAST`` not 0) it runs so:
   processor's cache while the stage's other layers pass over them. How many images a
   slice holds is measured once per machine and shape
   (:func:`cnnkit.kernels.tuning.choose`); with measuring off the slice's maps fill
-  about ``SLICE_BYTES``. The values are those of the whole batch at once; the weight
+  about ``SLICE_BYTES``, or ``FUSED_SLICE_BYTES`` where the stage normalizes and pools
+  in one op. The values are those of the whole batch at once; the weight
   gradients are summed slice by slice, which rounds differently, within float rounding
   of the whole-batch sum.
 
@@ -44,10 +45,13 @@ from cnnkit.nn.pooling import Pool, PoolSubsample, Subsample
 __all__ = ["Stage"]
 
 # Where slices are not measured (CNNKIT_TUNE=0), a slice holds about this many bytes of
-# the filter bank's output: 23 images of lecun83's first stage. The fused normalization
-# and pooling reads each image's maps while they are in the cache whatever the slice,
-# so a slice need only be large enough that the per-call costs of its layers vanish.
-SLICE_BYTES = 32 * 2**20
+# the filter bank's output: a few images of lecun83's first stage, a size that fits the
+# caches of current processors.
+SLICE_BYTES = 6 * 2**20
+# A stage that normalizes and pools in one fused op reads each image's maps while they
+# are in the cache whatever the slice: its slices need only be large enough that the
+# per-call costs of its layers vanish (23 images of lecun83's first stage).
+FUSED_SLICE_BYTES = 32 * 2**20
 
 # Layers that compute each image on its own (no statistics over the batch).
 _PER_IMAGE = (
@@ -104,7 +108,8 @@ def _slice_images(stage: Stage, x: torch.Tensor) -> int:
 
 
 def _default_slice(layers: list[nn.Module], x: torch.Tensor) -> int:
-    """About ``SLICE_BYTES`` of the filter bank's output per slice."""
+    """About ``SLICE_BYTES`` of the filter bank's output per slice, ``FUSED_SLICE_BYTES``
+    when the stage normalizes and pools in one op."""
     widest = math.prod(x.shape[1:])
     for layer in layers:
         if isinstance(layer, FilterBank):
@@ -114,7 +119,12 @@ def _default_slice(layers: list[nn.Module], x: torch.Tensor) -> int:
                 h_out, w_out = valid_hw(x.shape[-2:], layer.kernel_size, stride)
                 widest = max(widest, layer.out_maps * h_out * w_out)
             break
-    return min(x.shape[0], max(1, SLICE_BYTES // (widest * x.element_size())))
+    fused = any(
+        type(layer) is Rectify and type(norm) is ContrastNorm and _plain_max_pool(pool, None)
+        for layer, norm, pool in zip(layers, layers[1:], layers[2:], strict=False)
+    )
+    budget = FUSED_SLICE_BYTES if fused else SLICE_BYTES
+    return min(x.shape[0], max(1, budget // (widest * x.element_size())))
 
 
 def _signature(layers: list[nn.Module]) -> str:
@@ -185,12 +195,13 @@ def _run_fused(stage: Stage, x: torch.Tensor, hooks: bool = True) -> torch.Tenso
     return x
 
 
-def _plain_max_pool(layer: nn.Module | None, x: torch.Tensor) -> bool:
+def _plain_max_pool(layer: nn.Module | None, x: torch.Tensor | None) -> bool:
     """Whether ``layer`` is a max :class:`Pool` or :class:`PoolSubsample` without
-    coefficients that takes ``x``'s maps (else it runs, and checks, on its own)."""
+    coefficients that takes ``x``'s maps, when given (else it runs, and checks, on its
+    own)."""
     return (
         type(layer) in (Pool, PoolSubsample)
         and layer.kind == "max"
         and layer.weight is None
-        and layer.maps in (None, x.shape[-3])
+        and (x is None or layer.maps in (None, x.shape[-3]))
     )

@@ -176,7 +176,8 @@ class ContrastNorm(_DivisiveBase):
     def forward_rectified_max_pool(
         self, x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int]
     ) -> torch.Tensor:
-        """``PoolSubsample("max", window, stride)(self(x.abs()))`` in one fused op
+        """``PoolSubsample("max", window, stride)(self(x.abs()))``, ``(N, C, H, W)`` ->
+        ``(N, C, floor((H - k_h) / s_h) + 1, floor((W - k_w) / s_w) + 1)``, in one fused op
         (:func:`rectified_contrast_norm_max_pool`): the same values and gradients, and
         the normalized maps are never written out. Networks built by
         :func:`cnnkit.models.build` call it for a rectification, this layer and such a

@@ -203,7 +203,9 @@ def rectified_contrast_norm_max_pool(
     The same values and gradients as the two calls; the fast operator never writes the
     normalized maps out (the lecture's 75x75 maps pool to 14x14). Arguments as in
     :func:`rectified_contrast_norm` and :func:`cnnkit.ops.pooling.pool_subsample2d`;
-    ``(N, C, H, W)`` or ``(C, H, W)`` in, ``(..., H_out, W_out)`` out.
+    ``(N, C, H, W)`` or ``(C, H, W)`` in, ``(..., H_out, W_out)`` out with
+    ``H_out = floor((H - k_h) / s_h) + 1`` and ``W_out = floor((W - k_w) / s_w) + 1``
+    for a ``(k_h, k_w)`` window at stride ``(s_h, s_w)``.
     """
     threshold, floor = _check_divisive_options(threshold, floor)
     pool_window, pool_stride = pair("pool_window", pool_window), pair("pool_stride", pool_stride)
