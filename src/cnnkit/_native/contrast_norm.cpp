@@ -762,11 +762,13 @@ void normalize_and_pool_backward_image(const T* grad, const int64_t* index, cons
   std::vector<T> g_sum(pixels, T(0)), products(pixels, T(0)), r(pixels), k(pixels),
       q(pixels), pad(w + 2 * window.r_w);
   // Each window's pooled value is y at its maximum, recomputed as the forward made it.
+#pragma omp simd
+  for (int64_t p = 0; p < pixels; ++p) r[p] = T(1) / stats.den[p];
   for (int64_t i = 0; i < maps; ++i) {
     const T* xi = x + i * pixels;
     for (int64_t j = i * outputs; j < (i + 1) * outputs; ++j) {
       const int64_t p = index[j];
-      const T y = (rectified<T, Rectify>(xi[p]) - stats.mean[p]) * (T(1) / stats.den[p]);
+      const T y = (rectified<T, Rectify>(xi[p]) - stats.mean[p]) * r[p];
       g_sum[p] += grad[j];
       products[p] += grad[j] * y;
     }
