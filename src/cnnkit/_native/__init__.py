@@ -2,21 +2,22 @@
 
 Some ops are many small tensor operations in eager PyTorch, each a pass over maps that a
 compiled loop makes in one (``contrast_norm.cpp``: local contrast normalization in three
-passes instead of about ten, and the same followed by max pooling without writing the
-normalized maps out; ``max_pool.cpp``: max pooling with the positions of the maxima, and
-its gradient, without a copy into another layout). They are compiled once
-per machine with PyTorch's extension builder (a C++ compiler and ``ninja``; the result
-is kept under ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``),
-which takes some seconds; later processes load the built library (one folder per Python
-version, torch version, source and instruction set; one process builds at a time, and a
-build killed half-way does not block the next). The code is vectorized for the
-instruction set torch finds on the processor (:func:`instruction_set`: AVX-512 or AVX2
-on x86-64, the compiler's portable baseline elsewhere), so a build folder copied to a
-processor without that set is never loaded there: it has another folder. Where the build
-fails -- no compiler, for instance -- one warning says why and the ops keep their eager
-form, which gives the same values to float rounding; the reason is kept in the build
-folder so that later processes do not spend the same seconds failing again.
-``CNNKIT_NATIVE=0`` in the environment turns the kernels off.
+passes instead of about ten; ``norm_pool.cpp``: the same followed by max pooling,
+without writing the normalized maps out; ``max_pool.cpp``: max pooling with the
+positions of the maxima, and its gradient, without a copy into another layout). They are
+compiled once per machine with PyTorch's extension builder (a C++ compiler and
+``ninja``; the result is kept under ``$TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``), which takes some seconds; later processes load the built
+library (one folder per Python version, torch version, source and instruction set; one
+process builds at a time, and a build killed half-way does not block the next). The code
+is vectorized for the instruction set torch finds on the processor
+(:func:`instruction_set`: AVX-512 or AVX2 on x86-64, the compiler's portable baseline
+elsewhere), so a build folder copied to a processor without that set is never loaded
+there: it has another folder. Where the build fails -- no compiler, for instance -- one
+warning says why and the ops keep their eager form, which gives the same values to float
+rounding; the reason is kept in the build folder so that later processes do not spend
+the same seconds failing again. ``CNNKIT_NATIVE=0`` in the environment turns the kernels
+off.
 
 :func:`native_ops` returns the kernels (``torch.ops.cnnkit_native``) or ``None``;
 :func:`native_status` says what happened, :func:`native_attempted` whether anything has.
@@ -40,8 +41,8 @@ import torch
 
 __all__ = ["NativeStatus", "instruction_set", "native_attempted", "native_ops", "native_status"]
 
-_SOURCES = ("contrast_norm.cpp", "max_pool.cpp")
-_HEADERS = ("max_pool.h",)  # included by the sources: part of what names a build
+_SOURCES = ("contrast_norm.cpp", "max_pool.cpp", "norm_pool.cpp")
+_HEADERS = ("contrast_norm.h", "max_pool.h")  # included by the sources: they name a build
 _NAME = "cnnkit_native"
 # The compiler's vector extensions for each instruction set torch reports on x86-64,
 # named one by one (GCC 11's -march=x86-64-v3/v4 levels say the same, but older compilers

@@ -1,5 +1,5 @@
 """Contrast normalization followed by max pooling, as one registered operator,
-``torch.ops.cnnkit.contrast_norm_max_pool``.
+``torch.ops.cnnkit.contrast_norm_max_pool`` (its compiled kernel: ``_native/norm_pool.cpp``).
 
 The lecture's first stage normalizes 64 maps of 75x75 and then pools them with a 10x10
 window at stride 5 to 14x14: the normalized maps ``y`` are 29 times larger than what

@@ -1,0 +1,375 @@
+// Local contrast normalization followed by max pooling, of contiguous or channels-last
+// (N, C, H, W) maps, without writing the normalized maps out.
+//
+// Forward: the normalization's passes 1 and 2 (contrast_norm.cpp); pass 3 makes each
+// map's y in a buffer of one map (which stays in the cache) and pools it there, with
+// max_pool.h's rules (channels-last: every map of a pixel at once, y computed where the
+// pooling needs it). It also keeps, per pixel, mean m, den, variance, sigma and (with
+// sums) sum_i y_i for the backward.
+//
+// Backward: the gradient of y is the pooling's, one value per window at its maximum, so
+// the sums over maps that the normalization's backward reads all of g and y for are
+// sums over the windows: sum_i g_i y_i from each window's gradient times y at its
+// maximum, sum_i g_i from the gradients alone, and sum_i g_v = r sum_i g_i + k sum_i y_i.
+// One pass then writes g_x = sign(x) (k y - q) with y = (a - m) r and
+// q = S^T(sum_i g_v) / C, and each window adds sign(x) g r at its maximum.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <mutex>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "contrast_norm.h"
+#include "max_pool.h"
+
+namespace {
+
+using namespace cnnkit_norm;
+
+struct PoolWindow {
+  int64_t kh, kw, sh, sw, h_out, w_out;
+};
+
+// The five per-pixel maps the backward needs, each (H, W) of one image.
+template <typename T>
+struct PixelStatistics {
+  T *mean, *den, *variance, *sigma, *y_sum;
+};
+
+// Pass 3 for contiguous maps: each map's y in a buffer of one map, pooled there; and
+// y_sum = sum_i y_i unless y_sum is null.
+template <typename T, bool Rectify>
+void pool_normalized_maps(const T* x, int64_t maps, const Window& window,
+                          const PoolWindow& pool, const T* mean, const T* scale, T* pooled,
+                          int64_t* index, T* y_sum) {
+  const int64_t pixels = window.h * window.w, outputs = pool.h_out * pool.w_out;
+  // Each piece of maps sums its own y; the pieces are added in map order afterwards.
+  std::mutex pieces_lock;
+  std::vector<std::pair<int64_t, std::vector<T>>> pieces;
+  at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> y(pixels), partial(y_sum != nullptr ? pixels : 0, T(0));
+    auto scratch = cnnkit_pooling::make_scratch<T>(window.w, pool.kh, pool.sh, pool.h_out);
+    for (int64_t i = begin; i < end; ++i) {
+      const T* values = x + i * pixels;
+      T* __restrict out = y.data();
+      T* __restrict total = partial.data();
+      if (y_sum != nullptr) {
+#pragma omp simd
+        for (int64_t p = 0; p < pixels; ++p) {
+          out[p] = (rectified<T, Rectify>(values[p]) - mean[p]) * scale[p];
+          total[p] += out[p];
+        }
+      } else {
+#pragma omp simd
+        for (int64_t p = 0; p < pixels; ++p)
+          out[p] = (rectified<T, Rectify>(values[p]) - mean[p]) * scale[p];
+      }
+      cnnkit_pooling::pool_map(y.data(), pooled + i * outputs, index + i * outputs, window.h,
+                               window.w, pool.kh, pool.kw, pool.sh, pool.sw, pool.h_out,
+                               pool.w_out, scratch);
+    }
+    if (y_sum == nullptr) return;
+    std::lock_guard<std::mutex> guard(pieces_lock);
+    pieces.emplace_back(begin, std::move(partial));
+  });
+  if (y_sum == nullptr) return;
+  std::sort(pieces.begin(), pieces.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::fill_n(y_sum, pixels, T(0));
+  for (const auto& piece : pieces) {
+#pragma omp simd
+    for (int64_t p = 0; p < pixels; ++p) y_sum[p] += piece.second[p];
+  }
+}
+
+// Pass 3 for channels-last maps, every map of a pixel at once (loops along maps
+// vectorize): per output row, the largest y of each column over the window's rows (by
+// blocks of s_h rows when the window is a whole number of them), then over the window's
+// columns. y is computed from x where it is needed and never kept; y_sum as above.
+template <typename T, bool Rectify>
+void pool_normalized_pixels(const T* x, int64_t maps, const Window& window,
+                            const PoolWindow& pool, const T* mean, const T* scale, T* pooled,
+                            int64_t* index, T* y_sum) {
+  using Row = cnnkit_pooling::Row<T>;
+  const int64_t w = window.w, pixels = window.h * w;
+  const int64_t summed = y_sum == nullptr ? 0 : pixels;  // no sums: nothing to do
+  at::parallel_for(0, summed, pixel_grain(maps), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const T* values = x + p * maps;
+      const T centre = mean[p], factor = scale[p];
+      T total = T(0);
+#pragma omp simd reduction(+ : total)
+      for (int64_t i = 0; i < maps; ++i)
+        total += (rectified<T, Rectify>(values[i]) - centre) * factor;
+      y_sum[p] = total;
+    }
+  });
+  const bool tiled = pool.sh > 1 && pool.kh % pool.sh == 0;
+  const int64_t span = tiled ? pool.sh : pool.kh;            // rows in one vertical piece
+  const int64_t per_window = tiled ? pool.kh / pool.sh : 1;  // pieces in one window
+  const int64_t line = w * maps;
+  // A piece: per column and map, the largest y of rows top .. top + span - 1 and its row.
+  const auto make_piece = [&](int64_t top, T* best, Row* row) {
+    for (int64_t r = top; r < top + span; ++r) {
+      const Row here = static_cast<Row>(r);
+      for (int64_t c = 0; c < w; ++c) {
+        const int64_t p = r * w + c;
+        const T* __restrict values = x + p * maps;
+        T* __restrict b = best + c * maps;
+        Row* __restrict row_of = row + c * maps;
+        const T centre = mean[p], factor = scale[p];
+        if (r == top) {
+#pragma omp simd
+          for (int64_t i = 0; i < maps; ++i) {
+            b[i] = (rectified<T, Rectify>(values[i]) - centre) * factor;
+            row_of[i] = here;
+          }
+          continue;
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < maps; ++i) {
+          const T y = (rectified<T, Rectify>(values[i]) - centre) * factor;
+          const bool take = cnnkit_pooling::beats(y, b[i]);
+          b[i] = take ? y : b[i];
+          row_of[i] = take ? here : row_of[i];
+        }
+      }
+    }
+  };
+  at::parallel_for(0, pool.h_out, 1, [&](int64_t first, int64_t last) {
+    // pieces of rows, kept in a ring of per_window, then one output row's maxima, then
+    // one window's maximum and its flat position (kept as wide as T until stored)
+    std::vector<T> ring(per_window * line), best(line), value(maps);
+    std::vector<Row> ring_rows(per_window * line), rows(line), where(maps);
+    for (int64_t a = first; a < last; ++a) {
+      for (int64_t j = a == first ? 0 : per_window - 1; j < per_window; ++j) {
+        const int64_t slot = (a + j) % per_window;
+        const int64_t top = tiled ? (a + j) * pool.sh : a * pool.sh;
+        make_piece(top, ring.data() + slot * line, ring_rows.data() + slot * line);
+      }
+      std::copy_n(ring.data() + (a % per_window) * line, line, best.data());
+      std::copy_n(ring_rows.data() + (a % per_window) * line, line, rows.data());
+      for (int64_t j = 1; j < per_window; ++j) {  // later rows: the first-maximum rule
+        const int64_t slot = (a + j) % per_window;
+        const Row* later = ring_rows.data() + slot * line;
+        cnnkit_pooling::keep_larger(best.data(), rows.data(), ring.data() + slot * line,
+                                    [later](int64_t k) { return later[k]; }, line);
+      }
+      for (int64_t b = 0; b < pool.w_out; ++b) {
+        const int64_t left = b * pool.sw;
+        T* __restrict v = value.data();
+        Row* __restrict flat_of = where.data();
+        const Row first_column = static_cast<Row>(left);
+#pragma omp simd
+        for (int64_t i = 0; i < maps; ++i) {
+          v[i] = best[left * maps + i];
+          flat_of[i] = rows[left * maps + i] * static_cast<Row>(w) + first_column;
+        }
+        for (int64_t c = left + 1; c < left + pool.kw; ++c) {
+          const T* __restrict candidates = best.data() + c * maps;
+          const Row* __restrict candidate_rows = rows.data() + c * maps;
+          const Row column = static_cast<Row>(c);
+#pragma omp simd
+          for (int64_t i = 0; i < maps; ++i) {
+            const Row flat = candidate_rows[i] * static_cast<Row>(w) + column;
+            const T candidate = candidates[i];
+            const bool take = cnnkit_pooling::replaces(candidate, v[i], flat, flat_of[i]);
+            v[i] = take ? candidate : v[i];
+            flat_of[i] = take ? flat : flat_of[i];
+          }
+        }
+        T* __restrict out = pooled + (a * pool.w_out + b) * maps;
+        int64_t* __restrict positions = index + (a * pool.w_out + b) * maps;
+#pragma omp simd
+        for (int64_t i = 0; i < maps; ++i) {
+          out[i] = v[i];
+          positions[i] = static_cast<int64_t>(flat_of[i]);
+        }
+      }
+    }
+  });
+}
+
+template <typename T, bool Rectify, bool ChannelsLast>
+void normalize_and_pool_image(const T* x, int64_t maps, const Window& window, const T* rows,
+                              const T* columns, const T* mass, bool mean_threshold,
+                              double threshold, double floor, const PoolWindow& pool,
+                              T* pooled, int64_t* index, const PixelStatistics<T>& stats,
+                              T* mean_sigma_out) {
+  std::vector<T> scale(window.h * window.w);
+  const Image<T> image{x, nullptr, maps, window.h * window.w};
+  image_statistics<T, Rectify, ChannelsLast>(image, window, rows, columns, mass,
+                                             mean_threshold, threshold, floor, stats.mean,
+                                             scale.data(), stats.den, stats.variance,
+                                             stats.sigma, mean_sigma_out);
+  auto* pass = ChannelsLast ? &pool_normalized_pixels<T, Rectify>
+                            : &pool_normalized_maps<T, Rectify>;
+  pass(x, maps, window, pool, stats.mean, scale.data(), pooled, index, stats.y_sum);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_norm_max_pool_forward(
+    const at::Tensor& x, const at::Tensor& row_diagonals, const at::Tensor& column_diagonals,
+    const at::Tensor& mass, bool rectify, bool mean_threshold, double threshold, double floor,
+    int64_t kh, int64_t kw, int64_t sh, int64_t sw, bool with_sums) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "x must be (N, C, H, W) on the CPU");
+  const bool channels_last =
+      !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(x.is_contiguous() || channels_last, "x must be contiguous or channels-last");
+  const int64_t n_images = x.size(0), maps = x.size(1), h = x.size(2), w = x.size(3);
+  check_window_matrices(x, row_diagonals, column_diagonals, mass);
+  TORCH_CHECK(h * w <= std::numeric_limits<int32_t>::max(),
+              "maps of more than 2^31 - 1 values are not supported");
+  TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && kh <= h && kw <= w,
+              "the pooling window must fit in the map and the stride be positive");
+  const PoolWindow pool{kh, kw, sh, sw, (h - kh) / sh + 1, (w - kw) / sw + 1};
+  // The pooled maps and indices in the layout of x; the statistics contiguous.
+  const auto layout = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor pooled =
+      at::empty({n_images, maps, pool.h_out, pool.w_out}, x.options().memory_format(layout));
+  at::Tensor index = at::empty(pooled.sizes(), x.options().dtype(at::kLong).memory_format(layout));
+  at::Tensor stats = at::empty({n_images, 5, h, w}, x.options());
+  at::Tensor mean_sigma = at::empty({n_images}, x.options());
+  const Window window{h, w, row_diagonals.size(0) / 2, column_diagonals.size(0) / 2};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrast_norm_max_pool_forward", [&] {
+    using T = scalar_t;
+    auto* image_forward = rectify ? (channels_last ? &normalize_and_pool_image<T, true, true>
+                                                   : &normalize_and_pool_image<T, true, false>)
+                                  : (channels_last ? &normalize_and_pool_image<T, false, true>
+                                                   : &normalize_and_pool_image<T, false, false>);
+    const int64_t pixels = h * w, outputs = pool.h_out * pool.w_out;
+    over_images(n_images, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        T* s = stats.data_ptr<T>() + n * 5 * pixels;
+        // Without the sums (nothing to differentiate) their plane is NaN, never read.
+        if (!with_sums) std::fill_n(s + 4 * pixels, pixels, std::numeric_limits<T>::quiet_NaN());
+        const PixelStatistics<T> image_stats{s, s + pixels, s + 2 * pixels, s + 3 * pixels,
+                                             with_sums ? s + 4 * pixels : nullptr};
+        image_forward(x.data_ptr<T>() + n * maps * pixels, maps, window,
+                      row_diagonals.data_ptr<T>(), column_diagonals.data_ptr<T>(),
+                      mass.data_ptr<T>(), mean_threshold, threshold, floor, pool,
+                      pooled.data_ptr<T>() + n * maps * outputs,
+                      index.data_ptr<int64_t>() + n * maps * outputs, image_stats,
+                      mean_sigma.data_ptr<T>() + n);
+      }
+    });
+  });
+  return {pooled, index, stats, mean_sigma};
+}
+
+template <typename T, bool Rectify>
+void normalize_and_pool_backward_image(const T* grad, const int64_t* index, const T* x,
+                                       T* out, int64_t maps, int64_t outputs,
+                                       const Window& window, const T* rows_t,
+                                       const T* columns_t, const PixelStatistics<T>& stats,
+                                       T mean_sigma, bool mean_threshold, double threshold,
+                                       double floor) {
+  const int64_t h = window.h, w = window.w, pixels = h * w;
+  const T count = static_cast<T>(maps);
+  std::vector<T> g_sum(pixels, T(0)), products(pixels, T(0)), r(pixels), k(pixels),
+      q(pixels), pad(w + 2 * window.r_w);
+  // Each window's pooled value is y at its maximum, recomputed as the forward made it.
+#pragma omp simd
+  for (int64_t p = 0; p < pixels; ++p) r[p] = T(1) / stats.den[p];
+  for (int64_t i = 0; i < maps; ++i) {
+    const T* xi = x + i * pixels;
+    for (int64_t j = i * outputs; j < (i + 1) * outputs; ++j) {
+      const int64_t p = index[j];
+      const T y = (rectified<T, Rectify>(xi[p]) - stats.mean[p]) * r[p];
+      g_sum[p] += grad[j];
+      products[p] += grad[j] * y;
+    }
+  }
+  divisor_gradient(products.data(), maps, window, rows_t, columns_t, stats.den,
+                   stats.variance, stats.sigma, mean_sigma, mean_threshold, threshold, floor,
+                   r.data(), k.data(), q.data(), pad);
+#pragma omp simd
+  for (int64_t p = 0; p < pixels; ++p)
+    products[p] = (g_sum[p] * r[p] + k[p] * stats.y_sum[p]) / count;  // sum_i g_v / C
+  smooth(products.data(), q.data(), rows_t, window.r_h, columns_t, window.r_w, h, w, pad);
+  at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
+    const T* __restrict mean = stats.mean;
+    const T* __restrict rp = r.data();
+    const T* __restrict kp = k.data();
+    const T* __restrict qp = q.data();
+    for (int64_t i = begin; i < end; ++i) {
+      const T* __restrict xi = x + i * pixels;
+      T* __restrict gi = out + i * pixels;
+#pragma omp simd
+      for (int64_t p = 0; p < pixels; ++p) {
+        const T value = kp[p] * ((rectified<T, Rectify>(xi[p]) - mean[p]) * rp[p]) - qp[p];
+        gi[p] = Rectify ? value * sign(xi[p]) : value;
+      }
+      for (int64_t j = i * outputs; j < (i + 1) * outputs; ++j) {
+        const int64_t p = index[j];
+        const T share = grad[j] * rp[p];
+        gi[p] += Rectify ? share * sign(xi[p]) : share;
+      }
+    }
+  });
+}
+
+at::Tensor contrast_norm_max_pool_backward(
+    const at::Tensor& grad, const at::Tensor& index, const at::Tensor& x, const at::Tensor& stats, const at::Tensor& mean_sigma,
+    const at::Tensor& row_diagonals_t, const at::Tensor& column_diagonals_t, bool rectify,
+    bool mean_threshold, double threshold, double floor) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
+              "x must be contiguous (N, C, H, W) on the CPU");
+  const int64_t n_images = x.size(0), maps = x.size(1), h = x.size(2), w = x.size(3);
+  check_window_matrices(x, row_diagonals_t, column_diagonals_t, at::Tensor());
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == n_images && grad.size(1) == maps,
+              "grad must be (N, C, H_out, W_out)");
+  TORCH_CHECK(index.sizes() == grad.sizes() && index.scalar_type() == at::kLong,
+              "index must be int64 with the shape of grad");
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({n_images, 5, h, w}) && stats.is_contiguous(),
+              "stats must be contiguous (N, 5, H, W)");
+  TORCH_CHECK(mean_sigma.sizes() == at::IntArrayRef({n_images}), "mean_sigma must be (N,)");
+  const at::Tensor g = grad.contiguous(), at_index = index.contiguous();
+  at::Tensor out = at::empty_like(x);
+  const Window window{h, w, row_diagonals_t.size(0) / 2, column_diagonals_t.size(0) / 2};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrast_norm_max_pool_backward", [&] {
+    using T = scalar_t;
+    auto* image_backward = rectify ? &normalize_and_pool_backward_image<T, true>
+                                   : &normalize_and_pool_backward_image<T, false>;
+    const int64_t pixels = h * w, outputs = g.size(2) * g.size(3);
+    over_images(n_images, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        T* s = stats.data_ptr<T>() + n * 5 * pixels;
+        const PixelStatistics<T> image_stats{s, s + pixels, s + 2 * pixels, s + 3 * pixels,
+                                             s + 4 * pixels};
+        const int64_t o = n * maps * outputs;
+        image_backward(g.data_ptr<T>() + o, at_index.data_ptr<int64_t>() + o,
+                       x.data_ptr<T>() + n * maps * pixels,
+                       out.data_ptr<T>() + n * maps * pixels, maps, outputs, window,
+                       row_diagonals_t.data_ptr<T>(), column_diagonals_t.data_ptr<T>(),
+                       image_stats, mean_sigma.data_ptr<T>()[n], mean_threshold, threshold,
+                       floor);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cnnkit_native, m) {
+  m.def(
+      "contrast_norm_max_pool_forward(Tensor x, Tensor row_diagonals, "
+      "Tensor column_diagonals, Tensor mass, bool rectify, bool mean_threshold, "
+      "float threshold, float floor, int kh, int kw, int sh, int sw, bool with_sums) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+  m.impl("contrast_norm_max_pool_forward", c10::DispatchKey::CPU,
+         &contrast_norm_max_pool_forward);
+  m.def(
+      "contrast_norm_max_pool_backward(Tensor grad, Tensor index, Tensor x, "
+      "Tensor stats, Tensor mean_sigma, Tensor row_diagonals_t, Tensor column_diagonals_t, "
+      "bool rectify, bool mean_threshold, float threshold, float floor) -> Tensor");
+  m.impl("contrast_norm_max_pool_backward", c10::DispatchKey::CPU,
+         &contrast_norm_max_pool_backward);
+}
