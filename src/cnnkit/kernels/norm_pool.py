@@ -44,8 +44,8 @@ def contrast_norm_max_pool_applies(
     x: torch.Tensor, window: torch.Tensor, border: str, pool_window: tuple[int, int]
 ) -> bool:
     """Whether :func:`contrast_norm_max_pool` may take ``x`` (N, C, H, W): the fast
-    paths are allowed (eagerly: under ``torch.compile`` the two layers are traced
-    instead), ``x`` is a contiguous or channels-last float32/float64 CPU tensor with
+    paths are allowed (eagerly: under ``torch.compile`` the layers are traced one by
+    one instead), ``x`` is a contiguous or channels-last float32/float64 CPU tensor with
     maps at least as large as ``pool_window``, the compiled kernels are built, no
     derivative flows into the window, and the window is the same separable one on every
     map."""
