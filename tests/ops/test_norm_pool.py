@@ -177,7 +177,7 @@ def test_windows_holding_nan_pick_the_library_s_index(layout) -> None:
     x = x.contiguous(memory_format=layout)
     window = gaussian_window(3, 0.8, 4, dtype=F64)
     pooled, index, *_ = torch.ops.cnnkit.contrast_norm_max_pool(
-        x, window, "zero", True, False, 0.3, 1e-4, 4, 4, 2, 2
+        x, window, "zero", True, False, 0.3, 1e-4, 4, 4, 2, 2, True
     )
     y = _divide(_subtract(x.abs(), window, "zero"), window, "zero", 0.3, 1e-4)
     expected, expected_index = F.max_pool2d(y, 4, 2, return_indices=True)
@@ -189,7 +189,7 @@ def test_windows_holding_nan_pick_the_library_s_index(layout) -> None:
 def test_the_operator_under_vmap_equals_one_call_per_entry() -> None:
     x = _x((3, 2, 4, 12, 12), seed=10)  # a mapped dimension of 3 over batches of 2
     window = gaussian_window(3, 0.8, 4, dtype=F64)
-    options = ("renormalize", True, True, 0.0, 1e-4, 4, 4, 2, 2)
+    options = ("renormalize", True, True, 0.0, 1e-4, 4, 4, 2, 2, True)
 
     def pooled(t):
         return torch.ops.cnnkit.contrast_norm_max_pool(t, window, *options)[0]
@@ -214,8 +214,8 @@ def test_without_a_gradient_the_same_values_come_without_the_sums(layout) -> Non
     )
     assert torch.equal(plain, recorded.detach())
     options = ("renormalize", True, True, 0.0, 1e-4, 4, 4, 2, 2)
-    with_sums = fast._native_forward(x.detach(), window, *options, with_sums=True)
-    without = fast._native_forward(x.detach(), window, *options, with_sums=False)
+    with_sums = fast._forward(x.detach(), window, *options, with_sums=True)
+    without = fast._forward(x.detach(), window, *options, with_sums=False)
     assert with_sums[2][:, 4].isfinite().all() and without[2][:, 4].isnan().all()
     torch.testing.assert_close(with_sums[2][:, 4], _y_sum(x, window), rtol=1e-5, atol=1e-5)
     for a, b in zip(with_sums[:2], without[:2], strict=True):
@@ -255,7 +255,7 @@ def test_maps_narrower_than_a_vector_or_not_a_whole_number_of_them(dtype, width)
 
 def test_the_registered_operators_pass_opcheck() -> None:
     window = gaussian_window(3, 0.8, 3, dtype=F64)
-    options = ("zero", True, False, 0.2, 1e-4, 4, 4, 2, 2)
+    options = ("zero", True, False, 0.2, 1e-4, 4, 4, 2, 2, True)
     for layout in LAYOUTS:
         x = _x((2, 3, 10, 10), seed=14).contiguous(memory_format=layout).requires_grad_()
         torch.library.opcheck(torch.ops.cnnkit.contrast_norm_max_pool, (x, window, *options))

@@ -84,8 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_
     const at::Tensor& x, const at::Tensor& row_diagonals, const at::Tensor& column_diagonals,
     const at::Tensor& mass, bool rectify, bool mean_threshold, double threshold, double floor) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "x must be (N, C, H, W) on the CPU");
-  const bool channels_last =
-      !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool channels_last = channels_last_layout(x);
   TORCH_CHECK(x.is_contiguous() || channels_last, "x must be contiguous or channels-last");
   const int64_t n_images = x.size(0), maps = x.size(1), h = x.size(2), w = x.size(3);
   check_window_matrices(x, row_diagonals, column_diagonals, mass);
@@ -219,8 +218,7 @@ at::Tensor contrast_norm_backward(const at::Tensor& grad, const at::Tensor& x,
                                   const at::Tensor& row_diagonals_t,
                                   const at::Tensor& column_diagonals_t, bool rectify,
                                   bool mean_threshold, double threshold, double floor) {
-  const bool channels_last =
-      !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool channels_last = channels_last_layout(x);
   const auto format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(format),
               "x must be (N, C, H, W) on the CPU, contiguous or channels-last");

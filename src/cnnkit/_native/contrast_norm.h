@@ -186,6 +186,12 @@ void image_statistics(const Image<T>& image, const Window& window, const T* rows
   }
 }
 
+// Whether x is laid out channels-last (N, H, W, C) rather than contiguous (N, C, H, W);
+// a tensor that is both counts as contiguous.
+inline bool channels_last_layout(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 // The window's banded matrices for (h, w) maps of x's dtype; mass may be undefined.
 inline void check_window_matrices(const at::Tensor& x, const at::Tensor& row_diagonals,
                            const at::Tensor& column_diagonals, const at::Tensor& mass) {

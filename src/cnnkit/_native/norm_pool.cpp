@@ -219,8 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_norm_max_poo
     const at::Tensor& mass, bool rectify, bool mean_threshold, double threshold, double floor,
     int64_t kh, int64_t kw, int64_t sh, int64_t sw, bool with_sums) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "x must be (N, C, H, W) on the CPU");
-  const bool channels_last =
-      !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const bool channels_last = channels_last_layout(x);
   TORCH_CHECK(x.is_contiguous() || channels_last, "x must be contiguous or channels-last");
   const int64_t n_images = x.size(0), maps = x.size(1), h = x.size(2), w = x.size(3);
   check_window_matrices(x, row_diagonals, column_diagonals, mass);

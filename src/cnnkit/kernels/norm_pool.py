@@ -79,8 +79,8 @@ def contrast_norm_max_pool(
     limit = 0.0 if mean_threshold else float(threshold)
     options = (border, rectify, mean_threshold, limit, floor, *pool_window, *pool_stride)
     if is_concrete(x) and not recorded(x):  # past the dispatcher, without the sums
-        return _native_forward(x, window.detach(), *options, with_sums=False)[0]
-    return torch.ops.cnnkit.contrast_norm_max_pool(x, window.detach(), *options)[0]
+        return _forward(x, window.detach(), *options, with_sums=False)[0]
+    return torch.ops.cnnkit.contrast_norm_max_pool(x, window.detach(), *options, True)[0]
 
 
 def _forward(
@@ -95,30 +95,12 @@ def _forward(
     kw: int,
     sh: int,
     sw: int,
+    with_sums: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(pooled, index, statistics, mean_sigma)``: the pooled maps and the flat index of
     each window's maximum ``(N, C, H_out, W_out)``; ``m, den, variance, sigma,
-    sum_i y_i`` ``(N, 5, H, W)``; the mean of ``sigma`` ``(N,)``."""
-    return _native_forward(x, window, border, rectify, mean_threshold, threshold, floor,
-                           kh, kw, sh, sw, with_sums=True)  # fmt: skip
-
-
-def _native_forward(
-    x: torch.Tensor,
-    window: torch.Tensor,
-    border: str,
-    rectify: bool,
-    mean_threshold: bool,
-    threshold: float,
-    floor: float,
-    kh: int,
-    kw: int,
-    sh: int,
-    sw: int,
-    with_sums: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_forward`'s outputs; without ``with_sums`` (no backward to run) the plane of
-    ``sum_i y_i`` is left NaN and not computed."""
+    sum_i y_i`` ``(N, 5, H, W)``; the mean of ``sigma`` ``(N,)``. Without ``with_sums``
+    (no backward to run) the plane of ``sum_i y_i`` is left NaN and not computed."""
     bands = _bands(window, border, *x.shape[-2:], x)
     if bands is None or native_ops() is None or x.device.type != "cpu":
         raise ValueError(
@@ -138,7 +120,7 @@ _op = torch.library.custom_op("cnnkit::contrast_norm_max_pool", mutates_args=())
 
 
 @_op.register_fake
-def _(x, window, border, rectify, mean_threshold, threshold, floor, kh, kw, sh, sw):  # noqa: ANN001, ANN202
+def _(x, window, border, rectify, mean_threshold, threshold, floor, kh, kw, sh, sw, with_sums):  # noqa: ANN001, ANN202
     n, c, h, w = x.shape
     shape = (n, c, (h - kh) // sh + 1, (w - kw) // sw + 1)
     layout = _layout(x)
@@ -193,9 +175,9 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
 
 def _backward(ctx, grad, *unused):  # noqa: ANN001, ANN202
     if grad is None:  # the pooled maps are not used by what is differentiated
-        return (None,) * 11
+        return (None,) * 12
     x, window, index, statistics, mean_sigma = ctx.saved_tensors
-    border, rectify, mean_threshold, threshold, floor, kh, kw, sh, sw = ctx.options
+    border, rectify, mean_threshold, threshold, floor, kh, kw, sh, sw, _ = ctx.options
     if torch.is_grad_enabled():  # a graph of the backward is recorded: the plain formula
         norm_options = (border, rectify, mean_threshold, threshold, floor)
         y = _forward_parts(x, window, *norm_options, None)[0]
@@ -204,7 +186,7 @@ def _backward(ctx, grad, *unused):  # noqa: ANN001, ANN202
     else:
         g_x = _backward_op(grad, index, x, statistics, mean_sigma, window, border, rectify,
                            mean_threshold, threshold, floor)  # fmt: skip
-    return (g_x, *(None,) * 10)
+    return (g_x, *(None,) * 11)
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)
