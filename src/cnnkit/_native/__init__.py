@@ -4,7 +4,9 @@ Some ops are many small tensor operations in eager PyTorch, each a pass over map
 compiled loop makes in one (``contrast_norm.cpp``: local contrast normalization in three
 passes instead of about ten; ``norm_pool.cpp``: the same followed by max pooling,
 without writing the normalized maps out; ``max_pool.cpp``: max pooling with the
-positions of the maxima, and its gradient, without a copy into another layout). They are
+positions of the maxima, and its gradient, without a copy into another layout;
+``direct_conv.cpp``: a filter bank with few input maps, such as the lecture's first, and
+its kernels' gradient, with the outputs of a block of pixels kept in registers). They are
 compiled once per machine with PyTorch's extension builder (a C++ compiler and
 ``ninja``; the result is kept under ``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``), which takes some seconds; later processes load the built
@@ -41,8 +43,9 @@ import torch
 
 __all__ = ["NativeStatus", "instruction_set", "native_attempted", "native_ops", "native_status"]
 
-_SOURCES = ("contrast_norm.cpp", "max_pool.cpp", "norm_pool.cpp")
-_HEADERS = ("contrast_norm.h", "max_pool.h")  # included by the sources: they name a build
+_SOURCES = ("contrast_norm.cpp", "direct_conv.cpp", "max_pool.cpp", "norm_pool.cpp")
+# included by the sources: they name a build too
+_HEADERS = ("contrast_norm.h", "max_pool.h", "vectors.h")
 _NAME = "cnnkit_native"
 # The compiler's vector extensions for each instruction set torch reports on x86-64,
 # named one by one (GCC 11's -march=x86-64-v3/v4 levels say the same, but older compilers
@@ -279,6 +282,16 @@ def _register_fakes() -> None:
     @torch.library.register_fake("cnnkit_native::contrast_norm_max_pool_backward")
     def _(grad, index, x, *rest):
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous
+
+    @torch.library.register_fake("cnnkit_native::direct_conv2d_forward")
+    def _(x, taps, bias, kh, kw):
+        n, _, h, w = x.shape
+        shape = (n, taps.shape[1], h - kh + 1, w - kw + 1)
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+    @torch.library.register_fake("cnnkit_native::direct_conv2d_weight_grad")
+    def _(grad, x, kh, kw):
+        return x.new_empty(x.shape[1] * kh * kw, grad.shape[1])
 
     @torch.library.register_fake("cnnkit_native::max_pool_forward")
     def _(x, kh, kw, sh, sw):

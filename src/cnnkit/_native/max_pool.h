@@ -10,6 +10,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "vectors.h"
+
 namespace cnnkit_pooling {
 
 // Whether a value seen later in row-major order replaces the best so far.
@@ -47,45 +49,10 @@ inline void keep_larger(T* __restrict best, Row<T>* __restrict row,
   }
 }
 
-// The width of the vector registers the code is built for.
-#if defined(__AVX512F__)
-constexpr int64_t kVectorBytes = 64;
-#elif defined(__AVX__)
-constexpr int64_t kVectorBytes = 32;
-#else
-constexpr int64_t kVectorBytes = 16;
-#endif
-
-// Lanes of one vector of T. Loops written over exactly this many lanes become single
-// vector instructions whatever the map's size, which the compiler cannot see.
-template <typename T>
-constexpr int64_t kLanes = kVectorBytes / sizeof(T);
-
-// One vector of values, and of row numbers or positions (as many lanes), in the
-// compiler's vector extension: held in registers, lowered to the instruction set built for.
-template <typename T>
-struct Vectors;
-template <>
-struct Vectors<float> {
-  typedef float values __attribute__((vector_size(kVectorBytes)));
-  typedef int32_t positions __attribute__((vector_size(kVectorBytes)));
-};
-template <>
-struct Vectors<double> {
-  typedef double values __attribute__((vector_size(kVectorBytes)));
-  typedef int64_t positions __attribute__((vector_size(kVectorBytes)));
-};
-template <typename T>
-using Values = typename Vectors<T>::values;
-template <typename T>
-using Positions = typename Vectors<T>::positions;
-
-template <typename V, typename T>
-inline V load(const T* from) {
-  V v;
-  std::memcpy(&v, from, sizeof v);
-  return v;
-}
+using cnnkit_vectors::kLanes;
+using cnnkit_vectors::load;
+using cnnkit_vectors::Positions;
+using cnnkit_vectors::Values;
 
 // Calls chunk(c0) for c0 = 0, L, 2L, ... and, when L does not divide w, once more at
 // w - L, a vector overlapping the one before: its columns are computed twice, to the same

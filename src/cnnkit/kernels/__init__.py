@@ -33,7 +33,7 @@ import torch.autograd.forward_ad as forward_ad
 
 from cnnkit._validation import is_concrete
 
-__all__ = ["fast_enabled", "fast_path_allowed", "has_tangent", "recorded"]
+__all__ = ["fast_enabled", "fast_path_allowed", "fold_images", "has_tangent", "recorded"]
 
 
 def fast_enabled() -> bool:
@@ -76,3 +76,29 @@ def fast_path_allowed(*tensors: torch.Tensor | None, traced: bool = False) -> bo
         if torch.is_autocast_enabled(tensor.device.type):  # the plain ops have cast rules
             return False
     return True
+
+
+def fold_images(op, info, in_dims, x, *rest):  # noqa: ANN001, ANN002, ANN201
+    """The batching rule (``register_vmap``) of an operator that works on each image of
+    ``x`` (its first argument, ``(N, ...)``) on its own: when only ``x`` is mapped, fold
+    the mapped dimension into the images and make one call; when another tensor
+    argument is mapped too, one call per entry. Works for one output or a tuple."""
+    if all(dim is None for dim in in_dims[1:]):
+        x = x.movedim(in_dims[0], 0)  # (B, N, ...)
+        b, n = x.shape[:2]
+        outs = op(x.reshape(b * n, *x.shape[2:]), *rest)
+        if isinstance(outs, torch.Tensor):
+            return outs.view(b, n, *outs.shape[1:]), 0
+        return tuple(out.view(b, n, *out.shape[1:]) for out in outs), (0,) * len(outs)
+
+    def entry(arg, dim, i):  # noqa: ANN001, ANN202
+        return arg if dim is None else arg.select(dim, i)
+
+    outs = [
+        op(*(entry(arg, dim, i) for arg, dim in zip((x, *rest), in_dims, strict=True)))
+        for i in range(info.batch_size)
+    ]
+    if isinstance(outs[0], torch.Tensor):
+        return torch.stack(outs), 0
+    stacked = tuple(torch.stack(parts) for parts in zip(*outs, strict=True))
+    return stacked, (0,) * len(stacked)

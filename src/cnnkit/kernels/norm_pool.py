@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from cnnkit._native import native_ops
 from cnnkit._validation import is_concrete
-from cnnkit.kernels import fast_path_allowed, recorded
-from cnnkit.kernels.normalization import _bands, _fold_images, _forward_parts
+from cnnkit.kernels import fast_path_allowed, fold_images, recorded
+from cnnkit.kernels.normalization import _bands, _forward_parts
 
 __all__ = ["contrast_norm_max_pool", "contrast_norm_max_pool_applies"]
 
@@ -192,4 +192,4 @@ def _backward(ctx, grad, *unused):  # noqa: ANN001, ANN202
 _op.register_autograd(_backward, setup_context=_setup_context)
 
 
-_op.register_vmap(functools.partial(_fold_images, _op))
+_op.register_vmap(functools.partial(fold_images, _op))

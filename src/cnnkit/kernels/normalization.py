@@ -42,7 +42,7 @@ import torch
 
 from cnnkit._native import native_ops
 from cnnkit._validation import is_concrete
-from cnnkit.kernels import fast_path_allowed, recorded
+from cnnkit.kernels import fast_path_allowed, fold_images, recorded
 from cnnkit.windowed_sum import local_mean, windowed_sum
 
 __all__ = ["contrast_norm", "contrast_norm_applies"]
@@ -393,23 +393,4 @@ def _backward(ctx, grad, *unused):  # noqa: ANN001, ANN202
 _contrast_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _fold_images(op, info, in_dims, x, window, *options):  # noqa: ANN001, ANN202
-    """The batching rule of an operator that works on each image of ``x`` on its own:
-    fold the mapped dimension into the batch (one call per entry when the window is
-    mapped too)."""
-    x_dim, window_dim = in_dims[:2]
-    if window_dim is not None:
-        outs = [
-            op(x.select(x_dim, i) if x_dim is not None else x, window.select(window_dim, i),
-               *options)
-            for i in range(info.batch_size)
-        ]  # fmt: skip
-        stacked = tuple(torch.stack(parts) for parts in zip(*outs, strict=True))
-        return stacked, (0,) * len(stacked)
-    x = x.movedim(x_dim, 0)  # (B, N, C, H, W)
-    b, n = x.shape[:2]
-    outs = op(x.reshape(b * n, *x.shape[2:]), window, *options)
-    return tuple(out.view(b, n, *out.shape[1:]) for out in outs), (0,) * len(outs)
-
-
-_contrast_norm_op.register_vmap(functools.partial(_fold_images, _contrast_norm_op))
+_contrast_norm_op.register_vmap(functools.partial(fold_images, _contrast_norm_op))

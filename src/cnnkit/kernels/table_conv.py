@@ -4,6 +4,9 @@
 weight (the plain path). The methods here compute the same values:
 
 - ``"dense"`` with the layout the library's convolution runs fastest in;
+- ``"direct"``: the dense correlation by cnnkit's compiled kernel for banks with few
+  input maps (:mod:`cnnkit.kernels.direct_conv`; stride 1, output maps in whole
+  vectors), channels-last maps out -- the lecture's first bank, one image to 64 maps;
 - ``"depthwise"``: when every output map has exactly one input map (``one_to_one`` and
   its relatives), gather those inputs and make one ``F.conv2d(groups=C_out)`` call;
 - ``"unfold"``: group the kernels by input map. The patches of every input map
@@ -37,11 +40,12 @@ import torch.nn.functional as F
 
 from cnnkit._shapes import valid_hw
 from cnnkit.kernels import fast_path_allowed, recorded, tuning
+from cnnkit.kernels.direct_conv import direct_conv2d, direct_conv2d_applies
 from cnnkit.tables import TablePlan, dense_weight
 
 __all__ = ["METHODS", "auto_method", "conv"]
 
-METHODS = ("auto", "dense", "depthwise", "fourier", "unfold")
+METHODS = ("auto", "dense", "depthwise", "direct", "fourier", "unfold")
 
 # The cost model that "auto" follows where no timing is allowed (CNNKIT_TUNE=0, or a
 # device other than the CPU): safe defaults, not a machine's measurements.
@@ -66,7 +70,8 @@ def auto_method(x: torch.Tensor, weight: torch.Tensor, plan: TablePlan, stride) 
     (``CNNKIT_TUNE=0``) and on other devices."""
     if not fast_path_allowed(x, weight):
         return "plain"
-    default = _choose(x.shape, weight.shape, plan.out_maps, stride, x.dtype)
+    direct = _direct_applies(x, weight, plan, stride)
+    default = _choose(x.shape, weight.shape, plan.out_maps, stride, x.dtype, direct)
     if x.device.type != "cpu":
         return default
     grad = recorded(x) or recorded(weight)
@@ -76,10 +81,17 @@ def auto_method(x: torch.Tensor, weight: torch.Tensor, plan: TablePlan, stride) 
         f"{tuning.layout_name(x)} "
         f"{'grad' if grad else 'nograd'} threads{torch.get_num_threads()}"
     )
-    return tuning.choose(case, default, _candidates(x, weight, plan, stride, grad))
+    return tuning.choose(case, default, _candidates(x, weight, plan, stride, grad, direct))
 
 
-def _candidates(x, weight, plan: TablePlan, stride, grad: bool) -> dict:  # noqa: ANN001
+def _direct_applies(x, weight, plan: TablePlan, stride) -> bool:  # noqa: ANN001
+    """Whether ``"direct"`` can compute this bank (:func:`direct_conv2d_applies` for its
+    dense weight's shape, at stride 1)."""
+    dense = weight.new_empty(()).expand(plan.out_maps, x.shape[1], *weight.shape[1:])
+    return tuple(stride) == (1, 1) and direct_conv2d_applies(x, dense)
+
+
+def _candidates(x, weight, plan: TablePlan, stride, grad: bool, direct: bool) -> dict:  # noqa: ANN001
     """Each exact method that applies, as a function that runs it once (forward, and
     backward when ``grad``) on synthetic tensors of the shapes of ``x`` and ``weight``."""
 
@@ -100,7 +112,7 @@ def _candidates(x, weight, plan: TablePlan, stride, grad: bool) -> dict:  # noqa
 
     n, c_in, height, width = x.shape
     rows, kh, kw = weight.shape
-    methods = ["dense"]
+    methods = ["dense", "direct"] if direct else ["dense"]
     if rows == plan.out_maps:
         methods.append("depthwise")
     h_out, w_out = valid_hw((height, width), (kh, kw), stride)
@@ -116,6 +128,8 @@ def conv(method: str, x, plan: TablePlan, weight, bias, stride) -> torch.Tensor:
     """The filter bank by ``method`` (not ``"auto"``), ``(N, C_out, H_out, W_out)``."""
     if method == "depthwise":
         return _depthwise(x, plan.table, weight, bias, stride, plan.out_maps)
+    if method == "direct":
+        return _direct(x, plan, weight, bias, stride)
     if method == "fourier":
         return _fourier(x, plan, weight, bias, stride)
     if method == "unfold":
@@ -129,10 +143,15 @@ def _choose(
     c_out: int,
     stride: tuple[int, int],
     dtype: torch.dtype,
+    direct: bool = False,
 ) -> str:
-    """Pick the method with the fewest multiply-adds, weighted by their measured speed."""
+    """Pick the method with the fewest multiply-adds, weighted by their measured speed;
+    ``"direct"`` (where it applies, ``direct``) for a bank of one input map, which has no
+    sum over maps for the library's convolution to spread over its vectors."""
     n, c_in, height, width = x_shape
     rows, kh, kw = weight_shape
+    if direct and c_in == 1:
+        return "direct"
     if rows == c_out and c_in >= _DEPTHWISE_MIN_MAPS:  # each output has exactly one input
         return "depthwise"
     h_out, w_out = valid_hw((height, width), (kh, kw), stride)
@@ -161,6 +180,18 @@ def _dense(x, plan: TablePlan, weight, bias, stride) -> torch.Tensor:  # noqa: A
         # convolution would then take its channels-last kernels, slower for training.
         x = x.view(-1).view(x.shape)
     return F.conv2d(x, dense_weight(weight, plan, x.shape[1], layout), bias, stride)
+
+
+def _direct(x, plan: TablePlan, weight, bias, stride) -> torch.Tensor:  # noqa: ANN001
+    dense = dense_weight(weight, plan, x.shape[1])
+    if not (tuple(stride) == (1, 1) and direct_conv2d_applies(x, dense, bias)):
+        raise ValueError(
+            'method="direct" needs stride 1, float32 or float64 CPU tensors, a number of '
+            "output maps that fills whole vectors (a multiple of 16 in float32, 8 in float64) "
+            f"and the compiled kernels; got stride {tuple(stride)}, {x.dtype} on "
+            f"{x.device.type} and {plan.out_maps} output maps"
+        )
+    return direct_conv2d(x, dense, bias)
 
 
 def _output_layout(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:

@@ -1,0 +1,240 @@
+// A valid 2-D correlation at stride 1 for banks with few input maps and many output
+// maps -- the lecture's first filter bank, 1 -> 64 maps with 9x9 kernels -- written out
+// channels-last, and the gradient with respect to its kernels.
+//
+// With the kernels laid out as taps[(c kh + u) kw + v, o] (one row of output maps per
+// tap), output pixel (y, x) is
+//
+//   out[y, x, o] = bias[o] + sum_{c, u, v} x[c, y + u, x + v] taps[(c kh + u) kw + v, o]
+//
+// so each tap adds one input value (broadcast) times one row of kernel values (vectors
+// over o) to the pixel's outputs. A block of R pixels by B vectors of outputs stays in
+// registers for all of the taps; the kernels (C kh kw rows of O values: 20 KB for the
+// lecture) stay in the first-level cache. The kernels' gradient swaps the roles:
+//
+//   d_taps[(c kh + u) kw + v, o] = sum_{n, y, x} x[n, c, y + u, x + v] g[n, y, x, o]
+//
+// with a block of K taps (along one kernel row) by B vectors of outputs in registers,
+// summed over the pixels of a strip of a few gradient rows, which every tap then reads
+// while it is in the cache. Threads take rows of the output (strips for the gradient);
+// each thread sums into its own copy of d_taps, and the copies are added at the end.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "vectors.h"
+
+namespace {
+
+using cnnkit_vectors::kLanes;
+using cnnkit_vectors::kRegisters;
+using cnnkit_vectors::fresh;
+using cnnkit_vectors::load;
+using cnnkit_vectors::store;
+using cnnkit_vectors::Values;
+using cnnkit_vectors::with_constant;
+
+// Register blocks: pixels by output vectors in the forward; taps by output vectors in the
+// kernels' gradient. Both leave a few registers for the operands.
+constexpr int kPixels = 6;
+constexpr int kOutputVectors = kRegisters >= 32 ? 4 : 2;
+constexpr int kTaps = kRegisters >= 32 ? 9 : 5;
+constexpr int kGradientVectors = 2;
+// Gradient rows summed per block of taps: enough that loading and storing the block's
+// sums costs little beside them, few enough to stay in the second-level cache (4 rows of
+// the lecture's 75x64 outputs: 77 KB).
+constexpr int64_t kStripRows = 4;
+
+struct Sizes {
+  int64_t maps, h, w, kh, kw, outputs;  // of x (one image) and of the kernels
+  int64_t h_out() const { return h - kh + 1; }
+  int64_t w_out() const { return w - kw + 1; }
+};
+
+// out[r, o0 + l] for the R pixels from `x` (the first pixel's top-left input) and the
+// B * L outputs from o0.
+template <typename T, int R, int B>
+inline void output_block(const T* __restrict x, const T* __restrict taps,
+                         const T* __restrict bias, T* __restrict out, const Sizes& s,
+                         int64_t o0) {
+  using V = Values<T>;
+  constexpr int64_t L = kLanes<T>;
+  V sums[R][B];
+  for (int j = 0; j < B; ++j) {
+    const V start = bias != nullptr ? load<V>(bias + o0 + j * L) : V{};
+    for (int r = 0; r < R; ++r) sums[r][j] = start;
+  }
+  for (int64_t c = 0; c < s.maps; ++c) {
+    for (int64_t u = 0; u < s.kh; ++u) {
+      const T* __restrict row = x + (c * s.h + u) * s.w;
+      const T* __restrict tap = taps + (c * s.kh + u) * s.kw * s.outputs + o0;
+      for (int64_t v = 0; v < s.kw; ++v, tap += s.outputs) {
+        V kernel[B];
+        for (int j = 0; j < B; ++j) kernel[j] = load<V>(tap + j * L);
+        const T* __restrict inputs = fresh(row + v);
+        for (int r = 0; r < R; ++r) {
+          const T value = inputs[r];
+          for (int j = 0; j < B; ++j) sums[r][j] += value * kernel[j];
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < B; ++j) store(out + r * s.outputs + o0 + j * L, sums[r][j]);
+  }
+}
+
+// Every output of R pixels, B vectors at a time and then the vectors left.
+template <typename T, int R>
+void pixel_block(const T* x, const T* taps, const T* bias, T* out, const Sizes& s) {
+  constexpr int64_t L = kLanes<T>;
+  int64_t o0 = 0;
+  for (; o0 + kOutputVectors * L <= s.outputs; o0 += kOutputVectors * L) {
+    output_block<T, R, kOutputVectors>(x, taps, bias, out, s, o0);
+  }
+  with_constant<kOutputVectors - 1>((s.outputs - o0) / L, [&](auto b) {
+    output_block<T, R, decltype(b)::value>(x, taps, bias, out, s, o0);
+  });
+}
+
+at::Tensor direct_conv2d_forward(const at::Tensor& x, const at::Tensor& taps,
+                                 const c10::optional<at::Tensor>& bias, int64_t kh, int64_t kw) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
+              "x must be contiguous (N, C, H, W) on the CPU");
+  const int64_t n_images = x.size(0);
+  const Sizes s{x.size(1), x.size(2), x.size(3), kh, kw, taps.size(1)};
+  TORCH_CHECK(kh >= 1 && kw >= 1 && kh <= s.h && kw <= s.w, "the kernels must fit in x");
+  TORCH_CHECK(taps.dim() == 2 && taps.size(0) == s.maps * kh * kw && taps.is_contiguous() &&
+                  taps.scalar_type() == x.scalar_type(),
+              "taps must be contiguous (C kh kw, O) with the dtype of x");
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  TORCH_CHECK(!b.defined() || (b.numel() == s.outputs && b.scalar_type() == x.scalar_type()),
+              "bias must have O values of the dtype of x");
+  const int64_t h_out = s.h_out(), w_out = s.w_out();
+  at::Tensor out = at::empty({n_images, s.outputs, h_out, w_out},
+                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "direct_conv2d_forward", [&] {
+    using T = scalar_t;
+    TORCH_CHECK(s.outputs % kLanes<T> == 0, "the output maps must fill whole vectors");
+    const T* xp = x.data_ptr<T>();
+    const T* tp = taps.data_ptr<T>();
+    const T* bp = b.defined() ? b.data_ptr<T>() : nullptr;
+    T* op = out.data_ptr<T>();
+    at::parallel_for(0, n_images * h_out, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / h_out, y = row % h_out;
+        const T* xr = xp + (n * s.maps * s.h + y) * s.w;
+        T* orow = op + row * w_out * s.outputs;
+        int64_t x0 = 0;
+        for (; x0 + kPixels <= w_out; x0 += kPixels) {
+          pixel_block<T, kPixels>(xr + x0, tp, bp, orow + x0 * s.outputs, s);
+        }
+        with_constant<kPixels - 1>(w_out - x0, [&](auto r) {
+          pixel_block<T, decltype(r)::value>(xr + x0, tp, bp, orow + x0 * s.outputs, s);
+        });
+      }
+    });
+  });
+  return out;
+}
+
+// d_taps[t, o0 + l] += the sums over `rows` gradient rows (`g` at the first), for the K
+// taps t from d_taps along one kernel row (`x` at the first tap's input for the first
+// row) and B vectors of outputs.
+template <typename T, int K, int B>
+inline void tap_block(const T* __restrict x, const T* __restrict g, T* __restrict d_taps,
+                      int64_t rows, const Sizes& s, int64_t o0) {
+  using V = Values<T>;
+  constexpr int64_t L = kLanes<T>;
+  V sums[K][B];
+  for (int t = 0; t < K; ++t) {
+    for (int j = 0; j < B; ++j) sums[t][j] = load<V>(d_taps + t * s.outputs + o0 + j * L);
+  }
+  const int64_t outputs = s.outputs, w_out = s.w_out();
+  for (int64_t i = 0; i < rows; ++i, x += s.w, g += w_out * outputs) {
+    for (int64_t p = 0; p < w_out; ++p) {
+      V gradient[B];
+      for (int j = 0; j < B; ++j) gradient[j] = load<V>(g + p * outputs + o0 + j * L);
+      const T* __restrict inputs = fresh(x + p);
+      for (int t = 0; t < K; ++t) {
+        const T value = inputs[t];
+        for (int j = 0; j < B; ++j) sums[t][j] += value * gradient[j];
+      }
+    }
+  }
+  for (int t = 0; t < K; ++t) {
+    for (int j = 0; j < B; ++j) store(d_taps + t * s.outputs + o0 + j * L, sums[t][j]);
+  }
+}
+
+// What gradient rows y .. y + rows - 1 of one image add to d_taps, for every tap and
+// output.
+template <typename T>
+void gradient_strip(const T* x, const T* g, T* d_taps, int64_t y, int64_t rows,
+                    const Sizes& s) {
+  constexpr int64_t L = kLanes<T>;
+  for (int64_t c = 0; c < s.maps; ++c) {
+    for (int64_t u = 0; u < s.kh; ++u) {
+      const T* row = x + (c * s.h + y + u) * s.w;
+      T* d_row = d_taps + (c * s.kh + u) * s.kw * s.outputs;
+      for (int64_t o0 = 0; o0 < s.outputs; o0 += kGradientVectors * L) {
+        const int64_t vectors = std::min<int64_t>(kGradientVectors, (s.outputs - o0) / L);
+        for (int64_t v0 = 0; v0 < s.kw; v0 += kTaps) {
+          const int64_t taps = std::min<int64_t>(kTaps, s.kw - v0);
+          with_constant<kGradientVectors>(vectors, [&](auto b) {
+            with_constant<kTaps>(taps, [&](auto k) {
+              tap_block<T, decltype(k)::value, decltype(b)::value>(
+                  row + v0, g, d_row + v0 * s.outputs, rows, s, o0);
+            });
+          });
+        }
+      }
+    }
+  }
+}
+
+at::Tensor direct_conv2d_weight_grad(const at::Tensor& grad, const at::Tensor& x, int64_t kh,
+                                     int64_t kw) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
+              "x must be contiguous (N, C, H, W) on the CPU");
+  const int64_t n_images = x.size(0);
+  const Sizes s{x.size(1), x.size(2), x.size(3), kh, kw, grad.size(1)};
+  const int64_t h_out = s.h_out(), w_out = s.w_out();
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == n_images && grad.size(2) == h_out &&
+                  grad.size(3) == w_out && grad.scalar_type() == x.scalar_type(),
+              "grad must be (N, O, H_out, W_out) with the dtype of x");
+  const at::Tensor g = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t threads = at::get_num_threads(), taps = s.maps * kh * kw;
+  at::Tensor partial = at::zeros({threads, taps, s.outputs}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "direct_conv2d_weight_grad", [&] {
+    using T = scalar_t;
+    TORCH_CHECK(s.outputs % kLanes<T> == 0, "the output maps must fill whole vectors");
+    const T* xp = x.data_ptr<T>();
+    const T* gp = g.data_ptr<T>();
+    T* pp = partial.data_ptr<T>();
+    const int64_t strips = (h_out + kStripRows - 1) / kStripRows;
+    at::parallel_for(0, n_images * strips, 1, [&](int64_t begin, int64_t end) {
+      T* d_taps = pp + at::get_thread_num() * taps * s.outputs;
+      for (int64_t strip = begin; strip < end; ++strip) {
+        const int64_t n = strip / strips, y = strip % strips * kStripRows;
+        const int64_t rows = std::min(kStripRows, h_out - y);
+        gradient_strip(xp + n * s.maps * s.h * s.w, gp + (n * h_out + y) * w_out * s.outputs,
+                       d_taps, y, rows, s);
+      }
+    });
+  });
+  return partial.sum(0);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cnnkit_native, m) {
+  m.def("direct_conv2d_forward(Tensor x, Tensor taps, Tensor? bias, int kh, int kw) -> Tensor");
+  m.impl("direct_conv2d_forward", c10::DispatchKey::CPU, &direct_conv2d_forward);
+  m.def("direct_conv2d_weight_grad(Tensor grad, Tensor x, int kh, int kw) -> Tensor");
+  m.impl("direct_conv2d_weight_grad", c10::DispatchKey::CPU, &direct_conv2d_weight_grad);
+}
