@@ -281,7 +281,9 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("cnnkit_native::contrast_norm_max_pool_backward")
     def _(grad, index, x, *rest):
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous
+        channels_last = not x.is_contiguous()
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout)
 
     @torch.library.register_fake("cnnkit_native::direct_conv2d_forward")
     def _(x, taps, bias, kh, kw):
@@ -291,7 +293,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("cnnkit_native::direct_conv2d_weight_grad")
     def _(grad, x, kh, kw):
-        return x.new_empty(x.shape[1] * kh * kw, grad.shape[1])
+        return x.new_empty(x.shape[1] * kh * kw, grad.shape[1]), x.new_empty(grad.shape[1])
 
     @torch.library.register_fake("cnnkit_native::max_pool_forward")
     def _(x, kh, kw, sh, sw):

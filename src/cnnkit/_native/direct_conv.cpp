@@ -13,6 +13,7 @@
 // lecture) stay in the first-level cache. The kernels' gradient swaps the roles:
 //
 //   d_taps[(c kh + u) kw + v, o] = sum_{n, y, x} x[n, c, y + u, x + v] g[n, y, x, o]
+//   d_bias[o] = sum_{n, y, x} g[n, y, x, o]
 //
 // with a block of K taps (along one kernel row) by B vectors of outputs in registers,
 // summed over the pixels of a strip of a few gradient rows, which every tap then reads
@@ -25,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 
 #include "vectors.h"
 
@@ -172,11 +174,17 @@ inline void tap_block(const T* __restrict x, const T* __restrict g, T* __restric
 }
 
 // What gradient rows y .. y + rows - 1 of one image add to d_taps, for every tap and
-// output.
+// output, and to d_bias (the sum of the rows, while they are in the cache).
 template <typename T>
-void gradient_strip(const T* x, const T* g, T* d_taps, int64_t y, int64_t rows,
+void gradient_strip(const T* x, const T* g, T* d_taps, T* d_bias, int64_t y, int64_t rows,
                     const Sizes& s) {
+  using V = Values<T>;
   constexpr int64_t L = kLanes<T>;
+  for (int64_t o0 = 0; o0 < s.outputs; o0 += L) {
+    V sum{};
+    for (int64_t p = 0; p < rows * s.w_out(); ++p) sum += load<V>(g + p * s.outputs + o0);
+    store(d_bias + o0, load<V>(d_bias + o0) + sum);
+  }
   for (int64_t c = 0; c < s.maps; ++c) {
     for (int64_t u = 0; u < s.kh; ++u) {
       const T* row = x + (c * s.h + y + u) * s.w;
@@ -197,8 +205,9 @@ void gradient_strip(const T* x, const T* g, T* d_taps, int64_t y, int64_t rows,
   }
 }
 
-at::Tensor direct_conv2d_weight_grad(const at::Tensor& grad, const at::Tensor& x, int64_t kh,
-                                     int64_t kw) {
+std::tuple<at::Tensor, at::Tensor> direct_conv2d_weight_grad(const at::Tensor& grad,
+                                                              const at::Tensor& x, int64_t kh,
+                                                              int64_t kw) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
               "x must be contiguous (N, C, H, W) on the CPU");
   const int64_t n_images = x.size(0);
@@ -209,7 +218,8 @@ at::Tensor direct_conv2d_weight_grad(const at::Tensor& grad, const at::Tensor& x
               "grad must be (N, O, H_out, W_out) with the dtype of x");
   const at::Tensor g = grad.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t threads = at::get_num_threads(), taps = s.maps * kh * kw;
-  at::Tensor partial = at::zeros({threads, taps, s.outputs}, x.options());
+  // Each thread's sums: taps rows of d_taps, then one row of d_bias.
+  at::Tensor partial = at::zeros({threads, taps + 1, s.outputs}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "direct_conv2d_weight_grad", [&] {
     using T = scalar_t;
     TORCH_CHECK(s.outputs % kLanes<T> == 0, "the output maps must fill whole vectors");
@@ -218,16 +228,17 @@ at::Tensor direct_conv2d_weight_grad(const at::Tensor& grad, const at::Tensor& x
     T* pp = partial.data_ptr<T>();
     const int64_t strips = (h_out + kStripRows - 1) / kStripRows;
     at::parallel_for(0, n_images * strips, 1, [&](int64_t begin, int64_t end) {
-      T* d_taps = pp + at::get_thread_num() * taps * s.outputs;
+      T* d_taps = pp + at::get_thread_num() * (taps + 1) * s.outputs;
       for (int64_t strip = begin; strip < end; ++strip) {
         const int64_t n = strip / strips, y = strip % strips * kStripRows;
         const int64_t rows = std::min(kStripRows, h_out - y);
         gradient_strip(xp + n * s.maps * s.h * s.w, gp + (n * h_out + y) * w_out * s.outputs,
-                       d_taps, y, rows, s);
+                       d_taps, d_taps + taps * s.outputs, y, rows, s);
       }
     });
   });
-  return partial.sum(0);
+  const at::Tensor sums = partial.sum(0);
+  return {sums.narrow(0, 0, taps), sums[taps]};
 }
 
 }  // namespace
@@ -235,6 +246,6 @@ at::Tensor direct_conv2d_weight_grad(const at::Tensor& grad, const at::Tensor& x
 TORCH_LIBRARY_FRAGMENT(cnnkit_native, m) {
   m.def("direct_conv2d_forward(Tensor x, Tensor taps, Tensor? bias, int kh, int kw) -> Tensor");
   m.impl("direct_conv2d_forward", c10::DispatchKey::CPU, &direct_conv2d_forward);
-  m.def("direct_conv2d_weight_grad(Tensor grad, Tensor x, int kh, int kw) -> Tensor");
+  m.def("direct_conv2d_weight_grad(Tensor grad, Tensor x, int kh, int kw) -> (Tensor, Tensor)");
   m.impl("direct_conv2d_weight_grad", c10::DispatchKey::CPU, &direct_conv2d_weight_grad);
 }

@@ -12,7 +12,8 @@
 // sums over the windows: sum_i g_i y_i from each window's gradient times y at its
 // maximum, sum_i g_i from the gradients alone, and sum_i g_v = r sum_i g_i + k sum_i y_i.
 // One pass then writes g_x = sign(x) (k y - q) with y = (a - m) r and
-// q = S^T(sum_i g_v) / C, and each window adds sign(x) g r at its maximum.
+// q = S^T(sum_i g_v) / C, and each window adds sign(x) g r at its maximum; g_x has the
+// layout of x.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -262,7 +263,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_norm_max_poo
   return {pooled, index, stats, mean_sigma};
 }
 
-template <typename T, bool Rectify>
+// Element (i, p) of map i's pixel p, and (i, j) of its pooled value j, in one image's
+// contiguous or channels-last maps.
+template <bool ChannelsLast>
+struct MapLayout {
+  int64_t maps, pixels, outputs;
+  int64_t at(int64_t i, int64_t p) const { return ChannelsLast ? p * maps + i : i * pixels + p; }
+  int64_t pooled(int64_t i, int64_t j) const {
+    return ChannelsLast ? j * maps + i : i * outputs + j;
+  }
+};
+
+template <typename T, bool Rectify, bool ChannelsLast>
 void normalize_and_pool_backward_image(const T* grad, const int64_t* index, const T* x,
                                        T* out, int64_t maps, int64_t outputs,
                                        const Window& window, const T* rows_t,
@@ -270,6 +282,7 @@ void normalize_and_pool_backward_image(const T* grad, const int64_t* index, cons
                                        T mean_sigma, bool mean_threshold, double threshold,
                                        double floor) {
   const int64_t h = window.h, w = window.w, pixels = h * w;
+  const MapLayout<ChannelsLast> layout{maps, pixels, outputs};
   const T count = static_cast<T>(maps);
   std::vector<T> g_sum(pixels, T(0)), products(pixels, T(0)), r(pixels), k(pixels),
       q(pixels), pad(w + 2 * window.r_w);
@@ -277,12 +290,11 @@ void normalize_and_pool_backward_image(const T* grad, const int64_t* index, cons
 #pragma omp simd
   for (int64_t p = 0; p < pixels; ++p) r[p] = T(1) / stats.den[p];
   for (int64_t i = 0; i < maps; ++i) {
-    const T* xi = x + i * pixels;
-    for (int64_t j = i * outputs; j < (i + 1) * outputs; ++j) {
-      const int64_t p = index[j];
-      const T y = (rectified<T, Rectify>(xi[p]) - stats.mean[p]) * r[p];
-      g_sum[p] += grad[j];
-      products[p] += grad[j] * y;
+    for (int64_t j = 0; j < outputs; ++j) {
+      const int64_t e = layout.pooled(i, j), p = index[e];
+      const T y = (rectified<T, Rectify>(x[layout.at(i, p)]) - stats.mean[p]) * r[p];
+      g_sum[p] += grad[e];
+      products[p] += grad[e] * y;
     }
   }
   divisor_gradient(products.data(), maps, window, rows_t, columns_t, stats.den,
@@ -292,34 +304,50 @@ void normalize_and_pool_backward_image(const T* grad, const int64_t* index, cons
   for (int64_t p = 0; p < pixels; ++p)
     products[p] = (g_sum[p] * r[p] + k[p] * stats.y_sum[p]) / count;  // sum_i g_v / C
   smooth(products.data(), q.data(), rows_t, window.r_h, columns_t, window.r_w, h, w, pad);
-  at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
-    const T* __restrict mean = stats.mean;
-    const T* __restrict rp = r.data();
-    const T* __restrict kp = k.data();
-    const T* __restrict qp = q.data();
-    for (int64_t i = begin; i < end; ++i) {
-      const T* __restrict xi = x + i * pixels;
-      T* __restrict gi = out + i * pixels;
-#pragma omp simd
-      for (int64_t p = 0; p < pixels; ++p) {
-        const T value = kp[p] * ((rectified<T, Rectify>(xi[p]) - mean[p]) * rp[p]) - qp[p];
-        gi[p] = Rectify ? value * sign(xi[p]) : value;
-      }
-      for (int64_t j = i * outputs; j < (i + 1) * outputs; ++j) {
-        const int64_t p = index[j];
-        const T share = grad[j] * rp[p];
-        gi[p] += Rectify ? share * sign(xi[p]) : share;
-      }
+  const T* __restrict mean = stats.mean;
+  const T* __restrict rp = r.data();
+  const T* __restrict kp = k.data();
+  const T* __restrict qp = q.data();
+  // g_x = sign(x) (k y - q) everywhere, and sign(x) g r added at each window's maximum.
+  const auto first_term = [&](int64_t e, int64_t p) {
+    const T value = kp[p] * ((rectified<T, Rectify>(x[e]) - mean[p]) * rp[p]) - qp[p];
+    out[e] = Rectify ? value * sign(x[e]) : value;
+  };
+  const auto add_window_shares = [&](int64_t i) {
+    for (int64_t j = 0; j < outputs; ++j) {
+      const int64_t e = layout.pooled(i, j), p = index[e], at = layout.at(i, p);
+      const T share = grad[e] * rp[p];
+      out[at] += Rectify ? share * sign(x[at]) : share;
     }
-  });
+  };
+  if constexpr (ChannelsLast) {  // each pixel's maps, then the maxima map by map
+    at::parallel_for(0, pixels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+#pragma omp simd
+        for (int64_t i = 0; i < maps; ++i) first_term(p * maps + i, p);
+      }
+    });
+    at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) add_window_shares(i);
+    });
+  } else {  // each map's pixels and its maxima while the map is in the cache
+    at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+#pragma omp simd
+        for (int64_t p = 0; p < pixels; ++p) first_term(i * pixels + p, p);
+        add_window_shares(i);
+      }
+    });
+  }
 }
 
 at::Tensor contrast_norm_max_pool_backward(
     const at::Tensor& grad, const at::Tensor& index, const at::Tensor& x, const at::Tensor& stats, const at::Tensor& mean_sigma,
     const at::Tensor& row_diagonals_t, const at::Tensor& column_diagonals_t, bool rectify,
     bool mean_threshold, double threshold, double floor) {
-  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
-              "x must be contiguous (N, C, H, W) on the CPU");
+  const bool channels_last = channels_last_layout(x);
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && (x.is_contiguous() || channels_last),
+              "x must be contiguous or channels-last (N, C, H, W) on the CPU");
   const int64_t n_images = x.size(0), maps = x.size(1), h = x.size(2), w = x.size(3);
   check_window_matrices(x, row_diagonals_t, column_diagonals_t, at::Tensor());
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == n_images && grad.size(1) == maps,
@@ -329,13 +357,17 @@ at::Tensor contrast_norm_max_pool_backward(
   TORCH_CHECK(stats.sizes() == at::IntArrayRef({n_images, 5, h, w}) && stats.is_contiguous(),
               "stats must be contiguous (N, 5, H, W)");
   TORCH_CHECK(mean_sigma.sizes() == at::IntArrayRef({n_images}), "mean_sigma must be (N,)");
-  const at::Tensor g = grad.contiguous(), at_index = index.contiguous();
-  at::Tensor out = at::empty_like(x);
+  const auto layout = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor g = grad.contiguous(layout), at_index = index.contiguous(layout);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(layout));
   const Window window{h, w, row_diagonals_t.size(0) / 2, column_diagonals_t.size(0) / 2};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrast_norm_max_pool_backward", [&] {
     using T = scalar_t;
-    auto* image_backward = rectify ? &normalize_and_pool_backward_image<T, true>
-                                   : &normalize_and_pool_backward_image<T, false>;
+    auto* image_backward =
+        rectify ? (channels_last ? &normalize_and_pool_backward_image<T, true, true>
+                                 : &normalize_and_pool_backward_image<T, true, false>)
+                : (channels_last ? &normalize_and_pool_backward_image<T, false, true>
+                                 : &normalize_and_pool_backward_image<T, false, false>);
     const int64_t pixels = h * w, outputs = g.size(2) * g.size(3);
     over_images(n_images, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {

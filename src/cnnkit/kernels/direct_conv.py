@@ -12,9 +12,9 @@ with the outputs of a few pixels in registers for every tap (vectors along the o
 maps, which is why it writes ``y`` channels-last and needs the output maps to fill whole
 vectors). Backward, with ``g`` the gradient of ``y``::
 
-    g_weight[o, c, u, v] = sum_{n, i, j} x[n, c, i + u, j + v] g[n, o, i, j]   (compiled)
+    g_weight[o, c, u, v] = sum_{n, i, j} x[n, c, i + u, j + v] g[n, o, i, j]
+    g_bias[o] = sum_{n, i, j} g[n, o, i, j]         (both compiled, in one pass over g)
     g_x = the full convolution of g with weight     (the library's transposed convolution)
-    g_bias[o] = sum_{n, i, j} g[n, o, i, j]
 
 Second derivatives go through the plain formula (``torch.nn.grad``).
 """
@@ -98,16 +98,21 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
 def _backward(ctx, grad):  # noqa: ANN001, ANN202
     x, weight = ctx.saved_tensors
     wants_x, wants_weight, wants_bias = ctx.needs_input_grad
+    wants_bias = wants_bias and ctx.has_bias
     g_x = g_weight = g_bias = None
     if wants_x:
         g_x = torch.nn.grad.conv2d_input(x.shape, weight, grad)
-    if wants_weight and torch.is_grad_enabled():  # a graph of the backward: the plain formula
-        g_weight = torch.nn.grad.conv2d_weight(x, weight.shape, grad)
+    if torch.is_grad_enabled():  # a graph of the backward is recorded: the plain formula
+        if wants_weight:
+            g_weight = torch.nn.grad.conv2d_weight(x, weight.shape, grad)
+        if wants_bias:
+            g_bias = grad.sum((0, 2, 3))
     elif wants_weight:
         out_maps, c, kh, kw = weight.shape
-        taps = native_ops().direct_conv2d_weight_grad(grad, x.contiguous(), kh, kw)
+        taps, sums = native_ops().direct_conv2d_weight_grad(grad, x.contiguous(), kh, kw)
         g_weight = taps.view(c, kh, kw, out_maps).permute(3, 0, 1, 2).contiguous()
-    if wants_bias and ctx.has_bias:
+        g_bias = sums if wants_bias else None
+    elif wants_bias:
         g_bias = grad.sum((0, 2, 3))
     return g_x, g_weight, g_bias
 

@@ -150,10 +150,11 @@ def _backward_op(
     threshold: float,
     floor: float,
 ) -> torch.Tensor:
-    """The gradient with respect to ``x`` (module notes), ``(N, C, H, W)``."""
+    """The gradient with respect to ``x`` (module notes), ``(N, C, H, W)`` in the layout
+    of the pooled maps."""
     bands = _bands(window, border, *x.shape[-2:], x)
     return native_ops().contrast_norm_max_pool_backward(
-        grad, index, x.contiguous(), statistics, mean_sigma,
+        grad, index, x.contiguous(memory_format=_layout(x)), statistics, mean_sigma,
         bands.row_diagonals_t, bands.column_diagonals_t, rectify, mean_threshold, threshold,
         floor,
     )  # fmt: skip
@@ -161,7 +162,7 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _(grad, index, x, *rest):  # noqa: ANN001, ANN202
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, as computed
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
