@@ -26,7 +26,8 @@ import functools
 import torch
 
 from cnnkit._native import native_ops
-from cnnkit.kernels import fast_path_allowed, fold_images
+from cnnkit._validation import is_concrete
+from cnnkit.kernels import fast_path_allowed, fold_images, recorded
 
 __all__ = ["direct_conv2d", "direct_conv2d_applies"]
 
@@ -64,11 +65,12 @@ def direct_conv2d(
 ) -> torch.Tensor:
     """``F.conv2d(x, weight, bias)`` at stride 1, as ``(N, O, H - kh + 1, W - kw + 1)``
     channels-last maps, for what :func:`direct_conv2d_applies` accepts."""
+    if is_concrete(x) and not any(recorded(t) for t in (x, weight, bias)):
+        return _forward(x, weight, bias)  # past the dispatcher: nothing to record
     return torch.ops.cnnkit.direct_conv2d(x, weight, bias)
 
 
-@torch.library.custom_op("cnnkit::direct_conv2d", mutates_args=())
-def _op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     ops = native_ops()
     if ops is None or x.device.type != "cpu":
         raise ValueError(
@@ -79,6 +81,9 @@ def _op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tor
     out_maps, _, kh, kw = weight.shape
     taps = weight.permute(1, 2, 3, 0).reshape(-1, out_maps).contiguous()  # (C kh kw, O)
     return ops.direct_conv2d_forward(x.contiguous(), taps, bias, kh, kw)
+
+
+_op = torch.library.custom_op("cnnkit::direct_conv2d", mutates_args=())(_forward)
 
 
 @_op.register_fake
