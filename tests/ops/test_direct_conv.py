@@ -135,3 +135,31 @@ def test_a_one_input_bank_takes_it_by_default(monkeypatch) -> None:
     assert auto_method(x.double(), weight.double(), plan_table(tables.full(1, 64), 1), (2, 2)) != (
         "direct"
     )
+
+
+def test_the_compiled_gradient_passes_opcheck() -> None:
+    """Its two outputs (kernels' and biases' gradients) are tensors of their own."""
+    grad = _x((2, 16, 6, 7)).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(native_ops().direct_conv2d_weight_grad, (grad, _x((2, 1, 8, 9)), 3, 3))
+
+
+def test_auto_under_vmap_or_forward_mode_over_the_bias(monkeypatch) -> None:
+    """A transformed bias sends "auto" to the plain path, not to this kernel."""
+    monkeypatch.setenv("CNNKIT_TUNE", "0")
+    x, weight, biases = _x((2, 1, 8, 9)), _x((16, 3, 3), seed=1), _x((3, 16), seed=2)
+    table = tables.full(1, 16)
+    got = torch.vmap(lambda b: table_conv2d(x, table, weight, b))(biases)
+    want = torch.stack([F.conv2d(x, weight.unsqueeze(1), b) for b in biases])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    import torch.autograd.forward_ad as forward_ad
+
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(biases[0], torch.ones(16, dtype=F64))
+        tangent = forward_ad.unpack_dual(table_conv2d(x, table, weight, dual)).tangent
+    torch.testing.assert_close(tangent, torch.ones_like(tangent))
+
+
+def test_a_bias_of_another_shape_is_not_taken() -> None:
+    x, weight = _x((1, 1, 9, 9)), _x((16, 1, 3, 3), seed=1)
+    assert not direct_conv2d_applies(x, weight, _x((2, 8)))
+    assert not direct_conv2d_applies(x, _x((16, 1, 0, 3)))

@@ -106,22 +106,28 @@ void pixel_block(const T* x, const T* taps, const T* bias, T* out, const Sizes& 
 at::Tensor direct_conv2d_forward(const at::Tensor& x, const at::Tensor& taps,
                                  const c10::optional<at::Tensor>& bias, int64_t kh, int64_t kw) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
-              "x must be contiguous (N, C, H, W) on the CPU");
+              "x must be contiguous (N, C, H, W) on the CPU, got sizes ", x.sizes());
+  TORCH_CHECK(taps.dim() == 2, "taps must be (C kh kw, O), got sizes ", taps.sizes());
   const int64_t n_images = x.size(0);
   const Sizes s{x.size(1), x.size(2), x.size(3), kh, kw, taps.size(1)};
-  TORCH_CHECK(kh >= 1 && kw >= 1 && kh <= s.h && kw <= s.w, "the kernels must fit in x");
-  TORCH_CHECK(taps.dim() == 2 && taps.size(0) == s.maps * kh * kw && taps.is_contiguous() &&
+  TORCH_CHECK(kh >= 1 && kw >= 1 && kh <= s.h && kw <= s.w, "kernels of ", kh, "x", kw,
+              " must fit in x maps of ", s.h, "x", s.w);
+  TORCH_CHECK(taps.size(0) == s.maps * kh * kw && taps.is_contiguous() &&
                   taps.scalar_type() == x.scalar_type(),
-              "taps must be contiguous (C kh kw, O) with the dtype of x");
+              "taps must be contiguous (C kh kw, O) = (", s.maps * kh * kw,
+              ", O) with the dtype of x, got sizes ", taps.sizes());
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  TORCH_CHECK(!b.defined() || (b.numel() == s.outputs && b.scalar_type() == x.scalar_type()),
-              "bias must have O values of the dtype of x");
+  TORCH_CHECK(!b.defined() || (b.dim() == 1 && b.numel() == s.outputs &&
+                               b.scalar_type() == x.scalar_type()),
+              "bias must be (", s.outputs, ",) with the dtype of x, got sizes ",
+              b.defined() ? b.sizes() : at::IntArrayRef());
   const int64_t h_out = s.h_out(), w_out = s.w_out();
   at::Tensor out = at::empty({n_images, s.outputs, h_out, w_out},
                              x.options().memory_format(at::MemoryFormat::ChannelsLast));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "direct_conv2d_forward", [&] {
     using T = scalar_t;
-    TORCH_CHECK(s.outputs % kLanes<T> == 0, "the output maps must fill whole vectors");
+    TORCH_CHECK(s.outputs % kLanes<T> == 0, "the ", s.outputs,
+                " output maps must fill whole vectors of ", kLanes<T>);
     const T* xp = x.data_ptr<T>();
     const T* tp = taps.data_ptr<T>();
     const T* bp = b.defined() ? b.data_ptr<T>() : nullptr;
@@ -209,20 +215,26 @@ std::tuple<at::Tensor, at::Tensor> direct_conv2d_weight_grad(const at::Tensor& g
                                                               const at::Tensor& x, int64_t kh,
                                                               int64_t kw) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
-              "x must be contiguous (N, C, H, W) on the CPU");
+              "x must be contiguous (N, C, H, W) on the CPU, got sizes ", x.sizes());
+  TORCH_CHECK(grad.dim() == 4 && grad.device().is_cpu(),
+              "grad must be (N, O, H_out, W_out) on the CPU, got sizes ", grad.sizes());
+  TORCH_CHECK(kh >= 1 && kw >= 1 && kh <= x.size(2) && kw <= x.size(3), "kernels of ", kh,
+              "x", kw, " must fit in x maps of ", x.size(2), "x", x.size(3));
   const int64_t n_images = x.size(0);
   const Sizes s{x.size(1), x.size(2), x.size(3), kh, kw, grad.size(1)};
   const int64_t h_out = s.h_out(), w_out = s.w_out();
-  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == n_images && grad.size(2) == h_out &&
-                  grad.size(3) == w_out && grad.scalar_type() == x.scalar_type(),
-              "grad must be (N, O, H_out, W_out) with the dtype of x");
+  TORCH_CHECK(grad.size(0) == n_images && grad.size(2) == h_out && grad.size(3) == w_out &&
+                  grad.scalar_type() == x.scalar_type(),
+              "grad must be (", n_images, ", O, ", h_out, ", ", w_out,
+              ") with the dtype of x, got sizes ", grad.sizes());
   const at::Tensor g = grad.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t threads = at::get_num_threads(), taps = s.maps * kh * kw;
   // Each thread's sums: taps rows of d_taps, then one row of d_bias.
   at::Tensor partial = at::zeros({threads, taps + 1, s.outputs}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "direct_conv2d_weight_grad", [&] {
     using T = scalar_t;
-    TORCH_CHECK(s.outputs % kLanes<T> == 0, "the output maps must fill whole vectors");
+    TORCH_CHECK(s.outputs % kLanes<T> == 0, "the ", s.outputs,
+                " output maps must fill whole vectors of ", kLanes<T>);
     const T* xp = x.data_ptr<T>();
     const T* gp = g.data_ptr<T>();
     T* pp = partial.data_ptr<T>();
@@ -238,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor> direct_conv2d_weight_grad(const at::Tensor& g
     });
   });
   const at::Tensor sums = partial.sum(0);
-  return {sums.narrow(0, 0, taps), sums[taps]};
+  return {sums.narrow(0, 0, taps), sums[taps].clone()};  // outputs that share no memory
 }
 
 }  // namespace

@@ -13,7 +13,10 @@ and then calls one function of this package:
   pooling in a row as the registered operator ``torch.ops.cnnkit.contrast_norm_max_pool``,
   which never writes the normalized maps out;
 - :mod:`cnnkit.kernels.table_conv` -- the connection-table filter bank's other exact
-  methods (unfold, Fourier, depthwise) and the choice among them;
+  methods (direct, unfold, Fourier, depthwise) and the choice among them;
+- :mod:`cnnkit.kernels.direct_conv` -- a filter bank with few input maps (the lecture's
+  first) as the registered operator ``torch.ops.cnnkit.direct_conv2d`` over a compiled
+  kernel that keeps a block of pixels' outputs in registers;
 - :mod:`cnnkit.kernels.pooling` -- max pooling by blocks, or by the compiled kernel as
   the registered operator ``torch.ops.cnnkit.max_pool2d``;
 - :mod:`cnnkit.kernels.tuning` -- choices that depend on the machine (a table's method,

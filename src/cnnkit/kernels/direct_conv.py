@@ -52,9 +52,16 @@ def direct_conv2d_applies(
         and weight.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and weight.dtype == x.dtype
-        and (bias is None or (bias.dtype == x.dtype and bias.device.type == "cpu"))
+        and (
+            bias is None
+            or (
+                bias.dtype == x.dtype
+                and bias.device.type == "cpu"
+                and bias.shape == (weight.shape[0],)
+            )
+        )
         and weight.shape[1] == x.shape[1]
-        and all(k <= n for k, n in zip(weight.shape[2:], x.shape[2:], strict=True))
+        and all(1 <= k <= n for k, n in zip(weight.shape[2:], x.shape[2:], strict=True))
         and weight.shape[0] % (_VECTOR_BYTES // x.element_size()) == 0
         and native_ops() is not None
     )
@@ -95,15 +102,13 @@ def _(x, weight, bias):  # noqa: ANN001, ANN202
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-    x, weight, bias = inputs
+    x, weight, _ = inputs
     ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad):  # noqa: ANN001, ANN202
     x, weight = ctx.saved_tensors
-    wants_x, wants_weight, wants_bias = ctx.needs_input_grad
-    wants_bias = wants_bias and ctx.has_bias
+    wants_x, wants_weight, wants_bias = ctx.needs_input_grad  # False for a bias of None
     g_x = g_weight = g_bias = None
     if wants_x:
         g_x = torch.nn.grad.conv2d_input(x.shape, weight, grad)

@@ -38,6 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from cnnkit._native import native_ops
 from cnnkit._shapes import valid_hw
 from cnnkit.kernels import fast_path_allowed, recorded, tuning
 from cnnkit.kernels.direct_conv import direct_conv2d, direct_conv2d_applies
@@ -62,15 +63,21 @@ _UNFOLD_MAX_POSITIONS = 512
 _DEPTHWISE_MIN_MAPS = 8
 
 
-def auto_method(x: torch.Tensor, weight: torch.Tensor, plan: TablePlan, stride) -> str:  # noqa: ANN001
+def auto_method(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    plan: TablePlan,
+    stride,  # noqa: ANN001
+    bias: torch.Tensor | None = None,
+) -> str:
     """The method ``"auto"`` takes for ``x`` (N, C_in, H, W): ``"plain"`` where the fast
-    paths are not allowed; else, on a CPU, the fastest on this machine for this shape
-    class (:func:`cnnkit.kernels.tuning.choose`, measured once per machine), with the
-    cost model of :func:`_choose` as the default where measuring is off
-    (``CNNKIT_TUNE=0``) and on other devices."""
-    if not fast_path_allowed(x, weight):
+    paths are not allowed (for ``x``, ``weight`` or ``bias``); else, on a CPU, the
+    fastest on this machine for this shape class (:func:`cnnkit.kernels.tuning.choose`,
+    measured once per machine), with the cost model of :func:`_choose` as the default
+    where measuring is off (``CNNKIT_TUNE=0``) and on other devices."""
+    if not fast_path_allowed(x, weight, bias):
         return "plain"
-    direct = _direct_applies(x, weight, plan, stride)
+    direct = _direct_applies(x, weight, plan, stride, bias)
     default = _choose(x.shape, weight.shape, plan.out_maps, stride, x.dtype, direct)
     if x.device.type != "cpu":
         return default
@@ -84,11 +91,11 @@ def auto_method(x: torch.Tensor, weight: torch.Tensor, plan: TablePlan, stride) 
     return tuning.choose(case, default, _candidates(x, weight, plan, stride, grad, direct))
 
 
-def _direct_applies(x, weight, plan: TablePlan, stride) -> bool:  # noqa: ANN001
+def _direct_applies(x, weight, plan: TablePlan, stride, bias) -> bool:  # noqa: ANN001
     """Whether ``"direct"`` can compute this bank (:func:`direct_conv2d_applies` for its
     dense weight's shape, at stride 1)."""
     dense = weight.new_empty(()).expand(plan.out_maps, x.shape[1], *weight.shape[1:])
-    return tuple(stride) == (1, 1) and direct_conv2d_applies(x, dense)
+    return tuple(stride) == (1, 1) and direct_conv2d_applies(x, dense, bias)
 
 
 def _candidates(x, weight, plan: TablePlan, stride, grad: bool, direct: bool) -> dict:  # noqa: ANN001
@@ -184,12 +191,16 @@ def _dense(x, plan: TablePlan, weight, bias, stride) -> torch.Tensor:  # noqa: A
 
 def _direct(x, plan: TablePlan, weight, bias, stride) -> torch.Tensor:  # noqa: ANN001
     dense = dense_weight(weight, plan, x.shape[1])
-    if not (tuple(stride) == (1, 1) and direct_conv2d_applies(x, dense, bias)):
+    if tuple(stride) != (1, 1):
+        raise ValueError(f'method="direct" needs stride 1, got stride {tuple(stride)}')
+    if not direct_conv2d_applies(x, dense, bias):
         raise ValueError(
-            'method="direct" needs stride 1, float32 or float64 CPU tensors, a number of '
-            "output maps that fills whole vectors (a multiple of 16 in float32, 8 in float64) "
-            f"and the compiled kernels; got stride {tuple(stride)}, {x.dtype} on "
-            f"{x.device.type} and {plan.out_maps} output maps"
+            'method="direct" cannot take these tensors: it needs float32 or float64 CPU '
+            "tensors of one dtype, output maps that fill whole vectors (a multiple of 16 in "
+            "float32, 8 in float64), the compiled kernels, and no transform, tracing or "
+            f"autocast; got x {x.dtype} on {x.device.type}, weight {weight.dtype}, "
+            f"{plan.out_maps} output maps, compiled kernels "
+            f"{'built' if native_ops() is not None else 'not built'}"
         )
     return direct_conv2d(x, dense, bias)
 

@@ -66,15 +66,16 @@ def table_conv2d(
         weight: ``(K, kh, kw)``, kernel ``r`` belonging to table row ``r``.
         bias: ``(C_out,)`` with ``C_out = n_outputs(table)``, or ``None``.
         stride: an int or ``(stride_h, stride_w)``.
-        method: ``"auto"`` (default), ``"dense"``, ``"depthwise"``, ``"fourier"`` or
-            ``"unfold"``; all compute the same values (see the module notes and
+        method: ``"auto"`` (default), ``"dense"``, ``"depthwise"``, ``"direct"``,
+            ``"fourier"`` or ``"unfold"``; all compute the same values (see the module notes and
             :mod:`cnnkit.kernels.table_conv`).
 
     Returns:
         ``(N, C_out, H_out, W_out)`` as in the module notes, or the same without ``N`` for
-        unbatched ``x``. Usually contiguous; the fast dense method returns channels-last
-        maps on a CPU for float32 input that is channels-last or has one map, when no
-        derivative is recorded (a faster kernel; values equal to rounding).
+        unbatched ``x``. Usually contiguous; the ``"direct"`` method returns channels-last
+        maps, and so does the fast dense method on a CPU for float32 input that is
+        channels-last or has one map, when no derivative is recorded (a faster kernel;
+        values equal to rounding).
     """
     unbatched = check_maps("x", x)
     c_in, height, width = x.shape[-3:]
@@ -119,7 +120,7 @@ def table_conv2d(
 
     batch = x.unsqueeze(0) if unbatched else x  # (N, C_in, H, W)
     if method == "auto":
-        method = fast.auto_method(batch, weight, plan, stride)
+        method = fast.auto_method(batch, weight, plan, stride, bias)
     if method == "plain":
         dense = dense_weight(weight, plan, c_in)  # (C_out, C_in, kh, kw), zeros elsewhere
         y = F.conv2d(batch, dense, bias, stride)
