@@ -112,18 +112,16 @@ def _backward(ctx, grad):  # noqa: ANN001, ANN202
     g_x = g_weight = g_bias = None
     if wants_x:
         g_x = torch.nn.grad.conv2d_input(x.shape, weight, grad)
-    if torch.is_grad_enabled():  # a graph of the backward is recorded: the plain formula
-        if wants_weight:
-            g_weight = torch.nn.grad.conv2d_weight(x, weight.shape, grad)
-        if wants_bias:
-            g_bias = grad.sum((0, 2, 3))
-    elif wants_weight:
+    # With a graph of the backward to record, the plain formulas; else the compiled pass.
+    compiled = wants_weight and not torch.is_grad_enabled()
+    if compiled:
         out_maps, c, kh, kw = weight.shape
         taps, sums = native_ops().direct_conv2d_weight_grad(grad, x.contiguous(), kh, kw)
         g_weight = taps.view(c, kh, kw, out_maps).permute(3, 0, 1, 2).contiguous()
-        g_bias = sums if wants_bias else None
-    elif wants_bias:
-        g_bias = grad.sum((0, 2, 3))
+    elif wants_weight:
+        g_weight = torch.nn.grad.conv2d_weight(x, weight.shape, grad)
+    if wants_bias:
+        g_bias = sums if compiled else grad.sum((0, 2, 3))
     return g_x, g_weight, g_bias
 
 
