@@ -10,13 +10,17 @@
 
 namespace cnnkit_vectors {
 
-// The width of the vector registers the code is built for.
+// The width of the vector registers the code is built for, and how many of them a kernel
+// may keep values in: 32 with AVX-512, 16 with AVX2 or SSE2 (no more assumed elsewhere).
 #if defined(__AVX512F__)
 constexpr int64_t kVectorBytes = 64;
+constexpr int kRegisters = 32;
 #elif defined(__AVX__)
 constexpr int64_t kVectorBytes = 32;
+constexpr int kRegisters = 16;
 #else
 constexpr int64_t kVectorBytes = 16;
+constexpr int kRegisters = 16;
 #endif
 
 // Lanes of one vector of T. Loops written over exactly this many lanes become single
@@ -54,14 +58,6 @@ template <typename V, typename T>
 inline void store(T* to, V v) {
   std::memcpy(to, &v, sizeof v);
 }
-
-// How many vector registers a kernel may keep values in: 32 with AVX-512, 16 with AVX2
-// or SSE2 (and no more assumed elsewhere).
-#if defined(__AVX512F__)
-constexpr int kRegisters = 32;
-#else
-constexpr int kRegisters = 16;
-#endif
 
 // p itself, but the compiler no longer knows where it points: scalars read through it
 // are loaded again (a load broadcast into a vector, on a load port) instead of kept in

@@ -190,10 +190,9 @@ def _dense(x, plan: TablePlan, weight, bias, stride) -> torch.Tensor:  # noqa: A
 
 
 def _direct(x, plan: TablePlan, weight, bias, stride) -> torch.Tensor:  # noqa: ANN001
-    dense = dense_weight(weight, plan, x.shape[1])
     if tuple(stride) != (1, 1):
         raise ValueError(f'method="direct" needs stride 1, got stride {tuple(stride)}')
-    if not direct_conv2d_applies(x, dense, bias):
+    if not _direct_applies(x, weight, plan, stride, bias):
         raise ValueError(
             'method="direct" cannot take these tensors: it needs float32 or float64 CPU '
             "tensors of one dtype, output maps that fill whole vectors (a multiple of 16 in "
@@ -202,7 +201,7 @@ def _direct(x, plan: TablePlan, weight, bias, stride) -> torch.Tensor:  # noqa: 
             f"{plan.out_maps} output maps, compiled kernels "
             f"{'built' if native_ops() is not None else 'not built'}"
         )
-    return direct_conv2d(x, dense, bias)
+    return direct_conv2d(x, dense_weight(weight, plan, x.shape[1]), bias)
 
 
 def _output_layout(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
