@@ -335,7 +335,18 @@ def dense_weight(
 ) -> torch.Tensor:
     """``(C_out, C_in, kh, kw)`` in ``layout``: each kernel at its table row's place, zeros
     elsewhere. The convolution writes its output in the layout of this weight."""
-    table = plan.table
-    shape = (plan.out_maps, c_in, *weight.shape[1:])
+    return dense_from_rows(weight, plan.table, plan.out_maps, c_in, layout)
+
+
+def dense_from_rows(
+    weight: torch.Tensor,
+    table: torch.Tensor,
+    out_maps: int,
+    c_in: int,
+    layout: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """:func:`dense_weight` for a checked ``(K, 2)`` table of distinct rows and its number
+    of output maps."""
+    shape = (out_maps, c_in, *weight.shape[1:])
     dense = torch.empty(shape, dtype=weight.dtype, device=weight.device, memory_format=layout)
     return dense.zero_().index_put((table[:, 1], table[:, 0]), weight)  # rows are distinct

@@ -6,7 +6,9 @@ passes instead of about ten; ``norm_pool.cpp``: the same followed by max pooling
 without writing the normalized maps out; ``max_pool.cpp``: max pooling with the
 positions of the maxima, and its gradient, without a copy into another layout;
 ``direct_conv.cpp``: a filter bank with few input maps, such as the lecture's first, and
-its kernels' gradient, with the outputs of a block of pixels kept in registers). They are
+its kernels' gradient, with the outputs of a block of pixels kept in registers;
+``interleaved_conv.cpp``: a connection-table filter bank on small maps, such as the
+lecture's second, with a pixel of several images in each vector). They are
 compiled once per machine with PyTorch's extension builder (a C++ compiler and
 ``ninja``; the result is kept under ``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``), which takes some seconds; later processes load the built
@@ -43,7 +45,13 @@ import torch
 
 __all__ = ["NativeStatus", "instruction_set", "native_attempted", "native_ops", "native_status"]
 
-_SOURCES = ("contrast_norm.cpp", "direct_conv.cpp", "max_pool.cpp", "norm_pool.cpp")
+_SOURCES = (
+    "contrast_norm.cpp",
+    "direct_conv.cpp",
+    "interleaved_conv.cpp",
+    "max_pool.cpp",
+    "norm_pool.cpp",
+)
 # included by the sources: they name a build too
 _HEADERS = ("contrast_norm.h", "max_pool.h", "vectors.h")
 _NAME = "cnnkit_native"
@@ -294,6 +302,19 @@ def _register_fakes() -> None:
     @torch.library.register_fake("cnnkit_native::direct_conv2d_weight_grad")
     def _(grad, x, kh, kw):
         return x.new_empty(x.shape[1] * kh * kw, grad.shape[1]), x.new_empty(grad.shape[1])
+
+    @torch.library.register_fake("cnnkit_native::interleaved_conv2d_forward")
+    def _(x, weight, bias, table, out_maps):
+        n, _, h, w = x.shape
+        return x.new_empty(n, out_maps, h - weight.shape[1] + 1, w - weight.shape[2] + 1)
+
+    @torch.library.register_fake("cnnkit_native::interleaved_conv2d_input_grad")
+    def _(grad, weight, table, in_maps, h, w):
+        return grad.new_empty(grad.shape[0], in_maps, h, w)
+
+    @torch.library.register_fake("cnnkit_native::interleaved_conv2d_weight_grad")
+    def _(grad, x, table, kh, kw):
+        return x.new_empty(table.shape[0], kh, kw)
 
     @torch.library.register_fake("cnnkit_native::max_pool_forward")
     def _(x, kh, kw, sh, sw):

@@ -7,6 +7,10 @@ weight (the plain path). The methods here compute the same values:
 - ``"direct"``: the dense correlation by cnnkit's compiled kernel for banks with few
   input maps (:mod:`cnnkit.kernels.direct_conv`; stride 1, output maps in whole
   vectors), channels-last maps out -- the lecture's first bank, one image to 64 maps;
+- ``"interleaved"``: the table's multiply-adds only, by cnnkit's compiled kernel with a
+  pixel of several images in each vector (:mod:`cnnkit.kernels.interleaved_conv`;
+  stride 1) -- for sparse tables on small maps, the lecture's second bank, given a batch
+  of images to fill the vectors;
 - ``"depthwise"``: when every output map has exactly one input map (``one_to_one`` and
   its relatives), gather those inputs and make one ``F.conv2d(groups=C_out)`` call;
 - ``"unfold"``: group the kernels by input map. The patches of every input map
@@ -42,11 +46,15 @@ from cnnkit._native import native_ops
 from cnnkit._shapes import valid_hw
 from cnnkit.kernels import fast_path_allowed, recorded, tuning
 from cnnkit.kernels.direct_conv import direct_conv2d, direct_conv2d_applies
+from cnnkit.kernels.interleaved_conv import (
+    interleaved_table_conv2d,
+    interleaved_table_conv2d_applies,
+)
 from cnnkit.tables import TablePlan, dense_weight
 
 __all__ = ["METHODS", "auto_method", "conv"]
 
-METHODS = ("auto", "dense", "depthwise", "direct", "fourier", "unfold")
+METHODS = ("auto", "dense", "depthwise", "direct", "fourier", "interleaved", "unfold")
 
 # The cost model that "auto" follows where no timing is allowed (CNNKIT_TUNE=0, or a
 # device other than the CPU): safe defaults, not a machine's measurements.
@@ -58,6 +66,9 @@ _FOURIER_MARGIN = 3.5
 # batch has at most _UNFOLD_MAX_POSITIONS output positions per map in all (a few images):
 _UNFOLD_MAX_FILL = 0.5
 _UNFOLD_MAX_POSITIONS = 512
+# "interleaved" for such tables from this many bytes of one pixel's images on: a vector
+# of the widest instruction set the kernel is built for filled with images.
+_INTERLEAVED_MIN_BYTES = 64
 # "depthwise" for one-input-per-output tables from this many input maps on (below it the
 # dense convolution wastes little):
 _DEPTHWISE_MIN_MAPS = 8
@@ -78,7 +89,8 @@ def auto_method(
     if not fast_path_allowed(x, weight, bias):
         return "plain"
     direct = _direct_applies(x, weight, plan, stride, bias)
-    default = _choose(x.shape, weight.shape, plan.out_maps, stride, x.dtype, direct)
+    interleaved = _interleaved_applies(x, weight, stride, bias)
+    default = _choose(x.shape, weight.shape, plan.out_maps, stride, x.dtype, direct, interleaved)
     if x.device.type != "cpu":
         return default
     grad = recorded(x) or recorded(weight)
@@ -88,7 +100,8 @@ def auto_method(
         f"{tuning.layout_name(x)} "
         f"{'grad' if grad else 'nograd'} threads{torch.get_num_threads()}"
     )
-    return tuning.choose(case, default, _candidates(x, weight, plan, stride, grad, direct))
+    candidates = _candidates(x, weight, plan, stride, grad, direct, interleaved)
+    return tuning.choose(case, default, candidates)
 
 
 def _direct_applies(x, weight, plan: TablePlan, stride, bias) -> bool:  # noqa: ANN001
@@ -98,7 +111,14 @@ def _direct_applies(x, weight, plan: TablePlan, stride, bias) -> bool:  # noqa: 
     return tuple(stride) == (1, 1) and direct_conv2d_applies(x, dense, bias)
 
 
-def _candidates(x, weight, plan: TablePlan, stride, grad: bool, direct: bool) -> dict:  # noqa: ANN001
+def _interleaved_applies(x, weight, stride, bias) -> bool:  # noqa: ANN001
+    """Whether ``"interleaved"`` can compute this bank (at stride 1)."""
+    return tuple(stride) == (1, 1) and interleaved_table_conv2d_applies(x, weight, bias)
+
+
+def _candidates(
+    x, weight, plan: TablePlan, stride, grad: bool, direct: bool, interleaved: bool
+) -> dict:  # noqa: ANN001,E501
     """Each exact method that applies, as a function that runs it once (forward, and
     backward when ``grad``) on synthetic tensors of the shapes of ``x`` and ``weight``."""
 
@@ -119,7 +139,7 @@ def _candidates(x, weight, plan: TablePlan, stride, grad: bool, direct: bool) ->
 
     n, c_in, height, width = x.shape
     rows, kh, kw = weight.shape
-    methods = ["dense", "direct"] if direct else ["dense"]
+    methods = ["dense", *(["direct"] if direct else []), *(["interleaved"] if interleaved else [])]
     if rows == plan.out_maps:
         methods.append("depthwise")
     h_out, w_out = valid_hw((height, width), (kh, kw), stride)
@@ -139,6 +159,8 @@ def conv(method: str, x, plan: TablePlan, weight, bias, stride) -> torch.Tensor:
         return _direct(x, plan, weight, bias, stride)
     if method == "fourier":
         return _fourier(x, plan, weight, bias, stride)
+    if method == "interleaved":
+        return _interleaved(x, plan, weight, bias, stride)
     if method == "unfold":
         return _unfold(x, plan, weight, bias, stride)
     return _dense(x, plan, weight, bias, stride)
@@ -151,10 +173,13 @@ def _choose(
     stride: tuple[int, int],
     dtype: torch.dtype,
     direct: bool = False,
+    interleaved: bool = False,
 ) -> str:
     """Pick the method with the fewest multiply-adds, weighted by their measured speed;
     ``"direct"`` (where it applies, ``direct``) for a bank of one input map, which has no
-    sum over maps for the library's convolution to spread over its vectors."""
+    sum over maps for the library's convolution to spread over its vectors; and
+    ``"interleaved"`` (where it applies) for a sparse table given enough images to fill
+    its vectors, since it makes only the table's multiply-adds."""
     n, c_in, height, width = x_shape
     rows, kh, kw = weight_shape
     if direct and c_in == 1:
@@ -165,6 +190,8 @@ def _choose(
     sparse = rows <= _UNFOLD_MAX_FILL * c_in * c_out
     if sparse and n * h_out * w_out <= _UNFOLD_MAX_POSITIONS:
         return "unfold"
+    if sparse and interleaved and n * dtype.itemsize >= _INTERLEAVED_MIN_BYTES:
+        return "interleaved"
     if dtype not in (torch.float32, torch.float64):  # no half-precision FFT on every device
         return "dense"
     dense = n * c_out * c_in * h_out * w_out * kh * kw
@@ -202,6 +229,18 @@ def _direct(x, plan: TablePlan, weight, bias, stride) -> torch.Tensor:  # noqa: 
             f"{'built' if native_ops() is not None else 'not built'}"
         )
     return direct_conv2d(x, dense_weight(weight, plan, x.shape[1]), bias)
+
+
+def _interleaved(x, plan: TablePlan, weight, bias, stride) -> torch.Tensor:  # noqa: ANN001
+    if not _interleaved_applies(x, weight, stride, bias):
+        raise ValueError(
+            'method="interleaved" cannot take these tensors: it needs stride 1, float32 or '
+            "float64 CPU tensors of one dtype, kernels at most 16 wide, the compiled kernels, "
+            f"and no transform, tracing or autocast; got stride {tuple(stride)}, x {x.dtype} "
+            f"on {x.device.type}, weight {weight.dtype} of shape {tuple(weight.shape)}, "
+            f"compiled kernels {'built' if native_ops() is not None else 'not built'}"
+        )
+    return interleaved_table_conv2d(x, weight, bias, plan.table, plan.out_maps)
 
 
 def _output_layout(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:

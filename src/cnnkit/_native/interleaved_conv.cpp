@@ -1,0 +1,396 @@
+// A connection-table filter bank on small maps -- the lecture's second, 64 -> 256 maps of
+// 6x6 from 14x14 with 9x9 kernels, each output map summing 16 of the inputs -- with the
+// images interleaved in the vector lanes: one vector holds the same pixel of L images.
+//
+// With the maps of a block of L images laid out as (C, H, W, L), every multiply-add of
+// the bank is one kernel value (a scalar, broadcast) times one vector of L images'
+// inputs, whatever the table: no output map shares its inputs with another, so vectors
+// along the maps would each need inputs of their own, but the L images of a lane block
+// share every kernel. For table row r = (input i, output o) with kernel k_r:
+//
+//   out[o, y, x, l] = bias[o] + sum_{r -> o} sum_{u, v} k_r[u, v] in[i, y + u, x + v, l]
+//   d_in[i, y, x, l] = sum_{r from i} sum_{u, v} k_r[kh-1-u, kw-1-v]
+//                                       g[o, y + u - (kh-1), x + v - (kw-1), l]
+//   d_k_r[u, v] = sum_{blocks, l, y, x} g[o, y, x, l] in[i, y + u, x + v, l]
+//
+// The input's gradient is the same correlation as the forward, of the output's gradient
+// (zero outside its maps) with the flipped kernels, along the table's rows grouped by
+// input map instead of by output map; each block of outputs takes only the taps that
+// reach inside the gradient's maps. A block of R rows by X pixels of one output map is
+// kept in registers over all of its table rows' taps; threads take (lane block, map)
+// pairs, and (table row) for the kernels' gradient, whose lane sums are added at the end.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "vectors.h"
+
+namespace {
+
+using cnnkit_vectors::kLanes;
+using cnnkit_vectors::kRegisters;
+using cnnkit_vectors::load;
+using cnnkit_vectors::store;
+using cnnkit_vectors::Values;
+using cnnkit_vectors::with_constant;
+
+// Register blocks: output rows by pixels for the forward; rows of the input's gradient
+// (at most kGradientRows, and at most kSums sums in all, kw per row) for its gradient;
+// kernel rows by taps for the kernels' gradient.
+constexpr int kRows = kRegisters >= 32 ? 3 : 2;
+constexpr int kPixels = 6;
+constexpr int kGradientRows = kRegisters >= 32 ? 2 : 1;
+constexpr int kSums = kRegisters >= 32 ? 20 : 12;
+// The widest kernels the input's gradient is compiled for (one version per width).
+constexpr int kMaxWidth = 16;
+constexpr int kKernelRows = kRegisters >= 32 ? 2 : 1;
+constexpr int kTaps = 9;
+
+// The table's rows grouped by one of its columns: rows[starts[m] .. starts[m + 1]) are
+// those of map m, and other[j] is the map in the other column of rows[j].
+struct Grouped {
+  std::vector<int64_t> starts, rows, other;
+};
+
+Grouped group_rows(const at::Tensor& table, int64_t by, int64_t maps) {
+  const at::Tensor t = table.to(at::kLong).contiguous();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  const int64_t k = t.size(0);
+  Grouped g{std::vector<int64_t>(maps + 1, 0), std::vector<int64_t>(k), std::vector<int64_t>(k)};
+  for (int64_t r = 0; r < k; ++r) {
+    const int64_t m = tp[2 * r + by];
+    TORCH_CHECK(m >= 0 && m < maps, "table row ", r, " names map ", m, " outside 0 .. ",
+                maps - 1);
+    ++g.starts[m + 1];
+  }
+  for (int64_t m = 0; m < maps; ++m) g.starts[m + 1] += g.starts[m];
+  std::vector<int64_t> next(g.starts.begin(), g.starts.end() - 1);
+  for (int64_t r = 0; r < k; ++r) {
+    const int64_t j = next[tp[2 * r + by]]++;
+    g.rows[j] = r;
+    g.other[j] = tp[2 * r + 1 - by];
+  }
+  return g;
+}
+
+// out[y0 + r, x0 + p] for R rows by X pixels (of L lanes) of one output map: `start`
+// plus the correlations of the maps of its table rows [first, last) (`maps`: the lane
+// block's (C, h, w, L) input) with their kernels.
+template <typename T, int R, int X>
+void correlate_block(const T* maps, int64_t h, int64_t w, const T* kernels, int64_t kh,
+                     int64_t kw, const Grouped& group, int64_t first, int64_t last,
+                     int64_t y0, int64_t x0, T start, T* out, int64_t w_out) {
+  using V = Values<T>;
+  constexpr int64_t L = kLanes<T>;
+  V sums[R][X];
+  for (int r = 0; r < R; ++r) {
+    for (int p = 0; p < X; ++p) sums[r][p] = V{} + start;
+  }
+  const int64_t stride = w * L;
+  for (int64_t j = first; j < last; ++j) {
+    const T* corner = maps + ((group.other[j] * h + y0) * w + x0) * L;
+    const T* kernel = kernels + group.rows[j] * kh * kw;
+    for (int64_t u = 0; u < kh; ++u) {
+      const T* row = corner + u * stride;
+      for (int64_t v = 0; v < kw; ++v) {
+        const T value = kernel[u * kw + v];
+        for (int r = 0; r < R; ++r) {
+          for (int p = 0; p < X; ++p) sums[r][p] += value * load<V>(row + r * stride + (p + v) * L);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int p = 0; p < X; ++p) store(out + ((y0 + r) * w_out + x0 + p) * L, sums[r][p]);
+  }
+}
+
+// One output map (h_out x w_out pixels of L lanes) of one lane block, block by block.
+template <typename T>
+void correlate_map(const T* maps, int64_t h, int64_t w, const T* kernels, int64_t kh,
+                   int64_t kw, const Grouped& group, int64_t map, T start, T* out) {
+  const int64_t first = group.starts[map], last = group.starts[map + 1];
+  const int64_t h_out = h - kh + 1, w_out = w - kw + 1;
+  for (int64_t y0 = 0; y0 < h_out; y0 += kRows) {
+    with_constant<kRows>(std::min<int64_t>(kRows, h_out - y0), [&](auto r) {
+      for (int64_t x0 = 0; x0 < w_out; x0 += kPixels) {
+        with_constant<kPixels>(std::min<int64_t>(kPixels, w_out - x0), [&](auto p) {
+          correlate_block<T, decltype(r)::value, decltype(p)::value>(
+              maps, h, w, kernels, kh, kw, group, first, last, y0, x0, start, out, w_out);
+        });
+      }
+    });
+  }
+}
+
+// d_in[y0 + r, :] for R rows (of L lanes) of one input map: the sum over its table rows
+// [first, last) (to output map other[j], kernel rows[j]) and over the taps (u, v) of
+// k[u, v] g[y0 + r - u, p - v], taken pixel by pixel q of g, which reaches d_in pixels
+// q .. q + KW - 1. Those are the window of sums in registers; after pixel q the first has
+// had all it gets, is written out, and the window moves on by one. `g` is a lane block's
+// (O, h_out, w_out, L) gradient with `margin` rows of zeros above and below each map,
+// which a block's rows past the edge of the map read.
+template <typename T, int KW, int R>
+void input_grad_rows(const T* g, int64_t h_out, int64_t w_out, int64_t margin,
+                     const T* kernels, int64_t kh, const Grouped& group, int64_t first,
+                     int64_t last, int64_t y0, T* out, int64_t w) {
+  using V = Values<T>;
+  constexpr int64_t L = kLanes<T>;
+  const int64_t stride = w_out * L, map_size = (h_out + 2 * margin) * stride;
+  // the taps u for which some row y0 + r - u (r < R) lies in the map
+  const int64_t u_lo = std::max<int64_t>(0, y0 - h_out + 1);
+  const int64_t u_hi = std::min<int64_t>(kh, y0 + R);
+  V sums[R][KW] = {};
+  for (int64_t q = 0; q < w; ++q) {
+    if (q < w_out) {
+      for (int64_t j = first; j < last; ++j) {
+        const T* column = g + group.other[j] * map_size + ((y0 + margin) * w_out + q) * L;
+        const T* kernel = kernels + group.rows[j] * kh * KW;
+        for (int64_t u = u_lo; u < u_hi; ++u) {
+          V gradient[R];
+          for (int r = 0; r < R; ++r) gradient[r] = load<V>(column + (r - u) * stride);
+          const T* taps = kernel + u * KW;
+          for (int v = 0; v < KW; ++v) {
+            const T value = taps[v];
+            for (int r = 0; r < R; ++r) sums[r][v] += value * gradient[r];
+          }
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      store(out + ((y0 + r) * w + q) * L, sums[r][0]);
+      for (int v = 0; v + 1 < KW; ++v) sums[r][v] = sums[r][v + 1];
+      sums[r][KW - 1] = V{};
+    }
+  }
+}
+
+// (N, C, H, W) -> (B, C, H, W, L): blocks of L images, the last one padded with zeros.
+at::Tensor interleave(const at::Tensor& x, int64_t lanes) {
+  const int64_t n = x.size(0), blocks = (n + lanes - 1) / lanes;
+  at::Tensor images = x;
+  if (blocks * lanes != n) {
+    images = at::cat({x, at::zeros({blocks * lanes - n, x.size(1), x.size(2), x.size(3)},
+                                   x.options())});
+  }
+  return images.view({blocks, lanes, x.size(1), x.size(2), x.size(3)})
+      .permute({0, 2, 3, 4, 1})
+      .contiguous();
+}
+
+// (B, C, H, W, L) -> the first n images as (n, C, H, W).
+at::Tensor deinterleave(const at::Tensor& y, int64_t n) {
+  const int64_t blocks = y.size(0), lanes = y.size(4);
+  return y.permute({0, 4, 1, 2, 3})
+      .contiguous()
+      .view({blocks * lanes, y.size(1), y.size(2), y.size(3)})
+      .narrow(0, 0, n);
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& table) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(),
+              "x must be (N, C, H, W) on the CPU, got sizes ", x.sizes());
+  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == x.scalar_type(),
+              "weight must be (K, kh, kw) with the dtype of x, got sizes ", weight.sizes());
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == weight.size(0) && table.size(1) == 2,
+              "table must be (K, 2) with K = ", weight.size(0), ", got sizes ", table.sizes());
+  TORCH_CHECK(weight.size(1) <= x.size(2) && weight.size(2) <= x.size(3), "kernels of ",
+              weight.size(1), "x", weight.size(2), " must fit in maps of ", x.size(2), "x",
+              x.size(3));
+}
+
+at::Tensor interleaved_conv2d_forward(const at::Tensor& x, const at::Tensor& weight,
+                                      const c10::optional<at::Tensor>& bias,
+                                      const at::Tensor& table, int64_t out_maps) {
+  check_inputs(x, weight, table);
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t kh = weight.size(1), kw = weight.size(2), h_out = h - kh + 1,
+                w_out = w - kw + 1;
+  const Grouped by_output = group_rows(table, 1, out_maps);
+  TORCH_CHECK(by_output.other.empty() ||
+                  *std::max_element(by_output.other.begin(), by_output.other.end()) < c,
+              "the table names input maps beyond the ", c, " of x");
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  TORCH_CHECK(!b.defined() || (b.numel() == out_maps && b.scalar_type() == x.scalar_type()),
+              "bias must be (", out_maps, ",) with the dtype of x");
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "interleaved_conv2d_forward", [&] {
+    using T = scalar_t;
+    constexpr int64_t L = kLanes<T>;
+    const at::Tensor in = interleave(x, L);
+    const int64_t blocks = in.size(0);
+    at::Tensor out = at::empty({blocks, out_maps, h_out, w_out, L}, x.options());
+    const at::Tensor k = weight.contiguous();
+    const T* ip = in.data_ptr<T>();
+    const T* kp = k.data_ptr<T>();
+    const T* bp = b.defined() ? b.data_ptr<T>() : nullptr;
+    T* op = out.data_ptr<T>();
+    at::parallel_for(0, blocks * out_maps, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t block = task / out_maps, o = task % out_maps;
+        correlate_map<T>(ip + block * in.stride(0), h, w, kp, kh, kw, by_output, o,
+                         bp != nullptr ? bp[o] : T(0), op + task * h_out * w_out * L);
+      }
+    });
+    y = deinterleave(out, n);
+  });
+  return y;
+}
+
+at::Tensor interleaved_conv2d_input_grad(const at::Tensor& grad, const at::Tensor& weight,
+                                         const at::Tensor& table, int64_t in_maps, int64_t h,
+                                         int64_t w) {
+  TORCH_CHECK(grad.dim() == 4 && grad.device().is_cpu(),
+              "grad must be (N, O, H_out, W_out) on the CPU, got sizes ", grad.sizes());
+  const int64_t n = grad.size(0), out_maps = grad.size(1), h_out = grad.size(2),
+                w_out = grad.size(3);
+  TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == grad.scalar_type() &&
+                  weight.size(1) == h - h_out + 1 && weight.size(2) == w - w_out + 1,
+              "weight must be (K, ", h - h_out + 1, ", ", w - w_out + 1,
+              ") with the dtype of grad, got sizes ", weight.sizes());
+  const int64_t kh = weight.size(1), kw = weight.size(2);
+  const Grouped by_input = group_rows(table, 0, in_maps);
+  TORCH_CHECK(by_input.other.empty() ||
+                  *std::max_element(by_input.other.begin(), by_input.other.end()) < out_maps,
+              "the table names output maps beyond the ", out_maps, " of grad");
+  TORCH_CHECK(kw <= kMaxWidth, "kernels ", kw, " wide exceed the ", kMaxWidth,
+              " the input's gradient is built for");
+  at::Tensor d_x;
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "interleaved_conv2d_input_grad", [&] {
+    using T = scalar_t;
+    constexpr int64_t L = kLanes<T>;
+    const at::Tensor packed = interleave(grad, L);
+    const int64_t blocks = packed.size(0), margin = kGradientRows - 1;
+    at::Tensor g = at::zeros({blocks, out_maps, h_out + 2 * margin, w_out, L}, grad.options());
+    g.narrow(2, margin, h_out).copy_(packed);
+    const at::Tensor k = weight.contiguous();
+    at::Tensor out = at::empty({blocks, in_maps, h, w, L}, grad.options());
+    const T* kp = k.data_ptr<T>();
+    const T* gp = g.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    at::parallel_for(0, blocks * in_maps, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t block = task / in_maps, i = task % in_maps;
+        const int64_t first = by_input.starts[i], last = by_input.starts[i + 1];
+        with_constant<kMaxWidth>(kw, [&](auto width) {
+          constexpr int KW = decltype(width)::value;
+          constexpr int rows = std::max(1, std::min(kGradientRows, kSums / KW));
+          for (int64_t y0 = 0; y0 < h; y0 += rows) {
+            with_constant<rows>(std::min<int64_t>(rows, h - y0), [&](auto r) {
+              input_grad_rows<T, KW, decltype(r)::value>(
+                  gp + block * g.stride(0), h_out, w_out, margin, kp, kh, by_input, first,
+                  last, y0, op + task * h * w * L, w);
+            });
+          }
+        });
+      }
+    });
+    d_x = deinterleave(out, n);
+  });
+  return d_x;
+}
+
+// d_k[u0 + a, v0 + t] for a < U kernel rows and t < K taps of one table row, from the
+// lane blocks' gradient map `g` and input map `x` (each `block_stride` apart).
+template <typename T, int U, int K>
+void kernel_block(const T* x, const T* g, int64_t blocks, int64_t x_stride,
+                  int64_t g_stride, int64_t w, int64_t h_out, int64_t w_out, int64_t u0,
+                  int64_t v0, T* d_k, int64_t kw) {
+  using V = Values<T>;
+  constexpr int64_t L = kLanes<T>;
+  V sums[U][K] = {};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const T* xb = x + b * x_stride + (u0 * w + v0) * L;
+    const T* gb = g + b * g_stride;
+    for (int64_t y = 0; y < h_out; ++y) {
+      for (int64_t p = 0; p < w_out; ++p) {
+        const V gradient = load<V>(gb + (y * w_out + p) * L);
+        const T* at = xb + (y * w + p) * L;
+        for (int a = 0; a < U; ++a) {
+          for (int t = 0; t < K; ++t) sums[a][t] += gradient * load<V>(at + (a * w + t) * L);
+        }
+      }
+    }
+  }
+  for (int a = 0; a < U; ++a) {
+    for (int t = 0; t < K; ++t) {
+      T total = 0;
+      for (int64_t l = 0; l < L; ++l) total += sums[a][t][l];
+      d_k[(u0 + a) * kw + v0 + t] = total;
+    }
+  }
+}
+
+at::Tensor interleaved_conv2d_weight_grad(const at::Tensor& grad, const at::Tensor& x,
+                                          const at::Tensor& table, int64_t kh, int64_t kw) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(),
+              "x must be (N, C, H, W) on the CPU, got sizes ", x.sizes());
+  const int64_t c = x.size(1), h = x.size(2), w = x.size(3), h_out = h - kh + 1,
+                w_out = w - kw + 1;
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == x.size(0) && grad.size(2) == h_out &&
+                  grad.size(3) == w_out && grad.scalar_type() == x.scalar_type(),
+              "grad must be (", x.size(0), ", O, ", h_out, ", ", w_out,
+              ") with the dtype of x, got sizes ", grad.sizes());
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == 2, "table must be (K, 2), got sizes ",
+              table.sizes());
+  const int64_t out_maps = grad.size(1), rows = table.size(0);
+  const at::Tensor t = table.to(at::kLong).contiguous();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(tp[2 * r] >= 0 && tp[2 * r] < c && tp[2 * r + 1] >= 0 &&
+                    tp[2 * r + 1] < out_maps,
+                "table row ", r, " names maps outside x's ", c, " or grad's ", out_maps);
+  }
+  at::Tensor d_k = at::empty({rows, kh, kw}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "interleaved_conv2d_weight_grad", [&] {
+    using T = scalar_t;
+    constexpr int64_t L = kLanes<T>;
+    const at::Tensor in = interleave(x, L), g = interleave(grad, L);
+    const int64_t blocks = in.size(0);
+    const T* xp = in.data_ptr<T>();
+    const T* gp = g.data_ptr<T>();
+    T* dp = d_k.data_ptr<T>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* xr = xp + tp[2 * r] * h * w * L;
+        const T* gr = gp + tp[2 * r + 1] * h_out * w_out * L;
+        for (int64_t u0 = 0; u0 < kh; u0 += kKernelRows) {
+          with_constant<kKernelRows>(std::min<int64_t>(kKernelRows, kh - u0), [&](auto a) {
+            for (int64_t v0 = 0; v0 < kw; v0 += kTaps) {
+              with_constant<kTaps>(std::min<int64_t>(kTaps, kw - v0), [&](auto k) {
+                kernel_block<T, decltype(a)::value, decltype(k)::value>(
+                    xr, gr, blocks, in.stride(0), g.stride(0), w, h_out, w_out, u0, v0,
+                    dp + r * kh * kw, kw);
+              });
+            }
+          });
+        }
+      }
+    });
+  });
+  return d_k;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cnnkit_native, m) {
+  m.def(
+      "interleaved_conv2d_forward(Tensor x, Tensor weight, Tensor? bias, Tensor table, "
+      "int out_maps) -> Tensor");
+  m.impl("interleaved_conv2d_forward", c10::DispatchKey::CPU, &interleaved_conv2d_forward);
+  m.def(
+      "interleaved_conv2d_input_grad(Tensor grad, Tensor weight, Tensor table, int in_maps, "
+      "int h, int w) -> Tensor");
+  m.impl("interleaved_conv2d_input_grad", c10::DispatchKey::CPU,
+         &interleaved_conv2d_input_grad);
+  m.def(
+      "interleaved_conv2d_weight_grad(Tensor grad, Tensor x, Tensor table, int kh, int kw) -> "
+      "Tensor");
+  m.impl("interleaved_conv2d_weight_grad", c10::DispatchKey::CPU,
+         &interleaved_conv2d_weight_grad);
+}
