@@ -288,7 +288,7 @@ def _register_fakes() -> None:
         return pooled, index, x.new_empty(n, 5, h, w), x.new_empty(n)
 
     @torch.library.register_fake("cnnkit_native::contrast_norm_max_pool_backward")
-    def _(grad, index, x, *rest):
+    def _(grad, index, maxima, x, *rest):
         channels_last = not x.is_contiguous()
         layout = torch.channels_last if channels_last else torch.contiguous_format
         return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout)

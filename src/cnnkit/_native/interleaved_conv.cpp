@@ -39,17 +39,27 @@ using cnnkit_vectors::store;
 using cnnkit_vectors::Values;
 using cnnkit_vectors::with_constant;
 
-// Register blocks: output rows by pixels for the forward; rows of the input's gradient
-// (at most kGradientRows, and at most kSums sums in all, kw per row) for its gradient;
-// kernel rows by taps for the kernels' gradient.
-constexpr int kRows = kRegisters >= 32 ? 3 : 2;
-constexpr int kPixels = 6;
+// Register blocks, as many sums as leave registers for the operands: R rows by kPixels
+// pixels of one output map, with one kernel row (kw values) beside them, for the forward;
+// rows of the input's gradient (at most kGradientRows, and at most kSums sums, kw per
+// row) for its gradient; kernel rows (kw sums each) beside kPixels gradient values for
+// the kernels' gradient.
+constexpr int kPixels = kRegisters >= 32 ? 6 : 4;
 constexpr int kGradientRows = kRegisters >= 32 ? 2 : 1;
 constexpr int kSums = kRegisters >= 32 ? 20 : 12;
-// The widest kernels the input's gradient is compiled for (one version per width).
+template <int KW>
+constexpr int kOutputRows = std::max(1, std::min(3, (kRegisters - 2 - KW) / kPixels));
+template <int KW>
+constexpr int kKernelRows = std::max(1, std::min(2, (kRegisters - 2 - kPixels) / KW));
+// The widest kernels the kernels are compiled for (one version per width).
 constexpr int kMaxWidth = 16;
-constexpr int kKernelRows = kRegisters >= 32 ? 2 : 1;
-constexpr int kTaps = 9;
+
+// Maps are read and written in whole blocks of kPixels pixels, so the interleaved maps
+// of a call are this wide (zeros past their own width): output rows rounded up to whole
+// blocks, and the inputs those read.
+int64_t padded_output_width(int64_t w_out) {
+  return (w_out + kPixels - 1) / kPixels * kPixels;
+}
 
 // The table's rows grouped by one of its columns: rows[starts[m] .. starts[m + 1]) are
 // those of map m, and other[j] is the map in the other column of rows[j].
@@ -78,53 +88,48 @@ Grouped group_rows(const at::Tensor& table, int64_t by, int64_t maps) {
   return g;
 }
 
-// out[y0 + r, x0 + p] for R rows by X pixels (of L lanes) of one output map: `start`
-// plus the correlations of the maps of its table rows [first, last) (`maps`: the lane
-// block's (C, h, w, L) input) with their kernels.
-template <typename T, int R, int X>
-void correlate_block(const T* maps, int64_t h, int64_t w, const T* kernels, int64_t kh,
-                     int64_t kw, const Grouped& group, int64_t first, int64_t last,
-                     int64_t y0, int64_t x0, T start, T* out, int64_t w_out) {
+// out[y0 + r, :] for R rows (of L lanes) of one output map: `start` plus the
+// correlations of the maps of its table rows [first, last) (`maps`: the lane block's
+// (C, h, w, L) inputs) with their kernels, kPixels at a time. Each input of a row is
+// loaded once and multiplied by every kernel value of the kernel row that reaches an
+// output of the block from it, all kept in registers.
+template <typename T, int KW, int R>
+void correlate_rows(const T* maps, int64_t h, int64_t w, const T* kernels, int64_t kh,
+                    const Grouped& group, int64_t first, int64_t last, int64_t y0, T start,
+                    T* out, int64_t w_out) {
   using V = Values<T>;
   constexpr int64_t L = kLanes<T>;
-  V sums[R][X];
-  for (int r = 0; r < R; ++r) {
-    for (int p = 0; p < X; ++p) sums[r][p] = V{} + start;
-  }
+  constexpr int X = kPixels;
   const int64_t stride = w * L;
-  for (int64_t j = first; j < last; ++j) {
-    const T* corner = maps + ((group.other[j] * h + y0) * w + x0) * L;
-    const T* kernel = kernels + group.rows[j] * kh * kw;
-    for (int64_t u = 0; u < kh; ++u) {
-      const T* row = corner + u * stride;
-      for (int64_t v = 0; v < kw; ++v) {
-        const T value = kernel[u * kw + v];
+  for (int64_t x0 = 0; x0 < w_out; x0 += X) {
+    V sums[R][X];
+    for (int r = 0; r < R; ++r) {
+      for (int p = 0; p < X; ++p) sums[r][p] = V{} + start;
+    }
+    for (int64_t j = first; j < last; ++j) {
+      const T* corner = maps + ((group.other[j] * h + y0) * w + x0) * L;
+      const T* kernel = kernels + group.rows[j] * kh * KW;
+      for (int64_t u = 0; u < kh; ++u) {
+        V taps[KW];
+#pragma GCC unroll 16
+        for (int v = 0; v < KW; ++v) taps[v] = V{} + kernel[u * KW + v];
+#pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
-          for (int p = 0; p < X; ++p) sums[r][p] += value * load<V>(row + r * stride + (p + v) * L);
+          const T* row = corner + (u + r) * stride;
+#pragma GCC unroll 32
+          for (int q = 0; q < X + KW - 1; ++q) {
+            const V input = load<V>(row + q * L);
+#pragma GCC unroll 16
+            for (int p = std::max(0, q - KW + 1); p <= std::min(X - 1, q); ++p) {
+              sums[r][p] += taps[q - p] * input;
+            }
+          }
         }
       }
     }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int p = 0; p < X; ++p) store(out + ((y0 + r) * w_out + x0 + p) * L, sums[r][p]);
-  }
-}
-
-// One output map (h_out x w_out pixels of L lanes) of one lane block, block by block.
-template <typename T>
-void correlate_map(const T* maps, int64_t h, int64_t w, const T* kernels, int64_t kh,
-                   int64_t kw, const Grouped& group, int64_t map, T start, T* out) {
-  const int64_t first = group.starts[map], last = group.starts[map + 1];
-  const int64_t h_out = h - kh + 1, w_out = w - kw + 1;
-  for (int64_t y0 = 0; y0 < h_out; y0 += kRows) {
-    with_constant<kRows>(std::min<int64_t>(kRows, h_out - y0), [&](auto r) {
-      for (int64_t x0 = 0; x0 < w_out; x0 += kPixels) {
-        with_constant<kPixels>(std::min<int64_t>(kPixels, w_out - x0), [&](auto p) {
-          correlate_block<T, decltype(r)::value, decltype(p)::value>(
-              maps, h, w, kernels, kh, kw, group, first, last, y0, x0, start, out, w_out);
-        });
-      }
-    });
+    for (int r = 0; r < R; ++r) {
+      for (int p = 0; p < X; ++p) store(out + ((y0 + r) * w_out + x0 + p) * L, sums[r][p]);
+    }
   }
 }
 
@@ -170,25 +175,74 @@ void input_grad_rows(const T* g, int64_t h_out, int64_t w_out, int64_t margin,
   }
 }
 
-// (N, C, H, W) -> (B, C, H, W, L): blocks of L images, the last one padded with zeros.
-at::Tensor interleave(const at::Tensor& x, int64_t lanes) {
-  const int64_t n = x.size(0), blocks = (n + lanes - 1) / lanes;
-  at::Tensor images = x;
-  if (blocks * lanes != n) {
-    images = at::cat({x, at::zeros({blocks * lanes - n, x.size(1), x.size(2), x.size(3)},
-                                   x.options())});
+// d_k[u0 + a, :] for U kernel rows of one table row: the sums over the lane blocks
+// (`x`, `g`: its input and gradient maps in the first, each block `*_stride` further),
+// their lanes and the gradient's pixels of g[y, p] x[y + u, p + v], kPixels gradient
+// values at a time, each input of a row loaded once for every kernel value it meets.
+template <typename T, int KW, int U>
+void kernel_rows(const T* x, const T* g, int64_t blocks, int64_t x_stride,
+                 int64_t g_stride, int64_t w, int64_t h_out, int64_t w_out, int64_t u0,
+                 T* d_k) {
+  using V = Values<T>;
+  constexpr int64_t L = kLanes<T>;
+  constexpr int X = kPixels;
+  V sums[U][KW] = {};
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t y = 0; y < h_out; ++y) {
+      for (int64_t x0 = 0; x0 < w_out; x0 += X) {
+        V gradient[X];
+        for (int p = 0; p < X; ++p) gradient[p] = load<V>(g + b * g_stride + (y * w_out + x0 + p) * L);
+#pragma GCC unroll 4
+        for (int a = 0; a < U; ++a) {
+          const T* row = x + b * x_stride + ((y + u0 + a) * w + x0) * L;
+#pragma GCC unroll 32
+          for (int q = 0; q < X + KW - 1; ++q) {
+            const V input = load<V>(row + q * L);
+#pragma GCC unroll 16
+            for (int p = std::max(0, q - KW + 1); p <= std::min(X - 1, q); ++p) {
+              sums[a][q - p] += gradient[p] * input;
+            }
+          }
+        }
+      }
+    }
   }
-  return images.view({blocks, lanes, x.size(1), x.size(2), x.size(3)})
-      .permute({0, 2, 3, 4, 1})
-      .contiguous();
+  for (int a = 0; a < U; ++a) {
+    for (int v = 0; v < KW; ++v) {
+      T total = 0;
+      for (int64_t l = 0; l < L; ++l) total += sums[a][v][l];
+      d_k[(u0 + a) * KW + v] = total;
+    }
+  }
 }
 
-// (B, C, H, W, L) -> the first n images as (n, C, H, W).
-at::Tensor deinterleave(const at::Tensor& y, int64_t n) {
+// (N, C, H, W) -> (B, C, H, width, L), width >= W: blocks of L images, with zeros for
+// the images past N in the last block and for the pixels past W.
+at::Tensor interleave(const at::Tensor& x, int64_t lanes, int64_t width) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t full = n / lanes, blocks = (n + lanes - 1) / lanes;
+  if (full == blocks && width == w) {
+    return x.view({blocks, lanes, c, h, w}).permute({0, 2, 3, 4, 1}).contiguous();
+  }
+  at::Tensor out = at::zeros({blocks, c, h, width, lanes}, x.options());
+  if (full > 0) {
+    out.narrow(0, 0, full).narrow(3, 0, w).copy_(
+        x.narrow(0, 0, full * lanes).view({full, lanes, c, h, w}).permute({0, 2, 3, 4, 1}));
+  }
+  if (full < blocks) {
+    out.select(0, full).narrow(2, 0, w).narrow(3, 0, n - full * lanes).copy_(
+        x.narrow(0, full * lanes, n - full * lanes).permute({1, 2, 3, 0}));
+  }
+  return out;
+}
+
+// (B, C, H, width, L) -> the first n images and w pixels as (n, C, H, w).
+at::Tensor deinterleave(const at::Tensor& y, int64_t n, int64_t w) {
   const int64_t blocks = y.size(0), lanes = y.size(4);
-  return y.permute({0, 4, 1, 2, 3})
+  return y.narrow(3, 0, w)
+      .permute({0, 4, 1, 2, 3})
       .contiguous()
-      .view({blocks * lanes, y.size(1), y.size(2), y.size(3)})
+      .view({blocks * lanes, y.size(1), y.size(2), w})
       .narrow(0, 0, n);
 }
 
@@ -208,9 +262,9 @@ at::Tensor interleaved_conv2d_forward(const at::Tensor& x, const at::Tensor& wei
                                       const c10::optional<at::Tensor>& bias,
                                       const at::Tensor& table, int64_t out_maps) {
   check_inputs(x, weight, table);
-  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
-  const int64_t kh = weight.size(1), kw = weight.size(2), h_out = h - kh + 1,
-                w_out = w - kw + 1;
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), kh = weight.size(1),
+                kw = weight.size(2), h_out = h - kh + 1, w_out = x.size(3) - kw + 1;
+  const int64_t wide_out = padded_output_width(w_out), w = wide_out + kw - 1;
   const Grouped by_output = group_rows(table, 1, out_maps);
   TORCH_CHECK(by_output.other.empty() ||
                   *std::max_element(by_output.other.begin(), by_output.other.end()) < c,
@@ -222,9 +276,9 @@ at::Tensor interleaved_conv2d_forward(const at::Tensor& x, const at::Tensor& wei
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "interleaved_conv2d_forward", [&] {
     using T = scalar_t;
     constexpr int64_t L = kLanes<T>;
-    const at::Tensor in = interleave(x, L);
+    const at::Tensor in = interleave(x, L, w);
     const int64_t blocks = in.size(0);
-    at::Tensor out = at::empty({blocks, out_maps, h_out, w_out, L}, x.options());
+    at::Tensor out = at::empty({blocks, out_maps, h_out, wide_out, L}, x.options());
     const at::Tensor k = weight.contiguous();
     const T* ip = in.data_ptr<T>();
     const T* kp = k.data_ptr<T>();
@@ -233,11 +287,22 @@ at::Tensor interleaved_conv2d_forward(const at::Tensor& x, const at::Tensor& wei
     at::parallel_for(0, blocks * out_maps, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t block = task / out_maps, o = task % out_maps;
-        correlate_map<T>(ip + block * in.stride(0), h, w, kp, kh, kw, by_output, o,
-                         bp != nullptr ? bp[o] : T(0), op + task * h_out * w_out * L);
+        const int64_t first = by_output.starts[o], last = by_output.starts[o + 1];
+        const T start = bp != nullptr ? bp[o] : T(0);
+        with_constant<kMaxWidth>(kw, [&](auto width) {
+          constexpr int KW = decltype(width)::value;
+          constexpr int rows = kOutputRows<KW>;
+          for (int64_t y0 = 0; y0 < h_out; y0 += rows) {
+            with_constant<rows>(std::min<int64_t>(rows, h_out - y0), [&](auto r) {
+              correlate_rows<T, KW, decltype(r)::value>(
+                  ip + block * in.stride(0), h, w, kp, kh, by_output, first, last, y0, start,
+                  op + task * h_out * wide_out * L, wide_out);
+            });
+          }
+        });
       }
     });
-    y = deinterleave(out, n);
+    y = deinterleave(out, n, w_out);
   });
   return y;
 }
@@ -254,17 +319,17 @@ at::Tensor interleaved_conv2d_input_grad(const at::Tensor& grad, const at::Tenso
               "weight must be (K, ", h - h_out + 1, ", ", w - w_out + 1,
               ") with the dtype of grad, got sizes ", weight.sizes());
   const int64_t kh = weight.size(1), kw = weight.size(2);
+  TORCH_CHECK(kw <= kMaxWidth, "kernels ", kw, " wide exceed the ", kMaxWidth,
+              " the kernels are compiled for");
   const Grouped by_input = group_rows(table, 0, in_maps);
   TORCH_CHECK(by_input.other.empty() ||
                   *std::max_element(by_input.other.begin(), by_input.other.end()) < out_maps,
               "the table names output maps beyond the ", out_maps, " of grad");
-  TORCH_CHECK(kw <= kMaxWidth, "kernels ", kw, " wide exceed the ", kMaxWidth,
-              " the input's gradient is built for");
   at::Tensor d_x;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "interleaved_conv2d_input_grad", [&] {
     using T = scalar_t;
     constexpr int64_t L = kLanes<T>;
-    const at::Tensor packed = interleave(grad, L);
+    const at::Tensor packed = interleave(grad, L, w_out);
     const int64_t blocks = packed.size(0), margin = kGradientRows - 1;
     at::Tensor g = at::zeros({blocks, out_maps, h_out + 2 * margin, w_out, L}, grad.options());
     g.narrow(2, margin, h_out).copy_(packed);
@@ -290,55 +355,26 @@ at::Tensor interleaved_conv2d_input_grad(const at::Tensor& grad, const at::Tenso
         });
       }
     });
-    d_x = deinterleave(out, n);
+    d_x = deinterleave(out, n, w);
   });
   return d_x;
-}
-
-// d_k[u0 + a, v0 + t] for a < U kernel rows and t < K taps of one table row, from the
-// lane blocks' gradient map `g` and input map `x` (each `block_stride` apart).
-template <typename T, int U, int K>
-void kernel_block(const T* x, const T* g, int64_t blocks, int64_t x_stride,
-                  int64_t g_stride, int64_t w, int64_t h_out, int64_t w_out, int64_t u0,
-                  int64_t v0, T* d_k, int64_t kw) {
-  using V = Values<T>;
-  constexpr int64_t L = kLanes<T>;
-  V sums[U][K] = {};
-  for (int64_t b = 0; b < blocks; ++b) {
-    const T* xb = x + b * x_stride + (u0 * w + v0) * L;
-    const T* gb = g + b * g_stride;
-    for (int64_t y = 0; y < h_out; ++y) {
-      for (int64_t p = 0; p < w_out; ++p) {
-        const V gradient = load<V>(gb + (y * w_out + p) * L);
-        const T* at = xb + (y * w + p) * L;
-        for (int a = 0; a < U; ++a) {
-          for (int t = 0; t < K; ++t) sums[a][t] += gradient * load<V>(at + (a * w + t) * L);
-        }
-      }
-    }
-  }
-  for (int a = 0; a < U; ++a) {
-    for (int t = 0; t < K; ++t) {
-      T total = 0;
-      for (int64_t l = 0; l < L; ++l) total += sums[a][t][l];
-      d_k[(u0 + a) * kw + v0 + t] = total;
-    }
-  }
 }
 
 at::Tensor interleaved_conv2d_weight_grad(const at::Tensor& grad, const at::Tensor& x,
                                           const at::Tensor& table, int64_t kh, int64_t kw) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(),
               "x must be (N, C, H, W) on the CPU, got sizes ", x.sizes());
-  const int64_t c = x.size(1), h = x.size(2), w = x.size(3), h_out = h - kh + 1,
-                w_out = w - kw + 1;
+  const int64_t c = x.size(1), h = x.size(2), h_out = h - kh + 1, w_out = x.size(3) - kw + 1;
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == x.size(0) && grad.size(2) == h_out &&
                   grad.size(3) == w_out && grad.scalar_type() == x.scalar_type(),
               "grad must be (", x.size(0), ", O, ", h_out, ", ", w_out,
               ") with the dtype of x, got sizes ", grad.sizes());
   TORCH_CHECK(table.dim() == 2 && table.size(1) == 2, "table must be (K, 2), got sizes ",
               table.sizes());
+  TORCH_CHECK(kw >= 1 && kw <= kMaxWidth, "kernels ", kw, " wide: 1 to ", kMaxWidth,
+              " are compiled for");
   const int64_t out_maps = grad.size(1), rows = table.size(0);
+  const int64_t wide_out = padded_output_width(w_out), w = wide_out + kw - 1;
   const at::Tensor t = table.to(at::kLong).contiguous();
   const int64_t* tp = t.data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) {
@@ -350,7 +386,7 @@ at::Tensor interleaved_conv2d_weight_grad(const at::Tensor& grad, const at::Tens
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "interleaved_conv2d_weight_grad", [&] {
     using T = scalar_t;
     constexpr int64_t L = kLanes<T>;
-    const at::Tensor in = interleave(x, L), g = interleave(grad, L);
+    const at::Tensor in = interleave(x, L, w), g = interleave(grad, L, wide_out);
     const int64_t blocks = in.size(0);
     const T* xp = in.data_ptr<T>();
     const T* gp = g.data_ptr<T>();
@@ -358,18 +394,17 @@ at::Tensor interleaved_conv2d_weight_grad(const at::Tensor& grad, const at::Tens
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const T* xr = xp + tp[2 * r] * h * w * L;
-        const T* gr = gp + tp[2 * r + 1] * h_out * w_out * L;
-        for (int64_t u0 = 0; u0 < kh; u0 += kKernelRows) {
-          with_constant<kKernelRows>(std::min<int64_t>(kKernelRows, kh - u0), [&](auto a) {
-            for (int64_t v0 = 0; v0 < kw; v0 += kTaps) {
-              with_constant<kTaps>(std::min<int64_t>(kTaps, kw - v0), [&](auto k) {
-                kernel_block<T, decltype(a)::value, decltype(k)::value>(
-                    xr, gr, blocks, in.stride(0), g.stride(0), w, h_out, w_out, u0, v0,
-                    dp + r * kh * kw, kw);
-              });
-            }
-          });
-        }
+        const T* gr = gp + tp[2 * r + 1] * h_out * wide_out * L;
+        with_constant<kMaxWidth>(kw, [&](auto width) {
+          constexpr int KW = decltype(width)::value;
+          constexpr int per_call = kKernelRows<KW>;
+          for (int64_t u0 = 0; u0 < kh; u0 += per_call) {
+            with_constant<per_call>(std::min<int64_t>(per_call, kh - u0), [&](auto a) {
+              kernel_rows<T, KW, decltype(a)::value>(xr, gr, blocks, in.stride(0), g.stride(0),
+                                                    w, h_out, wide_out, u0, dp + r * kh * kw);
+            });
+          }
+        });
       }
     });
   });

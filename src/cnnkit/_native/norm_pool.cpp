@@ -9,8 +9,8 @@
 //
 // Backward: the gradient of y is the pooling's, one value per window at its maximum, so
 // the sums over maps that the normalization's backward reads all of g and y for are
-// sums over the windows: sum_i g_i y_i from each window's gradient times y at its
-// maximum, sum_i g_i from the gradients alone, and sum_i g_v = r sum_i g_i + k sum_i y_i.
+// sums over the windows: sum_i g_i y_i from each window's gradient times its pooled value
+// (y at its maximum), sum_i g_i from the gradients alone, and sum_i g_v = r sum_i g_i + k sum_i y_i.
 // One pass then writes g_x = sign(x) (k y - q) with y = (a - m) r and
 // q = S^T(sum_i g_v) / C, and each window adds sign(x) g r at its maximum; g_x has the
 // layout of x.
@@ -275,8 +275,8 @@ struct MapLayout {
 };
 
 template <typename T, bool Rectify, bool ChannelsLast>
-void normalize_and_pool_backward_image(const T* grad, const int64_t* index, const T* x,
-                                       T* out, int64_t maps, int64_t outputs,
+void normalize_and_pool_backward_image(const T* grad, const int64_t* index, const T* maxima,
+                                       const T* x, T* out, int64_t maps, int64_t outputs,
                                        const Window& window, const T* rows_t,
                                        const T* columns_t, const PixelStatistics<T>& stats,
                                        T mean_sigma, bool mean_threshold, double threshold,
@@ -286,15 +286,14 @@ void normalize_and_pool_backward_image(const T* grad, const int64_t* index, cons
   const T count = static_cast<T>(maps);
   std::vector<T> g_sum(pixels, T(0)), products(pixels, T(0)), r(pixels), k(pixels),
       q(pixels), pad(w + 2 * window.r_w);
-  // Each window's pooled value is y at its maximum, recomputed as the forward made it.
+  // Each window's pooled value (`maxima`) is y at its maximum.
 #pragma omp simd
   for (int64_t p = 0; p < pixels; ++p) r[p] = T(1) / stats.den[p];
   for (int64_t i = 0; i < maps; ++i) {
     for (int64_t j = 0; j < outputs; ++j) {
       const int64_t e = layout.pooled(i, j), p = index[e];
-      const T y = (rectified<T, Rectify>(x[layout.at(i, p)]) - stats.mean[p]) * r[p];
       g_sum[p] += grad[e];
-      products[p] += grad[e] * y;
+      products[p] += grad[e] * maxima[e];
     }
   }
   divisor_gradient(products.data(), maps, window, rows_t, columns_t, stats.den,
@@ -320,15 +319,30 @@ void normalize_and_pool_backward_image(const T* grad, const int64_t* index, cons
       out[at] += Rectify ? share * sign(x[at]) : share;
     }
   };
-  if constexpr (ChannelsLast) {  // each pixel's maps, then the maxima map by map
+  if constexpr (ChannelsLast) {
+    // Each pixel's maps, then the windows whose maximum it is, while the pixel is in the
+    // cache: the windows sorted by that pixel (in map order, as the contiguous path adds
+    // them).
+    std::vector<int64_t> starts(pixels + 1, 0), by_pixel(maps * outputs);
+    for (int64_t e = 0; e < maps * outputs; ++e) ++starts[index[e] + 1];
+    for (int64_t p = 0; p < pixels; ++p) starts[p + 1] += starts[p];
+    std::vector<int64_t> next(starts.begin(), starts.end() - 1);
+    for (int64_t i = 0; i < maps; ++i) {
+      for (int64_t j = 0; j < outputs; ++j) {
+        const int64_t e = layout.pooled(i, j);
+        by_pixel[next[index[e]]++] = e;
+      }
+    }
     at::parallel_for(0, pixels, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
 #pragma omp simd
         for (int64_t i = 0; i < maps; ++i) first_term(p * maps + i, p);
+        for (int64_t k = starts[p]; k < starts[p + 1]; ++k) {
+          const int64_t e = by_pixel[k], at = p * maps + e % maps;
+          const T share = grad[e] * rp[p];
+          out[at] += Rectify ? share * sign(x[at]) : share;
+        }
       }
-    });
-    at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) add_window_shares(i);
     });
   } else {  // each map's pixels and its maxima while the map is in the cache
     at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
@@ -342,7 +356,8 @@ void normalize_and_pool_backward_image(const T* grad, const int64_t* index, cons
 }
 
 at::Tensor contrast_norm_max_pool_backward(
-    const at::Tensor& grad, const at::Tensor& index, const at::Tensor& x, const at::Tensor& stats, const at::Tensor& mean_sigma,
+    const at::Tensor& grad, const at::Tensor& index, const at::Tensor& maxima, const at::Tensor& x,
+    const at::Tensor& stats, const at::Tensor& mean_sigma,
     const at::Tensor& row_diagonals_t, const at::Tensor& column_diagonals_t, bool rectify,
     bool mean_threshold, double threshold, double floor) {
   const bool channels_last = channels_last_layout(x);
@@ -354,11 +369,14 @@ at::Tensor contrast_norm_max_pool_backward(
               "grad must be (N, C, H_out, W_out)");
   TORCH_CHECK(index.sizes() == grad.sizes() && index.scalar_type() == at::kLong,
               "index must be int64 with the shape of grad");
+  TORCH_CHECK(maxima.sizes() == grad.sizes() && maxima.scalar_type() == x.scalar_type(),
+              "maxima must have the shape of grad and the dtype of x");
   TORCH_CHECK(stats.sizes() == at::IntArrayRef({n_images, 5, h, w}) && stats.is_contiguous(),
               "stats must be contiguous (N, 5, H, W)");
   TORCH_CHECK(mean_sigma.sizes() == at::IntArrayRef({n_images}), "mean_sigma must be (N,)");
   const auto layout = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const at::Tensor g = grad.contiguous(layout), at_index = index.contiguous(layout);
+  const at::Tensor g = grad.contiguous(layout), at_index = index.contiguous(layout),
+                   m = maxima.contiguous(layout);
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(layout));
   const Window window{h, w, row_diagonals_t.size(0) / 2, column_diagonals_t.size(0) / 2};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contrast_norm_max_pool_backward", [&] {
@@ -376,7 +394,7 @@ at::Tensor contrast_norm_max_pool_backward(
                                              s + 4 * pixels};
         const int64_t o = n * maps * outputs;
         image_backward(g.data_ptr<T>() + o, at_index.data_ptr<int64_t>() + o,
-                       x.data_ptr<T>() + n * maps * pixels,
+                       m.data_ptr<T>() + o, x.data_ptr<T>() + n * maps * pixels,
                        out.data_ptr<T>() + n * maps * pixels, maps, outputs, window,
                        row_diagonals_t.data_ptr<T>(), column_diagonals_t.data_ptr<T>(),
                        image_stats, mean_sigma.data_ptr<T>()[n], mean_threshold, threshold,
@@ -398,7 +416,7 @@ TORCH_LIBRARY_FRAGMENT(cnnkit_native, m) {
   m.impl("contrast_norm_max_pool_forward", c10::DispatchKey::CPU,
          &contrast_norm_max_pool_forward);
   m.def(
-      "contrast_norm_max_pool_backward(Tensor grad, Tensor index, Tensor x, "
+      "contrast_norm_max_pool_backward(Tensor grad, Tensor index, Tensor maxima, Tensor x, "
       "Tensor stats, Tensor mean_sigma, Tensor row_diagonals_t, Tensor column_diagonals_t, "
       "bool rectify, bool mean_threshold, float threshold, float floor) -> Tensor");
   m.impl("contrast_norm_max_pool_backward", c10::DispatchKey::CPU,

@@ -140,6 +140,7 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
 def _backward_op(
     grad: torch.Tensor,
     index: torch.Tensor,
+    maxima: torch.Tensor,
     x: torch.Tensor,
     statistics: torch.Tensor,
     mean_sigma: torch.Tensor,
@@ -151,24 +152,25 @@ def _backward_op(
     floor: float,
 ) -> torch.Tensor:
     """The gradient with respect to ``x`` (module notes), ``(N, C, H, W)`` in the layout
-    of the pooled maps."""
+    of the pooled maps; ``maxima`` are the pooled maps the forward gave."""
     bands = _bands(window, border, *x.shape[-2:], x)
     return native_ops().contrast_norm_max_pool_backward(
-        grad, index, x.contiguous(memory_format=_layout(x)), statistics, mean_sigma,
+        grad, index, maxima, x.contiguous(memory_format=_layout(x)), statistics, mean_sigma,
         bands.row_diagonals_t, bands.column_diagonals_t, rectify, mean_threshold, threshold,
         floor,
     )  # fmt: skip
 
 
 @_backward_op.register_fake
-def _(grad, index, x, *rest):  # noqa: ANN001, ANN202
+def _(grad, index, maxima, x, *rest):  # noqa: ANN001, ANN202
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(x))
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     x, window, *options = inputs
-    _, index, statistics, mean_sigma = output  # the pooled maps are free to change in place
-    ctx.save_for_backward(x, window, index, statistics, mean_sigma)
+    pooled, index, statistics, mean_sigma = output
+    maxima = pooled.detach().clone()  # the pooled maps are free to change in place
+    ctx.save_for_backward(x, window, index, maxima, statistics, mean_sigma)
     ctx.options = tuple(options)
     ctx.mark_non_differentiable(index, statistics, mean_sigma)
     ctx.set_materialize_grads(False)  # no zeros made up for the statistics' gradients
@@ -177,7 +179,7 @@ def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
 def _backward(ctx, grad, *unused):  # noqa: ANN001, ANN202
     if grad is None:  # the pooled maps are not used by what is differentiated
         return (None,) * 12
-    x, window, index, statistics, mean_sigma = ctx.saved_tensors
+    x, window, index, maxima, statistics, mean_sigma = ctx.saved_tensors
     border, rectify, mean_threshold, threshold, floor, kh, kw, sh, sw, _ = ctx.options
     if torch.is_grad_enabled():  # a graph of the backward is recorded: the plain formula
         norm_options = (border, rectify, mean_threshold, threshold, floor)
@@ -185,8 +187,8 @@ def _backward(ctx, grad, *unused):  # noqa: ANN001, ANN202
         out = F.max_pool2d(y, (kh, kw), (sh, sw))
         g_x = torch.autograd.grad(out, x, grad, create_graph=True)[0]
     else:
-        g_x = _backward_op(grad, index, x, statistics, mean_sigma, window, border, rectify,
-                           mean_threshold, threshold, floor)  # fmt: skip
+        g_x = _backward_op(grad, index, maxima, x, statistics, mean_sigma, window, border,
+                           rectify, mean_threshold, threshold, floor)  # fmt: skip
     return (g_x, *(None,) * 11)
 
 
