@@ -111,6 +111,13 @@ def is_concrete(tensor: torch.Tensor) -> bool:
         return False
     if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
         return False  # inside FakeTensorMode: even a real tensor's ops give fake results
+    return is_ordinary(tensor)
+
+
+def is_ordinary(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` itself is an ordinary tensor on a real device: not a subclass,
+    a meta tensor or a ``torch.func`` transform's wrapper (what :func:`is_concrete` asks
+    of the tensor, without its questions about the process)."""
     if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.device.type == "meta":
         return False
     return not torch._C._functorch.is_functorch_wrapped_tensor(tensor)

@@ -53,7 +53,7 @@ _SOURCES = (
     "norm_pool.cpp",
 )
 # included by the sources: they name a build too
-_HEADERS = ("contrast_norm.h", "max_pool.h", "vectors.h")
+_HEADERS = ("contrast_norm.h", "direct_conv.h", "max_pool.h", "vectors.h")
 _NAME = "cnnkit_native"
 # The compiler's vector extensions for each instruction set torch reports on x86-64,
 # named one by one (GCC 11's -march=x86-64-v3/v4 levels say the same, but older compilers
@@ -292,6 +292,13 @@ def _register_fakes() -> None:
         channels_last = not x.is_contiguous()
         layout = torch.channels_last if channels_last else torch.contiguous_format
         return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout)
+
+    @torch.library.register_fake("cnnkit_native::direct_conv_norm_max_pool")
+    def _(x, taps, bias, kh, kw, row_diagonals, column_diagonals, mass, rectify,
+          mean_threshold, threshold, floor, pool_kh, pool_kw, sh, sw):  # fmt: skip
+        h, w = x.shape[2] - kh + 1, x.shape[3] - kw + 1
+        shape = (x.shape[0], taps.shape[1], (h - pool_kh) // sh + 1, (w - pool_kw) // sw + 1)
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
     @torch.library.register_fake("cnnkit_native::direct_conv2d_forward")
     def _(x, taps, bias, kh, kw):

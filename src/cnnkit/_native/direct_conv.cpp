@@ -28,80 +28,29 @@
 #include <algorithm>
 #include <tuple>
 
+#include "direct_conv.h"
 #include "vectors.h"
 
 namespace {
 
+using cnnkit_direct::output_row;
+using cnnkit_direct::Sizes;
+using cnnkit_vectors::fresh;
 using cnnkit_vectors::kLanes;
 using cnnkit_vectors::kRegisters;
-using cnnkit_vectors::fresh;
 using cnnkit_vectors::load;
 using cnnkit_vectors::store;
 using cnnkit_vectors::Values;
 using cnnkit_vectors::with_constant;
 
-// Register blocks: pixels by output vectors in the forward; taps by output vectors in the
-// kernels' gradient. Both leave a few registers for the operands.
-constexpr int kPixels = 6;
-constexpr int kOutputVectors = kRegisters >= 32 ? 4 : 2;
+// The kernels' gradient's register block: taps by output vectors, leaving a few registers
+// for the operands (the forward's is in direct_conv.h).
 constexpr int kTaps = kRegisters >= 32 ? 9 : 5;
 constexpr int kGradientVectors = 2;
 // Gradient rows summed per block of taps: enough that loading and storing the block's
 // sums costs little beside them, few enough to stay in the second-level cache (4 rows of
 // the lecture's 75x64 outputs: 77 KB).
 constexpr int64_t kStripRows = 4;
-
-struct Sizes {
-  int64_t maps, h, w, kh, kw, outputs;  // of x (one image) and of the kernels
-  int64_t h_out() const { return h - kh + 1; }
-  int64_t w_out() const { return w - kw + 1; }
-};
-
-// out[r, o0 + l] for the R pixels from `x` (the first pixel's top-left input) and the
-// B * L outputs from o0.
-template <typename T, int R, int B>
-inline void output_block(const T* __restrict x, const T* __restrict taps,
-                         const T* __restrict bias, T* __restrict out, const Sizes& s,
-                         int64_t o0) {
-  using V = Values<T>;
-  constexpr int64_t L = kLanes<T>;
-  V sums[R][B];
-  for (int j = 0; j < B; ++j) {
-    const V start = bias != nullptr ? load<V>(bias + o0 + j * L) : V{};
-    for (int r = 0; r < R; ++r) sums[r][j] = start;
-  }
-  for (int64_t c = 0; c < s.maps; ++c) {
-    for (int64_t u = 0; u < s.kh; ++u) {
-      const T* __restrict row = x + (c * s.h + u) * s.w;
-      const T* __restrict tap = taps + (c * s.kh + u) * s.kw * s.outputs + o0;
-      for (int64_t v = 0; v < s.kw; ++v, tap += s.outputs) {
-        V kernel[B];
-        for (int j = 0; j < B; ++j) kernel[j] = load<V>(tap + j * L);
-        const T* __restrict inputs = fresh(row + v);
-        for (int r = 0; r < R; ++r) {
-          const T value = inputs[r];
-          for (int j = 0; j < B; ++j) sums[r][j] += value * kernel[j];
-        }
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int j = 0; j < B; ++j) store(out + r * s.outputs + o0 + j * L, sums[r][j]);
-  }
-}
-
-// Every output of R pixels, B vectors at a time and then the vectors left.
-template <typename T, int R>
-void pixel_block(const T* x, const T* taps, const T* bias, T* out, const Sizes& s) {
-  constexpr int64_t L = kLanes<T>;
-  int64_t o0 = 0;
-  for (; o0 + kOutputVectors * L <= s.outputs; o0 += kOutputVectors * L) {
-    output_block<T, R, kOutputVectors>(x, taps, bias, out, s, o0);
-  }
-  with_constant<kOutputVectors - 1>((s.outputs - o0) / L, [&](auto b) {
-    output_block<T, R, decltype(b)::value>(x, taps, bias, out, s, o0);
-  });
-}
 
 at::Tensor direct_conv2d_forward(const at::Tensor& x, const at::Tensor& taps,
                                  const c10::optional<at::Tensor>& bias, int64_t kh, int64_t kw) {
@@ -134,16 +83,9 @@ at::Tensor direct_conv2d_forward(const at::Tensor& x, const at::Tensor& taps,
     T* op = out.data_ptr<T>();
     at::parallel_for(0, n_images * h_out, 1, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        const int64_t n = row / h_out, y = row % h_out;
-        const T* xr = xp + (n * s.maps * s.h + y) * s.w;
-        T* orow = op + row * w_out * s.outputs;
-        int64_t x0 = 0;
-        for (; x0 + kPixels <= w_out; x0 += kPixels) {
-          pixel_block<T, kPixels>(xr + x0, tp, bp, orow + x0 * s.outputs, s);
-        }
-        with_constant<kPixels - 1>(w_out - x0, [&](auto r) {
-          pixel_block<T, decltype(r)::value>(xr + x0, tp, bp, orow + x0 * s.outputs, s);
-        });
+        const int64_t n = row / h_out;
+        output_row(xp + n * s.maps * s.h * s.w, tp, bp, op + n * h_out * w_out * s.outputs, s,
+                   row % h_out);
       }
     });
   });

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "contrast_norm.h"
+#include "direct_conv.h"
 #include "max_pool.h"
 
 namespace {
@@ -263,6 +264,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_norm_max_poo
   return {pooled, index, stats, mean_sigma};
 }
 
+// The first stage whole, when nothing is differentiated: each image's filter bank by the
+// direct correlation (direct_conv.h) into a buffer of one image, channels-last, which
+// stays in the cache while the normalization's passes and the pooling read it; only the
+// pooled maps come out.
+at::Tensor direct_conv_norm_max_pool(const at::Tensor& x, const at::Tensor& taps,
+                                     const c10::optional<at::Tensor>& bias, int64_t kh,
+                                     int64_t kw, const at::Tensor& row_diagonals,
+                                     const at::Tensor& column_diagonals, const at::Tensor& mass,
+                                     bool rectify, bool mean_threshold, double threshold,
+                                     double floor, int64_t pool_kh, int64_t pool_kw, int64_t sh,
+                                     int64_t sw) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
+              "x must be contiguous (N, C, H, W) on the CPU, got sizes ", x.sizes());
+  const cnnkit_direct::Sizes s{x.size(1), x.size(2), x.size(3), kh, kw, taps.size(1)};
+  TORCH_CHECK(kh >= 1 && kw >= 1 && kh <= s.h && kw <= s.w, "kernels of ", kh, "x", kw,
+              " must fit in x maps of ", s.h, "x", s.w);
+  TORCH_CHECK(taps.dim() == 2 && taps.size(0) == s.maps * kh * kw && taps.is_contiguous() &&
+                  taps.scalar_type() == x.scalar_type(),
+              "taps must be contiguous (C kh kw, O) with the dtype of x, got sizes ",
+              taps.sizes());
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  TORCH_CHECK(!b.defined() || (b.numel() == s.outputs && b.scalar_type() == x.scalar_type()),
+              "bias must be (", s.outputs, ",) with the dtype of x");
+  const int64_t n_images = x.size(0), maps = s.outputs, h = s.h_out(), w = s.w_out();
+  check_window_matrices(at::empty({0, maps, h, w}, x.options()), row_diagonals,
+                        column_diagonals, mass);
+  TORCH_CHECK(pool_kh >= 1 && pool_kw >= 1 && sh >= 1 && sw >= 1 && pool_kh <= h && pool_kw <= w,
+              "the pooling window must fit in the filter bank's maps and the stride be positive");
+  const PoolWindow pool{pool_kh, pool_kw, sh, sw, (h - pool_kh) / sh + 1, (w - pool_kw) / sw + 1};
+  at::Tensor pooled = at::empty({n_images, maps, pool.h_out, pool.w_out},
+                                x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const Window window{h, w, row_diagonals.size(0) / 2, column_diagonals.size(0) / 2};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "direct_conv_norm_max_pool", [&] {
+    using T = scalar_t;
+    TORCH_CHECK(maps % cnnkit_vectors::kLanes<T> == 0, "the ", maps,
+                " output maps must fill whole vectors of ", cnnkit_vectors::kLanes<T>);
+    auto* image_forward = rectify ? &normalize_and_pool_image<T, true, true>
+                                  : &normalize_and_pool_image<T, false, true>;
+    const int64_t pixels = h * w, outputs = pool.h_out * pool.w_out;
+    const T* tp = taps.data_ptr<T>();
+    const T* bp = b.defined() ? b.data_ptr<T>() : nullptr;
+    over_images(n_images, [&](int64_t begin, int64_t end) {
+      std::vector<T> y(maps * pixels), statistics(4 * pixels);
+      std::vector<int64_t> index(maps * outputs);
+      const PixelStatistics<T> image_stats{statistics.data(), statistics.data() + pixels,
+                                           statistics.data() + 2 * pixels,
+                                           statistics.data() + 3 * pixels, nullptr};
+      T mean_sigma;
+      for (int64_t n = begin; n < end; ++n) {
+        const T* image = x.data_ptr<T>() + n * s.maps * s.h * s.w;
+        at::parallel_for(0, h, 1, [&](int64_t first, int64_t last) {
+          for (int64_t row = first; row < last; ++row) {
+            cnnkit_direct::output_row(image, tp, bp, y.data(), s, row);
+          }
+        });
+        image_forward(y.data(), maps, window, row_diagonals.data_ptr<T>(),
+                      column_diagonals.data_ptr<T>(), mass.data_ptr<T>(), mean_threshold,
+                      threshold, floor, pool, pooled.data_ptr<T>() + n * maps * outputs,
+                      index.data(), image_stats, &mean_sigma);
+      }
+    });
+  });
+  return pooled;
+}
+
 // Element (i, p) of map i's pixel p, and (i, j) of its pooled value j, in one image's
 // contiguous or channels-last maps.
 template <bool ChannelsLast>
@@ -421,4 +487,10 @@ TORCH_LIBRARY_FRAGMENT(cnnkit_native, m) {
       "bool rectify, bool mean_threshold, float threshold, float floor) -> Tensor");
   m.impl("contrast_norm_max_pool_backward", c10::DispatchKey::CPU,
          &contrast_norm_max_pool_backward);
+  m.def(
+      "direct_conv_norm_max_pool(Tensor x, Tensor taps, Tensor? bias, int kh, int kw, "
+      "Tensor row_diagonals, Tensor column_diagonals, Tensor mass, bool rectify, "
+      "bool mean_threshold, float threshold, float floor, int pool_kh, int pool_kw, int sh, "
+      "int sw) -> Tensor");
+  m.impl("direct_conv_norm_max_pool", c10::DispatchKey::CPU, &direct_conv_norm_max_pool);
 }

@@ -34,7 +34,7 @@ import os
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from cnnkit._validation import is_concrete
+from cnnkit._validation import is_ordinary
 
 __all__ = ["fast_enabled", "fast_path_allowed", "fold_images", "has_tangent", "recorded"]
 
@@ -74,7 +74,7 @@ def fast_path_allowed(*tensors: torch.Tensor | None, traced: bool = False) -> bo
     for tensor in tensors:
         if tensor is None:
             continue
-        if not is_concrete(tensor) or has_tangent(tensor):
+        if not is_ordinary(tensor) or has_tangent(tensor):
             return False
         if torch.is_autocast_enabled(tensor.device.type):  # the plain ops have cast rules
             return False

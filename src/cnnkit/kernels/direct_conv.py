@@ -85,9 +85,14 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
             f"{x.device.type} and the kernels {'not ' if ops is None else ''}built "
             "(see direct_conv2d_applies)"
         )
-    out_maps, _, kh, kw = weight.shape
-    taps = weight.permute(1, 2, 3, 0).reshape(-1, out_maps).contiguous()  # (C kh kw, O)
-    return ops.direct_conv2d_forward(x.contiguous(), taps, bias, kh, kw)
+    kh, kw = weight.shape[2:]
+    return ops.direct_conv2d_forward(x.contiguous(), taps(weight), bias, kh, kw)
+
+
+def taps(weight: torch.Tensor) -> torch.Tensor:
+    """``(C kh kw, O)``: the kernels of ``weight`` (O, C, kh, kw) as the compiled kernel
+    reads them, one row of output maps per tap."""
+    return weight.permute(1, 2, 3, 0).reshape(-1, weight.shape[0]).contiguous()
 
 
 _op = torch.library.custom_op("cnnkit::direct_conv2d", mutates_args=())(_forward)

@@ -23,6 +23,13 @@ rectified input::
 and one pass over the maps writes ``g_x``: the first term everywhere, the second at
 each window's maximum. The values and gradients are those of the three layers in turn,
 to float rounding. Second derivatives go through the plain formula.
+
+Where nothing is differentiated, the filter bank before may join it
+(``torch.ops.cnnkit.filter_norm_max_pool``, :func:`filter_norm_max_pool`): each image's
+maps are made by the direct correlation (:mod:`cnnkit.kernels.direct_conv`) into a
+buffer of one image, which stays in the cache while the normalization and the pooling
+read it, so the filter bank's maps (64 of 75x75 per image in the lecture) never go out
+to memory either.
 """
 
 from __future__ import annotations
@@ -33,11 +40,18 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit._native import native_ops
+from cnnkit._shapes import valid_hw
 from cnnkit._validation import is_concrete
 from cnnkit.kernels import fast_path_allowed, fold_images, recorded
+from cnnkit.kernels.direct_conv import direct_conv2d_applies, taps
 from cnnkit.kernels.normalization import _bands, _forward_parts
 
-__all__ = ["contrast_norm_max_pool", "contrast_norm_max_pool_applies"]
+__all__ = [
+    "contrast_norm_max_pool",
+    "contrast_norm_max_pool_applies",
+    "filter_norm_max_pool",
+    "filter_norm_max_pool_applies",
+]
 
 
 def contrast_norm_max_pool_applies(
@@ -196,3 +210,89 @@ _op.register_autograd(_backward, setup_context=_setup_context)
 
 
 _op.register_vmap(functools.partial(fold_images, _op))
+
+
+def filter_norm_max_pool_applies(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    window: torch.Tensor,
+    border: str,
+    pool_window: tuple[int, int],
+) -> bool:
+    """Whether :func:`filter_norm_max_pool` may take ``x`` (N, C, H, W) and the filter
+    bank's dense ``weight`` (O, C, kh, kw): nothing is differentiated, the direct
+    correlation takes them (:func:`direct_conv2d_applies`), the pooling window fits in
+    its maps, and the normalization's window is the same separable one on every map."""
+    if not direct_conv2d_applies(x, weight, bias) or any(
+        recorded(t) for t in (x, weight, bias, window)
+    ):
+        return False
+    h, w = valid_hw(x.shape[-2:], weight.shape[-2:], (1, 1))
+    return (
+        fast_path_allowed(window)
+        and all(k <= n for k, n in zip(pool_window, (h, w), strict=True))
+        and _bands(window, border, h, w, x) is not None
+    )
+
+
+def filter_norm_max_pool(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    window: torch.Tensor,
+    border: str,
+    threshold: float | str,
+    floor: float,
+    pool_window: tuple[int, int],
+    pool_stride: tuple[int, int],
+) -> torch.Tensor:
+    """``contrast_norm_max_pool(F.conv2d(x, weight, bias), ..., rectify=True)``: the
+    filter bank at stride 1, rectification, contrast normalization and max pooling, for
+    what :func:`filter_norm_max_pool_applies` accepts; channels-last
+    ``(N, O, H_out, W_out)``."""
+    mean_threshold = threshold == "mean"
+    limit = 0.0 if mean_threshold else float(threshold)
+    args = (x, weight, bias, window.detach(), border, mean_threshold, limit, floor)
+    if is_concrete(x):
+        return _filtered(*args, *pool_window, *pool_stride)  # past the dispatcher
+    return torch.ops.cnnkit.filter_norm_max_pool(*args, *pool_window, *pool_stride)
+
+
+def _filtered(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    window: torch.Tensor,
+    border: str,
+    mean_threshold: bool,
+    threshold: float,
+    floor: float,
+    kh: int,
+    kw: int,
+    sh: int,
+    sw: int,
+) -> torch.Tensor:
+    h, w = valid_hw(x.shape[-2:], weight.shape[-2:], (1, 1))
+    bands = _bands(window, border, h, w, x)
+    if bands is None or native_ops() is None or x.device.type != "cpu":
+        raise ValueError(
+            "cnnkit::filter_norm_max_pool needs the compiled CPU kernels, x on the CPU and a "
+            "window that is the same separable one on every map (see "
+            "filter_norm_max_pool_applies)"
+        )
+    return native_ops().direct_conv_norm_max_pool(
+        x.contiguous(), taps(weight), bias, *weight.shape[2:], bands.row_diagonals,
+        bands.column_diagonals, bands.mass, True, mean_threshold, threshold, floor, kh, kw,
+        sh, sw,
+    )  # fmt: skip
+
+
+_filtered_op = torch.library.custom_op("cnnkit::filter_norm_max_pool", mutates_args=())(_filtered)
+
+
+@_filtered_op.register_fake
+def _(x, weight, bias, window, border, mean_threshold, threshold, floor, kh, kw, sh, sw):  # noqa: ANN001, ANN202
+    h, w = valid_hw(x.shape[-2:], weight.shape[-2:], (1, 1))
+    shape = (x.shape[0], weight.shape[0], (h - kh) // sh + 1, (w - kw) // sw + 1)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)

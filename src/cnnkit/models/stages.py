@@ -9,7 +9,10 @@ tracing or inside a ``torch.func`` transform, ``CNNKIT_FAST`` not 0) it runs so:
   (:meth:`ContrastNorm.forward_rectified`: the same values and gradients), and with a
   max pooling after them (a :class:`PoolSubsample` or :class:`Pool` without
   coefficients) the three are one op (:meth:`ContrastNorm.forward_rectified_max_pool`), which never
-  writes the normalized maps out;
+  writes the normalized maps out; where nothing is differentiated and the filter bank
+  before them takes its direct method, the four are one op
+  (:func:`cnnkit.kernels.norm_pool.filter_norm_max_pool`), which never writes the filter
+  bank's maps out either;
 - on a CPU, a stage whose layers all work image by image may run on slices of the
   batch: lecun83's first stage makes 64 maps of 75x75, 1.4 MB per image, and a slice of
   fewer images keeps less of them in memory at once and may keep them in the
@@ -22,8 +25,8 @@ tracing or inside a ``torch.func`` transform, ``CNNKIT_FAST`` not 0) it runs so:
   of the whole-batch sum.
 
 So a forward hook on one of a stage's layers sees each slice of the batch, and the
-layers of a fused pair or triple run as one call of the normalization's method (their
-own hooks are not called). To watch every layer on the
+layers of a fused pair or triple run as one call (their own hooks are not called); a
+filter bank with hooks is not fused. To watch every layer on the
 whole batch, use :meth:`cnnkit.models.build.Network.intermediates`, or set ``fast =
 False`` on the stage.
 """
@@ -37,10 +40,13 @@ from torch import nn
 
 from cnnkit._shapes import valid_hw
 from cnnkit.kernels import fast_path_allowed, recorded, tuning
+from cnnkit.kernels import norm_pool as fast_stage
+from cnnkit.kernels.table_conv import auto_method
 from cnnkit.nn.activation import Rectify, ReLU
 from cnnkit.nn.filter_bank import FilterBank
 from cnnkit.nn.normalization import ContrastNorm, DivisiveNorm, SubtractiveNorm
 from cnnkit.nn.pooling import Pool, PoolSubsample, Subsample
+from cnnkit.tables import dense_weight
 
 __all__ = ["Stage"]
 
@@ -181,7 +187,11 @@ def _run_fused(stage: Stage, x: torch.Tensor, hooks: bool = True) -> torch.Tenso
     index = 0
     while index < len(layers):
         layer, following, pool = (layers[index : index + 3] + [None, None])[:3]
-        if type(layer) is Rectify and type(following) is ContrastNorm:
+        whole = _filters_norm_pool(layers[index : index + 4], x, hooks)
+        if whole is not None:
+            x = whole
+            index += 4
+        elif type(layer) is Rectify and type(following) is ContrastNorm:
             if _plain_max_pool(pool, x):
                 stride = pool.stride if isinstance(pool, PoolSubsample) else (1, 1)
                 x = following.forward_rectified_max_pool(x, pool.window, stride)
@@ -193,6 +203,55 @@ def _run_fused(stage: Stage, x: torch.Tensor, hooks: bool = True) -> torch.Tenso
             x = layer(x) if hooks else layer.forward(x)
             index += 1
     return x
+
+
+def _filters_norm_pool(
+    layers: list[nn.Module], x: torch.Tensor, hooks: bool = True
+) -> torch.Tensor | None:
+    """A filter bank, rectification, contrast normalization and max pooling (``layers``)
+    as one op, or ``None`` where that does not apply: something is differentiated, the
+    filter bank does not take its direct method or has hooks to call (``hooks``), or the
+    layers would refuse ``x`` (they then run, and say why, one by one)."""
+    filters, rectify, norm, pool = (layers + [None] * 4)[:4]
+    if not (
+        type(filters) is FilterBank
+        and not (hooks and _has_hooks(filters))
+        and type(rectify) is Rectify
+        and type(norm) is ContrastNorm
+        and _plain_max_pool(pool, None)
+        and x.dim() == 4
+        and x.shape[1] == filters.in_maps
+        and filters.stride in (1, (1, 1))
+        and norm.window.shape[0] == filters.out_maps == (pool.maps or filters.out_maps)
+        and norm.border != "reflect"  # which refuses windows larger than the maps
+        and not any(recorded(t) for t in (x, filters.weight, filters.bias, norm.window))
+    ):
+        return None
+    plan = filters._plan()
+    if auto_method(x, filters.weight, plan, (1, 1), filters.bias) != "direct":
+        return None
+    weight = dense_weight(filters.weight, plan, filters.in_maps)
+    stride = pool.stride if isinstance(pool, PoolSubsample) else (1, 1)
+    if not fast_stage.filter_norm_max_pool_applies(
+        x, weight, filters.bias, norm.window, norm.border, pool.window
+    ):
+        return None
+    return fast_stage.filter_norm_max_pool(
+        x, weight, filters.bias, norm.window, norm.border, norm.threshold, norm.floor,
+        pool.window, stride,
+    )  # fmt: skip
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run forward hooks (its own or global ones)."""
+    from torch.nn.modules import module as base
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or base._global_forward_hooks
+        or base._global_forward_pre_hooks
+    )
 
 
 def _plain_max_pool(layer: nn.Module | None, x: torch.Tensor | None) -> bool:

@@ -1,0 +1,106 @@
+"""The lecture's first stage as one op when nothing is differentiated: the filter bank,
+rectification, contrast normalization and max pooling
+(``torch.ops.cnnkit.filter_norm_max_pool``) give the values of the plain path, and the
+op runs only where it may."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cnnkit.models
+from cnnkit._native import native_ops
+from cnnkit.kernels import norm_pool
+from cnnkit.models import stages
+
+pytestmark = [
+    pytest.mark.usefixtures("fast_paths"),
+    pytest.mark.skipif(native_ops() is None, reason="the compiled kernels are not built here"),
+]
+
+
+def _lecun83(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = cnnkit.models.build(cnnkit.models.from_name("lecun83", classes=5)).to(dtype)
+    return model.eval()
+
+
+def _calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The batch sizes the four-layer op is called with."""
+    seen: list[int] = []
+    whole = norm_pool.filter_norm_max_pool
+
+    def spy(x, *args):  # noqa: ANN001, ANN002, ANN202
+        seen.append(x.shape[0])
+        return whole(x, *args)
+
+    monkeypatch.setattr(stages.fast_stage, "filter_norm_max_pool", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 3, 17])
+def test_it_equals_the_plain_path(dtype, batch, monkeypatch) -> None:
+    monkeypatch.setenv("CNNKIT_TUNE", "0")  # the first bank takes its direct method
+    model = _lecun83(dtype)
+    x = torch.randn(batch, 1, 83, 83, dtype=dtype)
+    calls = _calls(monkeypatch)
+    with torch.no_grad():
+        fast = model.stage1(x)
+        assert calls and sum(calls) == batch
+        assert fast.is_contiguous(memory_format=torch.channels_last)
+        monkeypatch.setenv("CNNKIT_FAST", "0")
+        plain = model.stage1(x)
+    tolerance = (
+        {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    )
+    torch.testing.assert_close(fast, plain, **tolerance)
+
+
+def test_the_whole_network_gives_the_same_logits(monkeypatch) -> None:
+    monkeypatch.setenv("CNNKIT_TUNE", "0")
+    model = _lecun83(torch.float64)
+    x = torch.randn(4, 1, 83, 83, dtype=torch.float64)
+    calls = _calls(monkeypatch)
+    with torch.no_grad():
+        fast = model(x)
+        monkeypatch.setenv("CNNKIT_FAST", "0")
+        plain = model(x)
+    assert calls
+    torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_not_where_something_is_differentiated_or_a_hook_watches(monkeypatch) -> None:
+    monkeypatch.setenv("CNNKIT_TUNE", "0")
+    model = _lecun83(torch.float32)
+    x = torch.randn(2, 1, 83, 83)
+    calls = _calls(monkeypatch)
+    model(x).sum().backward()  # the weights record a derivative
+    assert calls == [] and model.stage1.filters.weight.grad is not None
+    with torch.no_grad():
+        seen = []
+        handle = model.stage1.filters.register_forward_hook(lambda m, a, out: seen.append(out))
+        model(x)
+        assert calls == [] and len(seen) == 1 and seen[0].shape == (2, 64, 75, 75)
+        handle.remove()
+        model(x)
+        assert calls == [2]
+
+
+def test_not_where_the_filter_bank_takes_another_method(monkeypatch) -> None:
+    model = _lecun83(torch.float32)
+    x = torch.randn(2, 1, 83, 83)
+    calls = _calls(monkeypatch)
+    monkeypatch.setattr(stages, "auto_method", lambda *args: "dense")
+    with torch.no_grad():
+        model(x)
+    assert calls == []
+
+
+def test_the_registered_operator_passes_opcheck() -> None:
+    model = _lecun83(torch.float64)
+    filters, norm = model.stage1.filters, model.stage1.norm
+    weight = filters.weight.detach().view(64, 1, 9, 9)
+    x = torch.randn(2, 1, 83, 83, dtype=torch.float64)
+    args = (x, weight, filters.bias.detach(), norm.window, norm.border, False, 1e-4, 1e-4)
+    torch.library.opcheck(torch.ops.cnnkit.filter_norm_max_pool, (*args, 10, 10, 5, 5))
