@@ -1,7 +1,7 @@
-"""The lecture's first stage as one op when nothing is differentiated: the filter bank,
-rectification, contrast normalization and max pooling
-(``torch.ops.cnnkit.filter_norm_max_pool``) give the values of the plain path, and the
-op runs only where it may."""
+"""The lecture's first stage as one op: the filter bank, rectification, contrast
+normalization and max pooling (``torch.ops.cnnkit.filter_norm_max_pool``) give the
+values and the kernels' and biases' gradients of the plain path, and the op runs only
+where it may."""
 
 from __future__ import annotations
 
@@ -70,13 +70,60 @@ def test_the_whole_network_gives_the_same_logits(monkeypatch) -> None:
     torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-12)
 
 
-def test_not_where_something_is_differentiated_or_a_hook_watches(monkeypatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_its_gradients_equal_the_plain_path(dtype, batch, monkeypatch) -> None:
+    """The kernels' and biases' gradients through the whole network, one compiled pass
+    per image, against CNNKIT_FAST=0."""
+    monkeypatch.setenv("CNNKIT_TUNE", "0")
+    model = _lecun83(dtype).train()
+    x = torch.randn(batch, 1, 83, 83, dtype=dtype)
+    calls = _calls(monkeypatch)
+    params = [model.stage1.filters.weight, model.stage1.filters.bias]
+
+    def gradients():  # noqa: ANN202
+        out = model(x)
+        return out, torch.autograd.grad(out.square().sum(), params)
+
+    fast, fast_grads = gradients()
+    assert calls and sum(calls) == batch
+    monkeypatch.setenv("CNNKIT_FAST", "0")
+    plain, plain_grads = gradients()
+    close = (
+        {"rtol": 2e-4, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-11}
+    )
+    torch.testing.assert_close(fast, plain, **close)
+    for got, want in zip(fast_grads, plain_grads, strict=True):
+        scale = want.abs().max()
+        torch.testing.assert_close(got / scale, want / scale, **close)
+
+
+def test_gradcheck_and_gradgradcheck(monkeypatch) -> None:
+    """The op itself in float64 on small maps: 16 maps from one, 3x3 kernels."""
+    from cnnkit.ops import gaussian_window
+
+    x = torch.randn(2, 1, 12, 11, dtype=torch.float64)
+    window = gaussian_window(5, 1.0, 16, dtype=torch.float64)
+    weight = torch.randn(16, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(16, dtype=torch.float64, requires_grad=True)
+
+    def fn(weight, bias):  # noqa: ANN001, ANN202
+        return norm_pool.filter_norm_max_pool(
+            x, weight, bias, window, "renormalize", "mean", 1e-4, (3, 3), (2, 2)
+        )
+
+    assert norm_pool.filter_norm_max_pool_applies(x, weight, bias, window, "renormalize", (3, 3))
+    assert torch.autograd.gradcheck(fn, (weight, bias))
+    assert torch.autograd.gradgradcheck(fn, (weight, bias))
+
+
+def test_not_where_the_input_is_differentiated_or_a_hook_watches(monkeypatch) -> None:
     monkeypatch.setenv("CNNKIT_TUNE", "0")
     model = _lecun83(torch.float32)
-    x = torch.randn(2, 1, 83, 83)
+    x = torch.randn(2, 1, 83, 83, requires_grad=True)
     calls = _calls(monkeypatch)
-    model(x).sum().backward()  # the weights record a derivative
-    assert calls == [] and model.stage1.filters.weight.grad is not None
+    model(x).sum().backward()  # a derivative for the input: the layers one by one
+    assert calls == [] and x.grad is not None
     with torch.no_grad():
         seen = []
         handle = model.stage1.filters.register_forward_hook(lambda m, a, out: seen.append(out))
@@ -103,4 +150,7 @@ def test_the_registered_operator_passes_opcheck() -> None:
     weight = filters.weight.detach().view(64, 1, 9, 9)
     x = torch.randn(2, 1, 83, 83, dtype=torch.float64)
     args = (x, weight, filters.bias.detach(), norm.window, norm.border, False, 1e-4, 1e-4)
-    torch.library.opcheck(torch.ops.cnnkit.filter_norm_max_pool, (*args, 10, 10, 5, 5))
+    op = torch.ops.cnnkit.filter_norm_max_pool
+    torch.library.opcheck(op, (*args, 10, 10, 5, 5, False))
+    weight.requires_grad_()
+    torch.library.opcheck(op, (*args, 10, 10, 5, 5, True))

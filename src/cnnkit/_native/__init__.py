@@ -300,6 +300,11 @@ def _register_fakes() -> None:
         shape = (x.shape[0], taps.shape[1], (h - pool_kh) // sh + 1, (w - pool_kw) // sw + 1)
         return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
+    @torch.library.register_fake("cnnkit_native::direct_conv_norm_max_pool_backward")
+    def _(grad, index, maxima, y, stats, mean_sigma, rows_t, columns_t, rectify,
+          mean_threshold, threshold, floor, x, kh, kw):  # fmt: skip
+        return x.new_empty(x.shape[1] * kh * kw, y.shape[1]), x.new_empty(y.shape[1])
+
     @torch.library.register_fake("cnnkit_native::direct_conv2d_forward")
     def _(x, taps, bias, kh, kw):
         n, _, h, w = x.shape

@@ -33,24 +33,12 @@
 
 namespace {
 
+using cnnkit_direct::gradient_strip;
+using cnnkit_direct::kStripRows;
 using cnnkit_direct::output_row;
 using cnnkit_direct::Sizes;
-using cnnkit_vectors::fresh;
 using cnnkit_vectors::kLanes;
-using cnnkit_vectors::kRegisters;
-using cnnkit_vectors::load;
-using cnnkit_vectors::store;
-using cnnkit_vectors::Values;
-using cnnkit_vectors::with_constant;
 
-// The kernels' gradient's register block: taps by output vectors, leaving a few registers
-// for the operands (the forward's is in direct_conv.h).
-constexpr int kTaps = kRegisters >= 32 ? 9 : 5;
-constexpr int kGradientVectors = 2;
-// Gradient rows summed per block of taps: enough that loading and storing the block's
-// sums costs little beside them, few enough to stay in the second-level cache (4 rows of
-// the lecture's 75x64 outputs: 77 KB).
-constexpr int64_t kStripRows = 4;
 
 at::Tensor direct_conv2d_forward(const at::Tensor& x, const at::Tensor& taps,
                                  const c10::optional<at::Tensor>& bias, int64_t kh, int64_t kw) {
@@ -90,67 +78,6 @@ at::Tensor direct_conv2d_forward(const at::Tensor& x, const at::Tensor& taps,
     });
   });
   return out;
-}
-
-// d_taps[t, o0 + l] += the sums over `rows` gradient rows (`g` at the first), for the K
-// taps t from d_taps along one kernel row (`x` at the first tap's input for the first
-// row) and B vectors of outputs.
-template <typename T, int K, int B>
-inline void tap_block(const T* __restrict x, const T* __restrict g, T* __restrict d_taps,
-                      int64_t rows, const Sizes& s, int64_t o0) {
-  using V = Values<T>;
-  constexpr int64_t L = kLanes<T>;
-  V sums[K][B];
-  for (int t = 0; t < K; ++t) {
-    for (int j = 0; j < B; ++j) sums[t][j] = load<V>(d_taps + t * s.outputs + o0 + j * L);
-  }
-  const int64_t outputs = s.outputs, w_out = s.w_out();
-  for (int64_t i = 0; i < rows; ++i, x += s.w, g += w_out * outputs) {
-    for (int64_t p = 0; p < w_out; ++p) {
-      V gradient[B];
-      for (int j = 0; j < B; ++j) gradient[j] = load<V>(g + p * outputs + o0 + j * L);
-      const T* __restrict inputs = fresh(x + p);
-      for (int t = 0; t < K; ++t) {
-        const T value = inputs[t];
-        for (int j = 0; j < B; ++j) sums[t][j] += value * gradient[j];
-      }
-    }
-  }
-  for (int t = 0; t < K; ++t) {
-    for (int j = 0; j < B; ++j) store(d_taps + t * s.outputs + o0 + j * L, sums[t][j]);
-  }
-}
-
-// What gradient rows y .. y + rows - 1 of one image add to d_taps, for every tap and
-// output, and to d_bias (the sum of the rows, while they are in the cache).
-template <typename T>
-void gradient_strip(const T* x, const T* g, T* d_taps, T* d_bias, int64_t y, int64_t rows,
-                    const Sizes& s) {
-  using V = Values<T>;
-  constexpr int64_t L = kLanes<T>;
-  for (int64_t o0 = 0; o0 < s.outputs; o0 += L) {
-    V sum{};
-    for (int64_t p = 0; p < rows * s.w_out(); ++p) sum += load<V>(g + p * s.outputs + o0);
-    store(d_bias + o0, load<V>(d_bias + o0) + sum);
-  }
-  for (int64_t c = 0; c < s.maps; ++c) {
-    for (int64_t u = 0; u < s.kh; ++u) {
-      const T* row = x + (c * s.h + y + u) * s.w;
-      T* d_row = d_taps + (c * s.kh + u) * s.kw * s.outputs;
-      for (int64_t o0 = 0; o0 < s.outputs; o0 += kGradientVectors * L) {
-        const int64_t vectors = std::min<int64_t>(kGradientVectors, (s.outputs - o0) / L);
-        for (int64_t v0 = 0; v0 < s.kw; v0 += kTaps) {
-          const int64_t taps = std::min<int64_t>(kTaps, s.kw - v0);
-          with_constant<kGradientVectors>(vectors, [&](auto b) {
-            with_constant<kTaps>(taps, [&](auto k) {
-              tap_block<T, decltype(k)::value, decltype(b)::value>(
-                  row + v0, g, d_row + v0 * s.outputs, rows, s, o0);
-            });
-          });
-        }
-      }
-    }
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor> direct_conv2d_weight_grad(const at::Tensor& grad,

@@ -1,9 +1,11 @@
-// The forward of the direct correlation (direct_conv.cpp has the whole story), shared
-// with the first stage fused with its filter bank (norm_pool.cpp): one image's output
-// row at a time, channels-last.
+// The direct correlation's forward (one image's output row at a time, channels-last) and
+// its kernels' gradient (one strip of an image's gradient rows at a time), shared by
+// direct_conv.cpp, which has the whole story, and the first stage fused with its filter
+// bank (norm_pool.cpp).
 
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "vectors.h"
@@ -18,10 +20,16 @@ using cnnkit_vectors::store;
 using cnnkit_vectors::Values;
 using cnnkit_vectors::with_constant;
 
-// The forward's register block: pixels by output vectors, leaving a few registers for
-// the operands.
+// Register blocks: pixels by output vectors in the forward; taps by output vectors in the
+// kernels' gradient. Both leave a few registers for the operands.
 constexpr int kPixels = 6;
 constexpr int kOutputVectors = kRegisters >= 32 ? 4 : 2;
+constexpr int kTaps = kRegisters >= 32 ? 9 : 5;
+constexpr int kGradientVectors = 2;
+// Gradient rows summed per block of taps: enough that loading and storing the block's
+// sums costs little beside them, few enough to stay in the second-level cache (4 rows of
+// the lecture's 75x64 outputs: 77 KB).
+constexpr int64_t kStripRows = 4;
 
 struct Sizes {
   int64_t maps, h, w, kh, kw, outputs;  // of x (one image) and of the kernels
@@ -89,6 +97,67 @@ void output_row(const T* x, const T* taps, const T* bias, T* out, const Sizes& s
   with_constant<kPixels - 1>(w_out - x0, [&](auto r) {
     pixel_block<T, decltype(r)::value>(xr + x0, taps, bias, orow + x0 * s.outputs, s);
   });
+}
+
+// d_taps[t, o0 + l] += the sums over `rows` gradient rows (`g` at the first), for the K
+// taps t from d_taps along one kernel row (`x` at the first tap's input for the first
+// row) and B vectors of outputs.
+template <typename T, int K, int B>
+inline void tap_block(const T* __restrict x, const T* __restrict g, T* __restrict d_taps,
+                      int64_t rows, const Sizes& s, int64_t o0) {
+  using V = Values<T>;
+  constexpr int64_t L = kLanes<T>;
+  V sums[K][B];
+  for (int t = 0; t < K; ++t) {
+    for (int j = 0; j < B; ++j) sums[t][j] = load<V>(d_taps + t * s.outputs + o0 + j * L);
+  }
+  const int64_t outputs = s.outputs, w_out = s.w_out();
+  for (int64_t i = 0; i < rows; ++i, x += s.w, g += w_out * outputs) {
+    for (int64_t p = 0; p < w_out; ++p) {
+      V gradient[B];
+      for (int j = 0; j < B; ++j) gradient[j] = load<V>(g + p * outputs + o0 + j * L);
+      const T* __restrict inputs = fresh(x + p);
+      for (int t = 0; t < K; ++t) {
+        const T value = inputs[t];
+        for (int j = 0; j < B; ++j) sums[t][j] += value * gradient[j];
+      }
+    }
+  }
+  for (int t = 0; t < K; ++t) {
+    for (int j = 0; j < B; ++j) store(d_taps + t * s.outputs + o0 + j * L, sums[t][j]);
+  }
+}
+
+// What gradient rows y .. y + rows - 1 of one image add to d_taps, for every tap and
+// output, and to d_bias (the sum of the rows, while they are in the cache).
+template <typename T>
+void gradient_strip(const T* x, const T* g, T* d_taps, T* d_bias, int64_t y, int64_t rows,
+                    const Sizes& s) {
+  using V = Values<T>;
+  constexpr int64_t L = kLanes<T>;
+  for (int64_t o0 = 0; o0 < s.outputs; o0 += L) {
+    V sum{};
+    for (int64_t p = 0; p < rows * s.w_out(); ++p) sum += load<V>(g + p * s.outputs + o0);
+    store(d_bias + o0, load<V>(d_bias + o0) + sum);
+  }
+  for (int64_t c = 0; c < s.maps; ++c) {
+    for (int64_t u = 0; u < s.kh; ++u) {
+      const T* row = x + (c * s.h + y + u) * s.w;
+      T* d_row = d_taps + (c * s.kh + u) * s.kw * s.outputs;
+      for (int64_t o0 = 0; o0 < s.outputs; o0 += kGradientVectors * L) {
+        const int64_t vectors = std::min<int64_t>(kGradientVectors, (s.outputs - o0) / L);
+        for (int64_t v0 = 0; v0 < s.kw; v0 += kTaps) {
+          const int64_t taps = std::min<int64_t>(kTaps, s.kw - v0);
+          with_constant<kGradientVectors>(vectors, [&](auto b) {
+            with_constant<kTaps>(taps, [&](auto k) {
+              tap_block<T, decltype(k)::value, decltype(b)::value>(
+                  row + v0, g, d_row + v0 * s.outputs, rows, s, o0);
+            });
+          });
+        }
+      }
+    }
+  }
 }
 
 }  // namespace cnnkit_direct

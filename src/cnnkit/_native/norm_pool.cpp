@@ -471,6 +471,83 @@ at::Tensor contrast_norm_max_pool_backward(
   return out;
 }
 
+// The backward of the first stage whole (its maps y = the filter bank's output kept,
+// channels-last): each image's gradient of y, made as contrast_norm_max_pool_backward
+// makes it, into a buffer of one image, from which the kernels' and the biases' gradients
+// (direct_conv.h) are summed while it is in the cache; the gradient of y never goes out
+// to memory. Returns (d_taps (C kh kw, O), d_bias (O)).
+std::tuple<at::Tensor, at::Tensor> direct_conv_norm_max_pool_backward(
+    const at::Tensor& grad, const at::Tensor& index, const at::Tensor& maxima,
+    const at::Tensor& y, const at::Tensor& stats, const at::Tensor& mean_sigma,
+    const at::Tensor& row_diagonals_t, const at::Tensor& column_diagonals_t, bool rectify,
+    bool mean_threshold, double threshold, double floor, const at::Tensor& x, int64_t kh,
+    int64_t kw) {
+  TORCH_CHECK(y.dim() == 4 && y.device().is_cpu() && channels_last_layout(y),
+              "y must be channels-last (N, O, H, W) on the CPU, got sizes ", y.sizes());
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.size(0) == y.size(0) &&
+                  x.size(2) == y.size(2) + kh - 1 && x.size(3) == y.size(3) + kw - 1 &&
+                  x.scalar_type() == y.scalar_type(),
+              "x must be contiguous (N, C, H + kh - 1, W + kw - 1) with the dtype of y, got "
+              "sizes ", x.sizes());
+  const int64_t n_images = y.size(0), maps = y.size(1), h = y.size(2), w = y.size(3);
+  check_window_matrices(y, row_diagonals_t, column_diagonals_t, at::Tensor());
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == n_images && grad.size(1) == maps,
+              "grad must be (N, O, H_out, W_out)");
+  TORCH_CHECK(index.sizes() == grad.sizes() && index.scalar_type() == at::kLong &&
+                  maxima.sizes() == grad.sizes() && maxima.scalar_type() == y.scalar_type(),
+              "index (int64) and maxima must have the shape of grad");
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef({n_images, 5, h, w}) && stats.is_contiguous(),
+              "stats must be contiguous (N, 5, H, W)");
+  TORCH_CHECK(mean_sigma.sizes() == at::IntArrayRef({n_images}), "mean_sigma must be (N,)");
+  const auto layout = at::MemoryFormat::ChannelsLast;
+  const at::Tensor g = grad.contiguous(layout), at_index = index.contiguous(layout),
+                   m = maxima.contiguous(layout);
+  const cnnkit_direct::Sizes s{x.size(1), x.size(2), x.size(3), kh, kw, maps};
+  const Window window{h, w, row_diagonals_t.size(0) / 2, column_diagonals_t.size(0) / 2};
+  const int64_t threads = at::get_num_threads(), taps = s.maps * kh * kw;
+  // Each thread's sums: taps rows of d_taps, then one row of d_bias.
+  at::Tensor partial = at::zeros({threads, taps + 1, maps}, y.options());
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "direct_conv_norm_max_pool_backward", [&] {
+    using T = scalar_t;
+    TORCH_CHECK(maps % cnnkit_vectors::kLanes<T> == 0, "the ", maps,
+                " output maps must fill whole vectors of ", cnnkit_vectors::kLanes<T>);
+    auto* image_backward = rectify ? &normalize_and_pool_backward_image<T, true, true>
+                                   : &normalize_and_pool_backward_image<T, false, true>;
+    const int64_t pixels = h * w, outputs = g.size(2) * g.size(3);
+    const int64_t strips = (h + cnnkit_direct::kStripRows - 1) / cnnkit_direct::kStripRows;
+    T* pp = partial.data_ptr<T>();
+    over_images(n_images, [&](int64_t begin, int64_t end) {
+      std::vector<T> g_y(maps * pixels);
+      for (int64_t n = begin; n < end; ++n) {
+        T* st = stats.data_ptr<T>() + n * 5 * pixels;
+        const PixelStatistics<T> image_stats{st, st + pixels, st + 2 * pixels, st + 3 * pixels,
+                                             st + 4 * pixels};
+        const int64_t o = n * maps * outputs;
+        image_backward(g.data_ptr<T>() + o, at_index.data_ptr<int64_t>() + o,
+                       m.data_ptr<T>() + o, y.data_ptr<T>() + n * maps * pixels, g_y.data(),
+                       maps, outputs, window, row_diagonals_t.data_ptr<T>(),
+                       column_diagonals_t.data_ptr<T>(), image_stats,
+                       mean_sigma.data_ptr<T>()[n], mean_threshold, threshold, floor);
+        const T* image = x.data_ptr<T>() + n * s.maps * s.h * s.w;
+        // Inside the loop over images a parallel_for runs inline, as thread number 0.
+        const int64_t image_thread = at::in_parallel_region() ? at::get_thread_num() : -1;
+        at::parallel_for(0, strips, 1, [&](int64_t first, int64_t last) {
+          const int64_t thread = image_thread >= 0 ? image_thread : at::get_thread_num();
+          T* d_taps = pp + thread * (taps + 1) * maps;
+          for (int64_t strip = first; strip < last; ++strip) {
+            const int64_t y0 = strip * cnnkit_direct::kStripRows;
+            const int64_t rows = std::min(cnnkit_direct::kStripRows, h - y0);
+            cnnkit_direct::gradient_strip(image, g_y.data() + y0 * w * maps, d_taps,
+                                          d_taps + taps * maps, y0, rows, s);
+          }
+        });
+      }
+    });
+  });
+  const at::Tensor sums = partial.sum(0);
+  return {sums.narrow(0, 0, taps), sums[taps].clone()};  // outputs that share no memory
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cnnkit_native, m) {
@@ -493,4 +570,11 @@ TORCH_LIBRARY_FRAGMENT(cnnkit_native, m) {
       "bool mean_threshold, float threshold, float floor, int pool_kh, int pool_kw, int sh, "
       "int sw) -> Tensor");
   m.impl("direct_conv_norm_max_pool", c10::DispatchKey::CPU, &direct_conv_norm_max_pool);
+  m.def(
+      "direct_conv_norm_max_pool_backward(Tensor grad, Tensor index, Tensor maxima, Tensor y, "
+      "Tensor stats, Tensor mean_sigma, Tensor row_diagonals_t, Tensor column_diagonals_t, "
+      "bool rectify, bool mean_threshold, float threshold, float floor, Tensor x, int kh, "
+      "int kw) -> (Tensor, Tensor)");
+  m.impl("direct_conv_norm_max_pool_backward", c10::DispatchKey::CPU,
+         &direct_conv_norm_max_pool_backward);
 }

@@ -221,12 +221,11 @@ def filter_norm_max_pool_applies(
     pool_window: tuple[int, int],
 ) -> bool:
     """Whether :func:`filter_norm_max_pool` may take ``x`` (N, C, H, W) and the filter
-    bank's dense ``weight`` (O, C, kh, kw): nothing is differentiated, the direct
-    correlation takes them (:func:`direct_conv2d_applies`), the pooling window fits in
-    its maps, and the normalization's window is the same separable one on every map."""
-    if not direct_conv2d_applies(x, weight, bias) or any(
-        recorded(t) for t in (x, weight, bias, window)
-    ):
+    bank's dense ``weight`` (O, C, kh, kw): no derivative is recorded for ``x`` or the
+    window (the kernels' and biases' may be), the direct correlation takes them
+    (:func:`direct_conv2d_applies`), the pooling window fits in its maps, and the
+    normalization's window is the same separable one on every map."""
+    if not direct_conv2d_applies(x, weight, bias) or recorded(x) or recorded(window):
         return False
     h, w = valid_hw(x.shape[-2:], weight.shape[-2:], (1, 1))
     return (
@@ -250,13 +249,15 @@ def filter_norm_max_pool(
     """``contrast_norm_max_pool(F.conv2d(x, weight, bias), ..., rectify=True)``: the
     filter bank at stride 1, rectification, contrast normalization and max pooling, for
     what :func:`filter_norm_max_pool_applies` accepts; channels-last
-    ``(N, O, H_out, W_out)``."""
+    ``(N, O, H_out, W_out)``. Differentiable in ``weight`` and ``bias``."""
     mean_threshold = threshold == "mean"
     limit = 0.0 if mean_threshold else float(threshold)
-    args = (x, weight, bias, window.detach(), border, mean_threshold, limit, floor)
-    if is_concrete(x):
-        return _filtered(*args, *pool_window, *pool_stride)  # past the dispatcher
-    return torch.ops.cnnkit.filter_norm_max_pool(*args, *pool_window, *pool_stride)
+    options = (border, mean_threshold, limit, floor, *pool_window, *pool_stride)
+    if is_concrete(x) and not (recorded(weight) or recorded(bias)):  # past the dispatcher
+        return _filtered(x, weight, bias, window.detach(), *options, keep=False)[0]
+    return torch.ops.cnnkit.filter_norm_max_pool(x, weight, bias, window.detach(), *options, True)[
+        0
+    ]
 
 
 def _filtered(
@@ -272,27 +273,127 @@ def _filtered(
     kw: int,
     sh: int,
     sw: int,
-) -> torch.Tensor:
+    keep: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(pooled, maps, index, statistics, mean_sigma)``: the pooled maps, and with
+    ``keep`` what the backward needs -- the filter bank's maps (channels-last) and the
+    rest as :func:`_forward` gives them; without it (nothing to differentiate) each image
+    is made in one pass through the cache and the other four are empty."""
     h, w = valid_hw(x.shape[-2:], weight.shape[-2:], (1, 1))
     bands = _bands(window, border, h, w, x)
-    if bands is None or native_ops() is None or x.device.type != "cpu":
+    ops = native_ops()
+    if bands is None or ops is None or x.device.type != "cpu":
         raise ValueError(
             "cnnkit::filter_norm_max_pool needs the compiled CPU kernels, x on the CPU and a "
             "window that is the same separable one on every map (see "
             "filter_norm_max_pool_applies)"
         )
-    return native_ops().direct_conv_norm_max_pool(
-        x.contiguous(), taps(weight), bias, *weight.shape[2:], bands.row_diagonals,
-        bands.column_diagonals, bands.mass, True, mean_threshold, threshold, floor, kh, kw,
-        sh, sw,
-    )  # fmt: skip
+    x, kernels = x.contiguous(), taps(weight)
+    options = (bands.mass, True, mean_threshold, threshold, floor, kh, kw, sh, sw)
+    if not keep:
+        pooled = ops.direct_conv_norm_max_pool(
+            x, kernels, bias, *weight.shape[2:], bands.row_diagonals, bands.column_diagonals,
+            *options,
+        )  # fmt: skip
+        return pooled, *_nothing_kept(x)
+    maps = ops.direct_conv2d_forward(x, kernels, bias, *weight.shape[2:])
+    pooled, index, statistics, mean_sigma = ops.contrast_norm_max_pool_forward(
+        maps, bands.row_diagonals, bands.column_diagonals, *options, True
+    )
+    return pooled, maps, index, statistics, mean_sigma
+
+
+def _nothing_kept(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Four empty tensors of their own for the outputs the backward would need."""
+    return x.new_empty(0), x.new_empty(0, dtype=torch.int64), x.new_empty(0), x.new_empty(0)
 
 
 _filtered_op = torch.library.custom_op("cnnkit::filter_norm_max_pool", mutates_args=())(_filtered)
 
 
 @_filtered_op.register_fake
-def _(x, weight, bias, window, border, mean_threshold, threshold, floor, kh, kw, sh, sw):  # noqa: ANN001, ANN202
+def _(x, weight, bias, window, border, mean_threshold, threshold, floor, kh, kw, sh, sw, keep):  # noqa: ANN001, ANN202
+    n, maps = x.shape[0], weight.shape[0]
     h, w = valid_hw(x.shape[-2:], weight.shape[-2:], (1, 1))
-    shape = (x.shape[0], weight.shape[0], (h - kh) // sh + 1, (w - kw) // sw + 1)
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    shape = (n, maps, (h - kh) // sh + 1, (w - kw) // sw + 1)
+    last = torch.channels_last
+    pooled = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=last)
+    if not keep:
+        return pooled, *_nothing_kept(x)
+    index = torch.empty(shape, dtype=torch.int64, device=x.device, memory_format=last)
+    y = torch.empty((n, maps, h, w), dtype=x.dtype, device=x.device, memory_format=last)
+    return pooled, y, index, x.new_empty(n, 5, h, w), x.new_empty(n)
+
+
+@torch.library.custom_op("cnnkit::filter_norm_max_pool_backward", mutates_args=())
+def _filtered_backward_op(
+    grad: torch.Tensor,
+    index: torch.Tensor,
+    maxima: torch.Tensor,
+    maps: torch.Tensor,
+    statistics: torch.Tensor,
+    mean_sigma: torch.Tensor,
+    window: torch.Tensor,
+    border: str,
+    mean_threshold: bool,
+    threshold: float,
+    floor: float,
+    x: torch.Tensor,
+    kh: int,
+    kw: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' ``(O, C, kh, kw)`` and biases' ``(O,)`` gradients, in one compiled
+    pass per image."""
+    bands = _bands(window, border, *maps.shape[-2:], maps)
+    d_taps, d_bias = native_ops().direct_conv_norm_max_pool_backward(
+        grad, index, maxima, maps, statistics, mean_sigma, bands.row_diagonals_t,
+        bands.column_diagonals_t, True, mean_threshold, threshold, floor, x.contiguous(), kh, kw,
+    )  # fmt: skip
+    out_maps = maps.shape[1]
+    return d_taps.view(x.shape[1], kh, kw, out_maps).permute(3, 0, 1, 2).contiguous(), d_bias
+
+
+@_filtered_backward_op.register_fake
+def _(grad, index, maxima, maps, statistics, mean_sigma, window, border, mean_threshold,
+      threshold, floor, x, kh, kw):  # noqa: ANN001, ANN202  # fmt: skip
+    out_maps = maps.shape[1]
+    return x.new_empty(out_maps, x.shape[1], kh, kw), x.new_empty(out_maps)
+
+
+def _filtered_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    x, weight, bias, window, *options = inputs
+    pooled, maps, index, statistics, mean_sigma = output
+    maxima = pooled.detach().clone()  # the pooled maps are free to change in place
+    ctx.save_for_backward(x, weight, bias, window, maps, index, maxima, statistics, mean_sigma)
+    ctx.options = tuple(options)
+    ctx.mark_non_differentiable(maps, index, statistics, mean_sigma)
+    ctx.set_materialize_grads(False)
+
+
+def _filtered_backward(ctx, grad, *unused):  # noqa: ANN001, ANN202
+    """The kernels' and biases' gradients: in one compiled pass per image where no graph
+    of the backward is recorded, else by the plain formula."""
+    none = (None,) * 13
+    if grad is None:
+        return none
+    x, weight, bias, window, maps, index, maxima, statistics, mean_sigma = ctx.saved_tensors
+    border, mean_threshold, threshold, floor, kh, kw, sh, sw, _ = ctx.options
+    wanted = ctx.needs_input_grad[1:3]  # the kernels', the biases'
+    inputs = [t for t, wants in zip((weight, bias), wanted, strict=True) if wants]
+    if torch.is_grad_enabled():  # a graph of the backward is recorded
+        y = F.conv2d(x, weight, bias)
+        norm = _forward_parts(y, window, border, True, mean_threshold, threshold, floor, None)[0]
+        out = F.max_pool2d(norm, (kh, kw), (sh, sw))
+        grads = list(torch.autograd.grad(out, inputs, grad, create_graph=True))
+    else:
+        g_weight, d_bias = _filtered_backward_op(
+            grad, index, maxima, maps, statistics, mean_sigma, window, border, mean_threshold,
+            threshold, floor, x, weight.shape[2], weight.shape[3],
+        )  # fmt: skip
+        grads = [t for t, wants in zip((g_weight, d_bias), wanted, strict=True) if wants]
+    g_weight = grads.pop(0) if wanted[0] else None
+    g_bias = grads.pop(0) if wanted[1] else None
+    return (None, g_weight, g_bias, *none[3:])
+
+
+_filtered_op.register_autograd(_filtered_backward, setup_context=_filtered_setup_context)

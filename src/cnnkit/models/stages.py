@@ -9,10 +9,10 @@ tracing or inside a ``torch.func`` transform, ``CNNKIT_FAST`` not 0) it runs so:
   (:meth:`ContrastNorm.forward_rectified`: the same values and gradients), and with a
   max pooling after them (a :class:`PoolSubsample` or :class:`Pool` without
   coefficients) the three are one op (:meth:`ContrastNorm.forward_rectified_max_pool`), which never
-  writes the normalized maps out; where nothing is differentiated and the filter bank
-  before them takes its direct method, the four are one op
-  (:func:`cnnkit.kernels.norm_pool.filter_norm_max_pool`), which never writes the filter
-  bank's maps out either;
+  writes the normalized maps out; where the filter bank before them takes its direct
+  method and no derivative is wanted for the stage's input, the four are one op
+  (:func:`cnnkit.kernels.norm_pool.filter_norm_max_pool`), which never writes the
+  gradient of the filter bank's maps out (nor, with nothing to differentiate, the maps);
 - on a CPU, a stage whose layers all work image by image may run on slices of the
   batch: lecun83's first stage makes 64 maps of 75x75, 1.4 MB per image, and a slice of
   fewer images keeps less of them in memory at once and may keep them in the
@@ -209,9 +209,10 @@ def _filters_norm_pool(
     layers: list[nn.Module], x: torch.Tensor, hooks: bool = True
 ) -> torch.Tensor | None:
     """A filter bank, rectification, contrast normalization and max pooling (``layers``)
-    as one op, or ``None`` where that does not apply: something is differentiated, the
-    filter bank does not take its direct method or has hooks to call (``hooks``), or the
-    layers would refuse ``x`` (they then run, and say why, one by one)."""
+    as one op, or ``None`` where that does not apply: a derivative is recorded for ``x``
+    or the normalization's window, the filter bank does not take its direct method or
+    has hooks to call (``hooks``), or the layers would refuse ``x`` (they then run, and
+    say why, one by one)."""
     filters, rectify, norm, pool = (layers + [None] * 4)[:4]
     if not (
         type(filters) is FilterBank
@@ -224,7 +225,7 @@ def _filters_norm_pool(
         and filters.stride in (1, (1, 1))
         and norm.window.shape[0] == filters.out_maps == (pool.maps or filters.out_maps)
         and norm.border != "reflect"  # which refuses windows larger than the maps
-        and not any(recorded(t) for t in (x, filters.weight, filters.bias, norm.window))
+        and not (recorded(x) or recorded(norm.window))
     ):
         return None
     plan = filters._plan()
