@@ -17,7 +17,8 @@ In one process, after ``cnnkit.tune_runtime()`` (which both variants get):
    other network's, which leaves the caches full of its own data);
 4. cnnkit's training step by layer (forward + backward of each, and the optimizer),
    with each one's share; a stage's rectification, normalization and pooling run as
-   one fused op, and are timed as one;
+   one fused op, and are timed as one, and the first stage, which needs no derivative
+   for the images, runs whole as one op (its filter bank too);
 5. the peak resident memory of a training step, each variant in a fresh process.
 
 Prints a table and writes JSON to ``benchmarks/results/``. Useful work (two FLOP per
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 
 import cnnkit.models
 from benchmarks.literal import LiteralLecun83
+from cnnkit.models import stages
 from cnnkit.runtime import tune_runtime
 
 FORWARD_FLOP = 82e6  # useful multiply-adds x 2 per image
@@ -127,6 +129,9 @@ def layer_breakdown(model: torch.nn.Module, repeats: int) -> dict[str, dict[str,
     y = torch.randint(0, CLASSES, (BATCH,))
     parts: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = []
     for number, stage in enumerate(model.stages, start=1):
+        if number == 1 and _runs_as_one_op(stage, x):
+            parts.append(("stage1 (filters+rectify+norm+pool, one op)", stage))
+            continue
         parts.append((f"stage{number}.filters", stage.filters))
         window, stride = stage.pool.window, getattr(stage.pool, "stride", (1, 1))
 
@@ -142,7 +147,7 @@ def layer_breakdown(model: torch.nn.Module, repeats: int) -> dict[str, dict[str,
         optimizer.zero_grad(set_to_none=True)
         h, saved = x, []
         for name, fn in parts:
-            inp = h.detach().requires_grad_(name != "stage1.filters")
+            inp = h.detach().requires_grad_(not name.startswith("stage1"))
             start = time.perf_counter()
             h = fn(inp)
             saved.append((name, inp, h, time.perf_counter() - start))
@@ -159,6 +164,12 @@ def layer_breakdown(model: torch.nn.Module, repeats: int) -> dict[str, dict[str,
     medians = {name: statistics.median(t) for name, t in times.items()}
     total = sum(medians.values())
     return {name: {"seconds": s, "share": s / total} for name, s in medians.items()}
+
+
+def _runs_as_one_op(stage: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether the stage's four layers run as one op on ``x`` (no derivative for it)."""
+    with torch.no_grad():
+        return stages._filters_norm_pool(list(stage.children()), x[:1]) is not None
 
 
 def peak_memory(variant: str) -> dict[str, float]:
