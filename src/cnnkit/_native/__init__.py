@@ -3,12 +3,13 @@
 Some ops are many small tensor operations in eager PyTorch, each a pass over maps that a
 compiled loop makes in one (``contrast_norm.cpp``: local contrast normalization in three
 passes instead of about ten; ``norm_pool.cpp``: the same followed by max pooling,
-without writing the normalized maps out; ``max_pool.cpp``: max pooling with the
-positions of the maxima, and its gradient, without a copy into another layout;
-``direct_conv.cpp``: a filter bank with few input maps, such as the lecture's first, and
-its kernels' gradient, with the outputs of a block of pixels kept in registers;
-``interleaved_conv.cpp``: a connection-table filter bank on small maps, such as the
-lecture's second, with a pixel of several images in each vector). They are
+without writing the normalized maps out, and with the first filter bank before it;
+``max_pool.cpp``: max pooling with the positions of the maxima, and its gradient,
+without a copy into another layout; ``direct_conv.cpp``: a filter bank with few input
+maps, such as the lecture's first, and its kernels' gradient, with the outputs of a
+block of pixels kept in registers; ``interleaved_conv.cpp``: a connection-table filter
+bank on small maps, such as the lecture's second, with a pixel of several images in
+each vector). They are
 compiled once per machine with PyTorch's extension builder (a C++ compiler and
 ``ninja``; the result is kept under ``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``), which takes some seconds; later processes load the built

@@ -9,16 +9,21 @@
 // share every kernel. For table row r = (input i, output o) with kernel k_r:
 //
 //   out[o, y, x, l] = bias[o] + sum_{r -> o} sum_{u, v} k_r[u, v] in[i, y + u, x + v, l]
-//   d_in[i, y, x, l] = sum_{r from i} sum_{u, v} k_r[kh-1-u, kw-1-v]
-//                                       g[o, y + u - (kh-1), x + v - (kw-1), l]
+//   d_in[i, y, x, l] = sum_{r from i} sum_{u, v} k_r[u, v] g[o, y - u, x - v, l]
 //   d_k_r[u, v] = sum_{blocks, l, y, x} g[o, y, x, l] in[i, y + u, x + v, l]
 //
-// The input's gradient is the same correlation as the forward, of the output's gradient
-// (zero outside its maps) with the flipped kernels, along the table's rows grouped by
-// input map instead of by output map; each block of outputs takes only the taps that
-// reach inside the gradient's maps. A block of R rows by X pixels of one output map is
-// kept in registers over all of its table rows' taps; threads take (lane block, map)
-// pairs, and (table row) for the kernels' gradient, whose lane sums are added at the end.
+// (g taken as zero outside its maps). Each kernel is compiled for its width (up to
+// kMaxWidth), so that every input a block of outputs reads is loaded once per kernel row
+// and multiplied by each of that row's values that meets it, from registers:
+// - forward: R output rows by kPixels pixels of one map in registers, over its table
+//   rows' taps; maps are read and written in whole blocks of pixels (zeros past their
+//   width);
+// - input's gradient: R rows of one input map, a window of kw pixels of them in
+//   registers sliding along g's pixels (each of g's pixels reaches kw of them), over the
+//   table rows from that map; only the taps whose rows of g lie inside it are taken;
+// - kernels' gradient: U kernel rows of one table row in registers, summed over the
+//   blocks, their pixels and, at the end, their lanes.
+// Threads take (lane block, map) pairs, and table rows for the kernels' gradient.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -11,9 +11,13 @@ and then calls one function of this package:
   shape function, derivative and a batching rule that falls back to the plain path;
 - :mod:`cnnkit.kernels.norm_pool` -- a rectification, contrast normalization and max
   pooling in a row as the registered operator ``torch.ops.cnnkit.contrast_norm_max_pool``,
-  which never writes the normalized maps out;
+  which never writes the normalized maps out; and with the filter bank before them as
+  ``torch.ops.cnnkit.filter_norm_max_pool``, image by image through the cache;
 - :mod:`cnnkit.kernels.table_conv` -- the connection-table filter bank's other exact
-  methods (direct, unfold, Fourier, depthwise) and the choice among them;
+  methods (direct, interleaved, unfold, Fourier, depthwise) and the choice among them;
+- :mod:`cnnkit.kernels.interleaved_conv` -- a connection-table filter bank as the
+  registered operator ``torch.ops.cnnkit.interleaved_table_conv2d`` over a compiled
+  kernel with a pixel of several images in each vector;
 - :mod:`cnnkit.kernels.direct_conv` -- a filter bank with few input maps (the lecture's
   first) as the registered operator ``torch.ops.cnnkit.direct_conv2d`` over a compiled
   kernel that keeps a block of pixels' outputs in registers;
