@@ -146,8 +146,8 @@ def layer_breakdown(model: torch.nn.Module, repeats: int) -> dict[str, dict[str,
     for run in range(repeats + 1):
         optimizer.zero_grad(set_to_none=True)
         h, saved = x, []
-        for name, fn in parts:
-            inp = h.detach().requires_grad_(not name.startswith("stage1"))
+        for index, (name, fn) in enumerate(parts):
+            inp = h.detach().requires_grad_(index > 0)  # no derivative for the images
             start = time.perf_counter()
             h = fn(inp)
             saved.append((name, inp, h, time.perf_counter() - start))
@@ -167,9 +167,10 @@ def layer_breakdown(model: torch.nn.Module, repeats: int) -> dict[str, dict[str,
 
 
 def _runs_as_one_op(stage: torch.nn.Module, x: torch.Tensor) -> bool:
-    """Whether the stage's four layers run as one op on ``x`` (no derivative for it)."""
-    with torch.no_grad():
-        return stages._filters_norm_pool(list(stage.children()), x[:1]) is not None
+    """Whether the stage's four layers run as one op on ``x`` in a training step (no
+    derivative for the images, the kernels' recorded)."""
+    with torch.enable_grad():
+        return stages._filters_norm_pool(list(stage.children()), x) is not None
 
 
 def peak_memory(variant: str) -> dict[str, float]:

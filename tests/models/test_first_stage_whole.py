@@ -134,6 +134,30 @@ def test_not_where_the_input_is_differentiated_or_a_hook_watches(monkeypatch) ->
         assert calls == [2]
 
 
+def test_not_where_a_backward_hook_watches(monkeypatch) -> None:
+    monkeypatch.setenv("CNNKIT_TUNE", "0")
+    model = _lecun83(torch.float32).train()
+    x = torch.randn(2, 1, 83, 83)
+    calls = _calls(monkeypatch)
+    seen = []
+    model.stage1.filters.register_full_backward_hook(lambda m, g_in, g_out: seen.append(g_out))
+    model(x).sum().backward()
+    assert calls == [] and len(seen) == 1 and seen[0][0].shape == (2, 64, 75, 75)
+
+
+def test_the_op_refuses_what_it_cannot_differentiate() -> None:
+    model = _lecun83(torch.float64)
+    filters, norm = model.stage1.filters, model.stage1.norm
+    weight = filters.weight.detach().view(64, 1, 9, 9)
+    x = torch.randn(1, 1, 83, 83, dtype=torch.float64)
+    options = (norm.border, False, 1e-4, 1e-4, 10, 10, 5, 5)
+    op = torch.ops.cnnkit.filter_norm_max_pool
+    with pytest.raises(ValueError, match="x and the window must not require grad"):
+        op(x.requires_grad_(), weight, None, norm.window, *options, True)
+    with pytest.raises(ValueError, match="needs keep=True"):
+        op(x.detach(), weight.requires_grad_(), None, norm.window, *options, False)
+
+
 def test_not_where_the_filter_bank_takes_another_method(monkeypatch) -> None:
     model = _lecun83(torch.float32)
     x = torch.randn(2, 1, 83, 83)

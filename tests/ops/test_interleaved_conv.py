@@ -168,3 +168,25 @@ def test_a_sparse_bank_with_a_batch_takes_it_by_default(monkeypatch) -> None:
     assert auto_method(x[:1], weight, plan, (1, 1)) != "interleaved"
     full = plan_table(tables.full(64, 64), 64)  # nothing to skip: the library's convolution
     assert auto_method(x, _x((4096, 9, 9), torch.float32), full, (1, 1)) != "interleaved"
+
+
+def test_the_compiled_kernels_check_what_they_are_given() -> None:
+    """Called directly, past the checks of table_conv2d: one-line errors, no stray reads."""
+    ops = native_ops()
+    x, weight = _x((2, 2, 9, 20)), _x((3, 3, 3))
+    good = torch.tensor([[0, 0], [1, 0], [1, 1]])
+    with pytest.raises(RuntimeError, match="names maps outside"):
+        ops.interleaved_conv2d_forward(x, weight, None, torch.tensor([[0, 0], [-1, 0], [1, 1]]), 2)
+    with pytest.raises(RuntimeError, match="one row per kernel"):
+        ops.interleaved_conv2d_forward(x, weight, None, good[:2], 2)
+    with pytest.raises(RuntimeError, match="at most 16 wide"):
+        ops.interleaved_conv2d_forward(x, _x((3, 3, 17)), None, good, 2)
+    grad = _x((2, 2, 7, 18))
+    with pytest.raises(RuntimeError, match="names maps outside"):
+        ops.interleaved_conv2d_input_grad(
+            grad, weight, torch.tensor([[0, 0], [1, 5], [1, 1]]), 2, 9, 20
+        )
+    with pytest.raises(RuntimeError, match="one row per kernel"):
+        ops.interleaved_conv2d_input_grad(grad, weight, good[:2], 2, 9, 20)
+    with pytest.raises(RuntimeError, match="names maps outside"):
+        ops.interleaved_conv2d_weight_grad(grad, x, torch.tensor([[0, 0], [2, 0], [1, 1]]), 3, 3)

@@ -251,29 +251,46 @@ at::Tensor deinterleave(const at::Tensor& y, int64_t n, int64_t w) {
       .narrow(0, 0, n);
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& table) {
+// Every row of the (K, 2) table names an input map below in_maps and an output map below
+// out_maps, and there is one kernel per row.
+void check_table(const at::Tensor& table, int64_t rows, int64_t in_maps, int64_t out_maps) {
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == rows && table.size(1) == 2,
+              "table must be (K, 2) with K = ", rows, " (one row per kernel), got sizes ",
+              table.sizes());
+  const at::Tensor t = table.to(at::kLong).contiguous();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(tp[2 * r] >= 0 && tp[2 * r] < in_maps && tp[2 * r + 1] >= 0 &&
+                    tp[2 * r + 1] < out_maps,
+                "table row ", r, " = (", tp[2 * r], ", ", tp[2 * r + 1],
+                ") names maps outside the ", in_maps, " input and ", out_maps, " output maps");
+  }
+}
+
+void check_kernels(int64_t kh, int64_t kw, int64_t h, int64_t w) {
+  TORCH_CHECK(kh >= 1 && kw >= 1 && kh <= h && kw <= w && kw <= kMaxWidth, "kernels of ", kh,
+              "x", kw, " must fit in maps of ", h, "x", w, " and be at most ", kMaxWidth,
+              " wide (the widths the kernels are compiled for)");
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& table,
+                  int64_t out_maps) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(),
               "x must be (N, C, H, W) on the CPU, got sizes ", x.sizes());
   TORCH_CHECK(weight.dim() == 3 && weight.scalar_type() == x.scalar_type(),
               "weight must be (K, kh, kw) with the dtype of x, got sizes ", weight.sizes());
-  TORCH_CHECK(table.dim() == 2 && table.size(0) == weight.size(0) && table.size(1) == 2,
-              "table must be (K, 2) with K = ", weight.size(0), ", got sizes ", table.sizes());
-  TORCH_CHECK(weight.size(1) <= x.size(2) && weight.size(2) <= x.size(3), "kernels of ",
-              weight.size(1), "x", weight.size(2), " must fit in maps of ", x.size(2), "x",
-              x.size(3));
+  check_kernels(weight.size(1), weight.size(2), x.size(2), x.size(3));
+  check_table(table, weight.size(0), x.size(1), out_maps);
 }
 
 at::Tensor interleaved_conv2d_forward(const at::Tensor& x, const at::Tensor& weight,
                                       const c10::optional<at::Tensor>& bias,
                                       const at::Tensor& table, int64_t out_maps) {
-  check_inputs(x, weight, table);
-  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), kh = weight.size(1),
-                kw = weight.size(2), h_out = h - kh + 1, w_out = x.size(3) - kw + 1;
+  check_inputs(x, weight, table, out_maps);
+  const int64_t n = x.size(0), h = x.size(2), kh = weight.size(1), kw = weight.size(2),
+                h_out = h - kh + 1, w_out = x.size(3) - kw + 1;
   const int64_t wide_out = padded_output_width(w_out), w = wide_out + kw - 1;
   const Grouped by_output = group_rows(table, 1, out_maps);
-  TORCH_CHECK(by_output.other.empty() ||
-                  *std::max_element(by_output.other.begin(), by_output.other.end()) < c,
-              "the table names input maps beyond the ", c, " of x");
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   TORCH_CHECK(!b.defined() || (b.numel() == out_maps && b.scalar_type() == x.scalar_type()),
               "bias must be (", out_maps, ",) with the dtype of x");
@@ -324,12 +341,9 @@ at::Tensor interleaved_conv2d_input_grad(const at::Tensor& grad, const at::Tenso
               "weight must be (K, ", h - h_out + 1, ", ", w - w_out + 1,
               ") with the dtype of grad, got sizes ", weight.sizes());
   const int64_t kh = weight.size(1), kw = weight.size(2);
-  TORCH_CHECK(kw <= kMaxWidth, "kernels ", kw, " wide exceed the ", kMaxWidth,
-              " the kernels are compiled for");
+  check_kernels(kh, kw, h, w);
+  check_table(table, weight.size(0), in_maps, out_maps);
   const Grouped by_input = group_rows(table, 0, in_maps);
-  TORCH_CHECK(by_input.other.empty() ||
-                  *std::max_element(by_input.other.begin(), by_input.other.end()) < out_maps,
-              "the table names output maps beyond the ", out_maps, " of grad");
   at::Tensor d_x;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "interleaved_conv2d_input_grad", [&] {
     using T = scalar_t;
@@ -370,23 +384,16 @@ at::Tensor interleaved_conv2d_weight_grad(const at::Tensor& grad, const at::Tens
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(),
               "x must be (N, C, H, W) on the CPU, got sizes ", x.sizes());
   const int64_t c = x.size(1), h = x.size(2), h_out = h - kh + 1, w_out = x.size(3) - kw + 1;
+  check_kernels(kh, kw, h, x.size(3));
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == x.size(0) && grad.size(2) == h_out &&
                   grad.size(3) == w_out && grad.scalar_type() == x.scalar_type(),
               "grad must be (", x.size(0), ", O, ", h_out, ", ", w_out,
               ") with the dtype of x, got sizes ", grad.sizes());
-  TORCH_CHECK(table.dim() == 2 && table.size(1) == 2, "table must be (K, 2), got sizes ",
-              table.sizes());
-  TORCH_CHECK(kw >= 1 && kw <= kMaxWidth, "kernels ", kw, " wide: 1 to ", kMaxWidth,
-              " are compiled for");
-  const int64_t out_maps = grad.size(1), rows = table.size(0);
+  const int64_t out_maps = grad.size(1), rows = table.dim() > 0 ? table.size(0) : 0;
+  check_table(table, rows, c, out_maps);
   const int64_t wide_out = padded_output_width(w_out), w = wide_out + kw - 1;
   const at::Tensor t = table.to(at::kLong).contiguous();
   const int64_t* tp = t.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r) {
-    TORCH_CHECK(tp[2 * r] >= 0 && tp[2 * r] < c && tp[2 * r + 1] >= 0 &&
-                    tp[2 * r + 1] < out_maps,
-                "table row ", r, " names maps outside x's ", c, " or grad's ", out_maps);
-  }
   at::Tensor d_k = at::empty({rows, kh, kw}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "interleaved_conv2d_weight_grad", [&] {
     using T = scalar_t;

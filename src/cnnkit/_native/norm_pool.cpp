@@ -277,10 +277,13 @@ at::Tensor direct_conv_norm_max_pool(const at::Tensor& x, const at::Tensor& taps
                                      int64_t sw) {
   TORCH_CHECK(x.dim() == 4 && x.device().is_cpu() && x.is_contiguous(),
               "x must be contiguous (N, C, H, W) on the CPU, got sizes ", x.sizes());
+  TORCH_CHECK(taps.dim() == 2, "taps must be (C kh kw, O), got sizes ", taps.sizes());
   const cnnkit_direct::Sizes s{x.size(1), x.size(2), x.size(3), kh, kw, taps.size(1)};
   TORCH_CHECK(kh >= 1 && kw >= 1 && kh <= s.h && kw <= s.w, "kernels of ", kh, "x", kw,
               " must fit in x maps of ", s.h, "x", s.w);
-  TORCH_CHECK(taps.dim() == 2 && taps.size(0) == s.maps * kh * kw && taps.is_contiguous() &&
+  TORCH_CHECK(s.h_out() * s.w_out() <= std::numeric_limits<int32_t>::max(),
+              "maps of more than 2^31 - 1 values are not supported");
+  TORCH_CHECK(taps.size(0) == s.maps * kh * kw && taps.is_contiguous() &&
                   taps.scalar_type() == x.scalar_type(),
               "taps must be contiguous (C kh kw, O) with the dtype of x, got sizes ",
               taps.sizes());
@@ -403,8 +406,8 @@ void normalize_and_pool_backward_image(const T* grad, const int64_t* index, cons
       for (int64_t p = begin; p < end; ++p) {
 #pragma omp simd
         for (int64_t i = 0; i < maps; ++i) first_term(p * maps + i, p);
-        for (int64_t k = starts[p]; k < starts[p + 1]; ++k) {
-          const int64_t e = by_pixel[k], at = p * maps + e % maps;
+        for (int64_t j = starts[p]; j < starts[p + 1]; ++j) {
+          const int64_t e = by_pixel[j], at = p * maps + e % maps;
           const T share = grad[e] * rp[p];
           out[at] += Rectify ? share * sign(x[at]) : share;
         }
@@ -482,7 +485,8 @@ std::tuple<at::Tensor, at::Tensor> direct_conv_norm_max_pool_backward(
     const at::Tensor& row_diagonals_t, const at::Tensor& column_diagonals_t, bool rectify,
     bool mean_threshold, double threshold, double floor, const at::Tensor& x, int64_t kh,
     int64_t kw) {
-  TORCH_CHECK(y.dim() == 4 && y.device().is_cpu() && channels_last_layout(y),
+  TORCH_CHECK(y.dim() == 4 && y.device().is_cpu() &&
+                  y.is_contiguous(at::MemoryFormat::ChannelsLast),
               "y must be channels-last (N, O, H, W) on the CPU, got sizes ", y.sizes());
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.size(0) == y.size(0) &&
                   x.size(2) == y.size(2) + kh - 1 && x.size(3) == y.size(3) + kw - 1 &&

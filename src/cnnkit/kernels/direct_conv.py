@@ -95,6 +95,11 @@ def taps(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(1, 2, 3, 0).reshape(-1, weight.shape[0]).contiguous()
 
 
+def untaps(rows: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """``(O, C, kh, kw)`` from rows laid out as :func:`taps` gives them, ``(C kh kw, O)``."""
+    return rows.view(-1, kh, kw, rows.shape[1]).permute(3, 0, 1, 2).contiguous()
+
+
 _op = torch.library.custom_op("cnnkit::direct_conv2d", mutates_args=())(_forward)
 
 
@@ -120,9 +125,9 @@ def _backward(ctx, grad):  # noqa: ANN001, ANN202
     # With a graph of the backward to record, the plain formulas; else the compiled pass.
     compiled = wants_weight and not torch.is_grad_enabled()
     if compiled:
-        out_maps, c, kh, kw = weight.shape
-        taps, sums = native_ops().direct_conv2d_weight_grad(grad, x.contiguous(), kh, kw)
-        g_weight = taps.view(c, kh, kw, out_maps).permute(3, 0, 1, 2).contiguous()
+        kh, kw = weight.shape[2:]
+        d_taps, sums = native_ops().direct_conv2d_weight_grad(grad, x.contiguous(), kh, kw)
+        g_weight = untaps(d_taps, kh, kw)
     elif wants_weight:
         g_weight = torch.nn.grad.conv2d_weight(x, weight.shape, grad)
     if wants_bias:

@@ -35,7 +35,7 @@ from cnnkit.tables import dense_from_rows
 
 __all__ = ["interleaved_table_conv2d", "interleaved_table_conv2d_applies"]
 
-# The widest kernels the compiled input gradient is built for (kMaxWidth there).
+# The widest kernels the compiled kernels are built for (kMaxWidth there).
 _MAX_WIDTH = 16
 
 

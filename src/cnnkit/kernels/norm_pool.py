@@ -43,7 +43,7 @@ from cnnkit._native import native_ops
 from cnnkit._shapes import valid_hw
 from cnnkit._validation import is_concrete
 from cnnkit.kernels import fast_path_allowed, fold_images, recorded
-from cnnkit.kernels.direct_conv import direct_conv2d_applies, taps
+from cnnkit.kernels.direct_conv import direct_conv2d_applies, taps, untaps
 from cnnkit.kernels.normalization import _bands, _forward_parts
 
 __all__ = [
@@ -89,12 +89,18 @@ def contrast_norm_max_pool(
 ) -> torch.Tensor:
     """``F.max_pool2d(contrast_norm(|x| or x), pool_window, pool_stride)`` for ``x``
     (N, C, H, W): ``(N, C, H_out, W_out)``."""
-    mean_threshold = threshold == "mean"
-    limit = 0.0 if mean_threshold else float(threshold)
+    mean_threshold, limit = _threshold_options(threshold)
     options = (border, rectify, mean_threshold, limit, floor, *pool_window, *pool_stride)
     if is_concrete(x) and not recorded(x):  # past the dispatcher, without the sums
         return _forward(x, window.detach(), *options, with_sums=False)[0]
     return torch.ops.cnnkit.contrast_norm_max_pool(x, window.detach(), *options, True)[0]
+
+
+def _threshold_options(threshold: float | str) -> tuple[bool, float]:
+    """The compiled kernels' form of a threshold: (whether it is the image's mean of
+    sigma, the fixed value otherwise)."""
+    mean_threshold = threshold == "mean"
+    return mean_threshold, 0.0 if mean_threshold else float(threshold)
 
 
 def _forward(
@@ -250,9 +256,7 @@ def filter_norm_max_pool(
     filter bank at stride 1, rectification, contrast normalization and max pooling, for
     what :func:`filter_norm_max_pool_applies` accepts; channels-last
     ``(N, O, H_out, W_out)``. Differentiable in ``weight`` and ``bias``."""
-    mean_threshold = threshold == "mean"
-    limit = 0.0 if mean_threshold else float(threshold)
-    options = (border, mean_threshold, limit, floor, *pool_window, *pool_stride)
+    options = (border, *_threshold_options(threshold), floor, *pool_window, *pool_stride)
     if is_concrete(x) and not (recorded(weight) or recorded(bias)):  # past the dispatcher
         return _filtered(x, weight, bias, window.detach(), *options, keep=False)[0]
     return torch.ops.cnnkit.filter_norm_max_pool(x, weight, bias, window.detach(), *options, True)[
@@ -269,8 +273,8 @@ def _filtered(
     mean_threshold: bool,
     threshold: float,
     floor: float,
-    kh: int,
-    kw: int,
+    pool_kh: int,
+    pool_kw: int,
     sh: int,
     sw: int,
     keep: bool,
@@ -289,7 +293,7 @@ def _filtered(
             "filter_norm_max_pool_applies)"
         )
     x, kernels = x.contiguous(), taps(weight)
-    options = (bands.mass, True, mean_threshold, threshold, floor, kh, kw, sh, sw)
+    options = (bands.mass, True, mean_threshold, threshold, floor, pool_kh, pool_kw, sh, sw)
     if not keep:
         pooled = ops.direct_conv_norm_max_pool(
             x, kernels, bias, *weight.shape[2:], bands.row_diagonals, bands.column_diagonals,
@@ -300,7 +304,8 @@ def _filtered(
     pooled, index, statistics, mean_sigma = ops.contrast_norm_max_pool_forward(
         maps, bands.row_diagonals, bands.column_diagonals, *options, True
     )
-    return pooled, maps, index, statistics, mean_sigma
+    last = torch.channels_last  # also for 1x1 maps, where the two layouts coincide
+    return pooled.contiguous(memory_format=last), maps, index, statistics, mean_sigma
 
 
 def _nothing_kept(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -312,10 +317,24 @@ _filtered_op = torch.library.custom_op("cnnkit::filter_norm_max_pool", mutates_a
 
 
 @_filtered_op.register_fake
-def _(x, weight, bias, window, border, mean_threshold, threshold, floor, kh, kw, sh, sw, keep):  # noqa: ANN001, ANN202
+def _(
+    x,
+    weight,
+    bias,
+    window,
+    border,
+    mean_threshold,
+    threshold,
+    floor,
+    pool_kh,
+    pool_kw,
+    sh,
+    sw,
+    keep,
+):  # noqa: ANN001, ANN202, E501
     n, maps = x.shape[0], weight.shape[0]
     h, w = valid_hw(x.shape[-2:], weight.shape[-2:], (1, 1))
-    shape = (n, maps, (h - kh) // sh + 1, (w - kw) // sw + 1)
+    shape = (n, maps, (h - pool_kh) // sh + 1, (w - pool_kw) // sw + 1)
     last = torch.channels_last
     pooled = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=last)
     if not keep:
@@ -349,8 +368,7 @@ def _filtered_backward_op(
         grad, index, maxima, maps, statistics, mean_sigma, bands.row_diagonals_t,
         bands.column_diagonals_t, True, mean_threshold, threshold, floor, x.contiguous(), kh, kw,
     )  # fmt: skip
-    out_maps = maps.shape[1]
-    return d_taps.view(x.shape[1], kh, kw, out_maps).permute(3, 0, 1, 2).contiguous(), d_bias
+    return untaps(d_taps, kh, kw), d_bias
 
 
 @_filtered_backward_op.register_fake
@@ -362,6 +380,17 @@ def _(grad, index, maxima, maps, statistics, mean_sigma, window, border, mean_th
 
 def _filtered_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
     x, weight, bias, window, *options = inputs
+    wants = ctx.needs_input_grad  # (grad mode is off here)
+    if wants[0] or wants[3]:
+        raise ValueError(
+            "cnnkit::filter_norm_max_pool gives gradients for the kernels and biases only; "
+            "x and the window must not require grad (see filter_norm_max_pool_applies)"
+        )
+    if not options[-1] and (wants[1] or wants[2]):
+        raise ValueError(
+            "cnnkit::filter_norm_max_pool needs keep=True to differentiate the kernels or "
+            "biases: with keep=False nothing for the backward is kept"
+        )
     pooled, maps, index, statistics, mean_sigma = output
     maxima = pooled.detach().clone()  # the pooled maps are free to change in place
     ctx.save_for_backward(x, weight, bias, window, maps, index, maxima, statistics, mean_sigma)
@@ -377,13 +406,13 @@ def _filtered_backward(ctx, grad, *unused):  # noqa: ANN001, ANN202
     if grad is None:
         return none
     x, weight, bias, window, maps, index, maxima, statistics, mean_sigma = ctx.saved_tensors
-    border, mean_threshold, threshold, floor, kh, kw, sh, sw, _ = ctx.options
+    border, mean_threshold, threshold, floor, pool_kh, pool_kw, sh, sw, _ = ctx.options
     wanted = ctx.needs_input_grad[1:3]  # the kernels', the biases'
     inputs = [t for t, wants in zip((weight, bias), wanted, strict=True) if wants]
     if torch.is_grad_enabled():  # a graph of the backward is recorded
         y = F.conv2d(x, weight, bias)
         norm = _forward_parts(y, window, border, True, mean_threshold, threshold, floor, None)[0]
-        out = F.max_pool2d(norm, (kh, kw), (sh, sw))
+        out = F.max_pool2d(norm, (pool_kh, pool_kw), (sh, sw))
         grads = list(torch.autograd.grad(out, inputs, grad, create_graph=True))
     else:
         g_weight, d_bias = _filtered_backward_op(

@@ -26,9 +26,9 @@ tracing or inside a ``torch.func`` transform, ``CNNKIT_FAST`` not 0) it runs so:
 
 So a forward hook on one of a stage's layers sees each slice of the batch, and the
 layers of a fused pair or triple run as one call (their own hooks are not called); a
-filter bank with hooks is not fused. To watch every layer on the
-whole batch, use :meth:`cnnkit.models.build.Network.intermediates`, or set ``fast =
-False`` on the stage.
+filter bank with hooks (forward or backward) runs on its own, not in the four-layer
+op. To watch every layer on the whole batch, use
+:meth:`cnnkit.models.build.Network.intermediates`, or set ``fast = False`` on the stage.
 """
 
 from __future__ import annotations
@@ -244,14 +244,19 @@ def _filters_norm_pool(
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` would run forward hooks (its own or global ones)."""
+    """Whether calling ``module`` would run hooks, forward or backward (its own or global
+    ones)."""
     from torch.nn.modules import module as base
 
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
         or base._global_forward_hooks
         or base._global_forward_pre_hooks
+        or base._global_backward_hooks
+        or base._global_backward_pre_hooks
     )
 
 

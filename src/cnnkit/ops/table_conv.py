@@ -29,7 +29,8 @@ How it is computed
 The plain path scatters the K kernels into a zero ``(C_out, C_in, kh, kw)`` weight (a
 differentiable ``index_put``, so the gradient flows back to the K kernels) and makes one
 ``F.conv2d`` call: it multiplies by the zeros too, but a full table has none. Faster
-exact methods for sparse tables and small maps (unfold, Fourier, depthwise) are in
+exact methods for sparse tables and small maps (direct, interleaved, unfold, Fourier,
+depthwise) are in
 :mod:`cnnkit.kernels.table_conv`; ``method="auto"`` picks among them where
 :func:`cnnkit.kernels.fast_path_allowed` allows it.
 """
@@ -67,8 +68,8 @@ def table_conv2d(
         bias: ``(C_out,)`` with ``C_out = n_outputs(table)``, or ``None``.
         stride: an int or ``(stride_h, stride_w)``.
         method: ``"auto"`` (default), ``"dense"``, ``"depthwise"``, ``"direct"``,
-            ``"fourier"`` or ``"unfold"``; all compute the same values (see the module notes and
-            :mod:`cnnkit.kernels.table_conv`).
+            ``"fourier"``, ``"interleaved"`` or ``"unfold"``; all compute the same values
+            (see the module notes and :mod:`cnnkit.kernels.table_conv`).
 
     Returns:
         ``(N, C_out, H_out, W_out)`` as in the module notes, or the same without ``N`` for
