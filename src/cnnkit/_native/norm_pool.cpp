@@ -264,6 +264,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_norm_max_poo
   return {pooled, index, stats, mean_sigma};
 }
 
+// The direct correlation's register blocks take whole vectors of output maps.
+template <typename T>
+void check_whole_vectors(int64_t maps) {
+  TORCH_CHECK(maps % cnnkit_vectors::kLanes<T> == 0, "the ", maps,
+              " output maps must fill whole vectors of ", cnnkit_vectors::kLanes<T>);
+}
+
 // The first stage whole, when nothing is differentiated: each image's filter bank by the
 // direct correlation (direct_conv.h) into a buffer of one image, channels-last, which
 // stays in the cache while the normalization's passes and the pooling read it; only the
@@ -301,8 +308,7 @@ at::Tensor direct_conv_norm_max_pool(const at::Tensor& x, const at::Tensor& taps
   const Window window{h, w, row_diagonals.size(0) / 2, column_diagonals.size(0) / 2};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "direct_conv_norm_max_pool", [&] {
     using T = scalar_t;
-    TORCH_CHECK(maps % cnnkit_vectors::kLanes<T> == 0, "the ", maps,
-                " output maps must fill whole vectors of ", cnnkit_vectors::kLanes<T>);
+    check_whole_vectors<T>(maps);
     auto* image_forward = rectify ? &normalize_and_pool_image<T, true, true>
                                   : &normalize_and_pool_image<T, false, true>;
     const int64_t pixels = h * w, outputs = pool.h_out * pool.w_out;
@@ -513,8 +519,7 @@ std::tuple<at::Tensor, at::Tensor> direct_conv_norm_max_pool_backward(
   at::Tensor partial = at::zeros({threads, taps + 1, maps}, y.options());
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "direct_conv_norm_max_pool_backward", [&] {
     using T = scalar_t;
-    TORCH_CHECK(maps % cnnkit_vectors::kLanes<T> == 0, "the ", maps,
-                " output maps must fill whole vectors of ", cnnkit_vectors::kLanes<T>);
+    check_whole_vectors<T>(maps);
     auto* image_backward = rectify ? &normalize_and_pool_backward_image<T, true, true>
                                    : &normalize_and_pool_backward_image<T, false, true>;
     const int64_t pixels = h * w, outputs = g.size(2) * g.size(3);

@@ -76,7 +76,13 @@ def interleaved_table_conv2d(
     return torch.ops.cnnkit.interleaved_table_conv2d(x, weight, bias, table, out_maps)
 
 
-def _forward(x, weight, bias, table, out_maps):  # noqa: ANN001, ANN202
+def _forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    table: torch.Tensor,
+    out_maps: int,
+) -> torch.Tensor:
     ops = native_ops()
     if ops is None or x.device.type != "cpu":
         raise ValueError(
@@ -87,15 +93,7 @@ def _forward(x, weight, bias, table, out_maps):  # noqa: ANN001, ANN202
     return ops.interleaved_conv2d_forward(x, weight, bias, table, out_maps)
 
 
-@torch.library.custom_op("cnnkit::interleaved_table_conv2d", mutates_args=())
-def _op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    table: torch.Tensor,
-    out_maps: int,
-) -> torch.Tensor:
-    return _forward(x, weight, bias, table, out_maps)
+_op = torch.library.custom_op("cnnkit::interleaved_table_conv2d", mutates_args=())(_forward)
 
 
 @_op.register_fake
