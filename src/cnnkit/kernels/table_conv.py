@@ -118,7 +118,7 @@ def _interleaved_applies(x, weight, stride, bias) -> bool:  # noqa: ANN001
 
 def _candidates(
     x, weight, plan: TablePlan, stride, grad: bool, direct: bool, interleaved: bool
-) -> dict:  # noqa: ANN001,E501
+) -> dict:
     """Each exact method that applies, as a function that runs it once (forward, and
     backward when ``grad``) on synthetic tensors of the shapes of ``x`` and ``weight``."""
 
