@@ -43,6 +43,11 @@ struct PoolWindow {
 template <typename T>
 struct PixelStatistics {
   T *mean, *den, *variance, *sigma, *y_sum;
+
+  // The five planes one after another from s (no y_sum plane without sums).
+  static PixelStatistics planes(T* s, int64_t pixels, bool with_sums = true) {
+    return {s, s + pixels, s + 2 * pixels, s + 3 * pixels, with_sums ? s + 4 * pixels : nullptr};
+  }
 };
 
 // Pass 3 for contiguous maps: each map's y in a buffer of one map, pooled there; and
@@ -250,8 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrast_norm_max_poo
         T* s = stats.data_ptr<T>() + n * 5 * pixels;
         // Without the sums (nothing to differentiate) their plane is NaN, never read.
         if (!with_sums) std::fill_n(s + 4 * pixels, pixels, std::numeric_limits<T>::quiet_NaN());
-        const PixelStatistics<T> image_stats{s, s + pixels, s + 2 * pixels, s + 3 * pixels,
-                                             with_sums ? s + 4 * pixels : nullptr};
+        const auto image_stats = PixelStatistics<T>::planes(s, pixels, with_sums);
         image_forward(x.data_ptr<T>() + n * maps * pixels, maps, window,
                       row_diagonals.data_ptr<T>(), column_diagonals.data_ptr<T>(),
                       mass.data_ptr<T>(), mean_threshold, threshold, floor, pool,
@@ -317,9 +321,7 @@ at::Tensor direct_conv_norm_max_pool(const at::Tensor& x, const at::Tensor& taps
     over_images(n_images, [&](int64_t begin, int64_t end) {
       std::vector<T> y(maps * pixels), statistics(4 * pixels);
       std::vector<int64_t> index(maps * outputs);
-      const PixelStatistics<T> image_stats{statistics.data(), statistics.data() + pixels,
-                                           statistics.data() + 2 * pixels,
-                                           statistics.data() + 3 * pixels, nullptr};
+      const auto image_stats = PixelStatistics<T>::planes(statistics.data(), pixels, false);
       T mean_sigma;
       for (int64_t n = begin; n < end; ++n) {
         const T* image = x.data_ptr<T>() + n * s.maps * s.h * s.w;
@@ -464,9 +466,8 @@ at::Tensor contrast_norm_max_pool_backward(
     const int64_t pixels = h * w, outputs = g.size(2) * g.size(3);
     over_images(n_images, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        T* s = stats.data_ptr<T>() + n * 5 * pixels;
-        const PixelStatistics<T> image_stats{s, s + pixels, s + 2 * pixels, s + 3 * pixels,
-                                             s + 4 * pixels};
+        const auto image_stats =
+            PixelStatistics<T>::planes(stats.data_ptr<T>() + n * 5 * pixels, pixels);
         const int64_t o = n * maps * outputs;
         image_backward(g.data_ptr<T>() + o, at_index.data_ptr<int64_t>() + o,
                        m.data_ptr<T>() + o, x.data_ptr<T>() + n * maps * pixels,
@@ -528,9 +529,8 @@ std::tuple<at::Tensor, at::Tensor> direct_conv_norm_max_pool_backward(
     over_images(n_images, [&](int64_t begin, int64_t end) {
       std::vector<T> g_y(maps * pixels);
       for (int64_t n = begin; n < end; ++n) {
-        T* st = stats.data_ptr<T>() + n * 5 * pixels;
-        const PixelStatistics<T> image_stats{st, st + pixels, st + 2 * pixels, st + 3 * pixels,
-                                             st + 4 * pixels};
+        const auto image_stats =
+            PixelStatistics<T>::planes(stats.data_ptr<T>() + n * 5 * pixels, pixels);
         const int64_t o = n * maps * outputs;
         image_backward(g.data_ptr<T>() + o, at_index.data_ptr<int64_t>() + o,
                        m.data_ptr<T>() + o, y.data_ptr<T>() + n * maps * pixels, g_y.data(),
